@@ -1,0 +1,240 @@
+"""process_batch: the functional core of a worker (no Ray, no network).
+
+One call takes a polled batch of raw Kafka records and the worker's state, and
+returns what to write: closed windows, late records and rejected records. Every
+input record ends up accepted (folded into at least one window), late, or
+rejected, and the counters say how many went where.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.decode import JsonDecoder
+from pipeline.spec import PipelineSpec
+from pipeline.watermarks import NEG_INF, POS_INF, WatermarkTracker
+from pipeline.windows import Rows, WindowState
+
+__all__ = ["Batch", "BatchResult", "PipelineState", "advance", "process_batch", "REJECT_SCHEMA", "LATE_SCHEMA"]
+
+_TS = pa.timestamp("ms", tz="UTC")
+
+REJECT_SCHEMA = pa.schema(
+    [
+        ("topic", pa.string()),
+        ("partition", pa.int32()),
+        ("offset", pa.int64()),
+        ("timestamp", pa.int64()),
+        ("key", pa.binary()),
+        ("value", pa.binary()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+LATE_SCHEMA = pa.schema(
+    [
+        ("topic", pa.string()),
+        ("partition", pa.int32()),
+        ("offset", pa.int64()),
+        ("timestamp", pa.int64()),
+        ("key", pa.binary()),
+        ("value", pa.binary()),
+        ("event_time", _TS),
+        ("window", pa.string()),
+        ("window_start", _TS),
+        ("watermark", _TS),
+    ]
+)
+
+
+@dataclass
+class Batch:
+    """Raw records of one poll, in offset order within each partition."""
+
+    topic: str
+    values: list
+    partitions: np.ndarray
+    offsets: np.ndarray
+    timestamps: np.ndarray  # broker timestamps, ms (-1 when unknown)
+    keys: list | None = None
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @classmethod
+    def of(cls, topic: str, values: list, partitions, offsets, timestamps=None, keys=None) -> "Batch":
+        n = len(values)
+        return cls(
+            topic,
+            values,
+            np.asarray(partitions, dtype=np.int32).reshape(n),
+            np.asarray(offsets, dtype=np.int64).reshape(n),
+            np.full(n, -1, np.int64) if timestamps is None else np.asarray(timestamps, dtype=np.int64).reshape(n),
+            keys,
+        )
+
+
+@dataclass
+class BatchResult:
+    """What one batch produced; tables are None when empty."""
+
+    closed: list[pa.Table] = field(default_factory=list)
+    late: pa.Table | None = None
+    rejects: pa.Table | None = None
+    records: int = 0
+    rejected: int = 0
+    late_records: int = 0
+    watermark: int = NEG_INF
+    min_event_time: int | None = None
+    max_event_time: int | None = None
+
+
+class PipelineState:
+    """Everything a worker keeps between batches: decoder, watermarks, open windows."""
+
+    def __init__(self, spec: PipelineSpec, partitions: Iterable[int], clock: Callable[[], float] = time.monotonic):
+        self.spec = spec
+        self.decoder = JsonDecoder(spec)
+        self.tracker = WatermarkTracker(
+            partitions, spec.event_time.max_out_of_orderness, spec.event_time.idle_timeout, clock
+        )
+        self.windows = {w.name: WindowState(w, spec.event_time.allowed_lateness) for w in spec.windows}
+        self.windows_emitted = 0
+
+    @property
+    def open_windows(self) -> int:
+        return sum(w.open_slots for w in self.windows.values())
+
+
+def _numeric(table: pa.Table, fields: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    out = {}
+    for f in fields:
+        col = table.column(f).combine_chunks() if table.num_columns else pa.array([], pa.float64())
+        if not pa.types.is_floating(col.type):
+            col = col.cast(pa.float64())
+        valid = ~col.is_null().to_numpy(zero_copy_only=False)
+        values = col.fill_null(0.0).to_numpy(zero_copy_only=False)
+        out[f] = (values, valid)
+    return out
+
+
+def _records(batch: Batch, idx: np.ndarray) -> dict[str, pa.Array]:
+    take = idx.tolist()
+    values = [batch.values[i] for i in take]
+    keys = [batch.keys[i] for i in take] if batch.keys is not None else [None] * len(take)
+    return {
+        "topic": pa.array([batch.topic] * len(take), pa.string()),
+        "partition": pa.array(batch.partitions[idx], pa.int32()),
+        "offset": pa.array(batch.offsets[idx], pa.int64()),
+        "timestamp": pa.array(batch.timestamps[idx], pa.int64()),
+        "key": pa.array(keys, pa.binary()),
+        "value": pa.array(values, pa.binary()),
+    }
+
+
+def _close(state: PipelineState, watermark: int) -> list[pa.Table]:
+    closed = []
+    for w in state.windows.values():
+        t = w.close(watermark)
+        if t is not None:
+            closed.append(t)
+            state.windows_emitted += t.num_rows
+        w.expire(watermark)
+    return closed
+
+
+def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch) -> BatchResult:
+    """Decode, window and close one batch.
+
+    Steps, in order:
+    1. decode values to Arrow; undecodable records become rejects;
+    2. reject records whose event time is more than ``max_future`` past their
+       broker timestamp (they must not move the watermark);
+    3. compute each record's prefix watermark and fold accepted records into
+       every window; records for windows already past allowed lateness are late;
+    4. advance the worker watermark, emit closed windows and free expired ones.
+    """
+    result = BatchResult(records=len(batch))
+    if len(batch) == 0:
+        state.tracker.current()
+        result.closed = _close(state, state.tracker.watermark)
+        result.watermark = state.tracker.watermark
+        return result
+    decoded = state.decoder.decode(batch.values)
+    rejects = list(decoded.rejects)
+    times, rows = decoded.times, decoded.rows
+    table = decoded.table
+    ts = batch.timestamps[rows]
+    future = (ts >= 0) & (times > ts + spec.event_time.max_future)
+    if future.any():
+        for pos in np.flatnonzero(future).tolist():
+            rejects.append(
+                (int(rows[pos]), "timestamp_out_of_range",
+                 f"event time {int(times[pos])} ms is more than {spec.event_time.max_future} ms after the broker timestamp {int(ts[pos])} ms")
+            )
+        keep = ~future
+        table, times, rows = table.filter(pa.array(keep)), times[keep], rows[keep]
+    parts = batch.partitions[rows]
+    state.tracker.touch(np.unique(batch.partitions).tolist())
+    wm_before = state.tracker.watermark
+    prefix = state.tracker.prefix(parts, times, np.ones(len(times), bool))
+    numeric_fields = sorted({f for w in state.windows.values() for f in w.store.numeric_fields})
+    columns = {name: table.column(name).combine_chunks() for name in table.column_names}
+    r = Rows(times, parts, prefix, columns, _numeric(table, numeric_fields))
+    late_idx, late_window, late_start = [], [], []
+    for name, w in state.windows.items():
+        lrows, lstarts = w.add(r, wm_before)
+        if len(lrows):
+            late_idx.append(lrows)
+            late_start.append(lstarts)
+            late_window.extend([name] * len(lrows))
+    if late_idx:
+        li = np.concatenate(late_idx)
+        src = rows[li]
+        cols = _records(batch, src)
+        cols["event_time"] = pa.array(times[li], _TS)
+        cols["window"] = pa.array(late_window, pa.string())
+        cols["window_start"] = pa.array(np.concatenate(late_start), _TS)
+        cols["watermark"] = pa.array(np.maximum(prefix[li], wm_before), _TS)
+        result.late = pa.table(cols, schema=LATE_SCHEMA)
+        result.late_records = len(np.unique(li))
+    if rejects:
+        rejects.sort()
+        idx = np.array([i for i, _, _ in rejects], dtype=np.int64)
+        cols = _records(batch, idx)
+        cols["reason"] = pa.array([r for _, r, _ in rejects], pa.string())
+        cols["detail"] = pa.array([d for _, _, d in rejects], pa.string())
+        result.rejects = pa.table(cols, schema=REJECT_SCHEMA)
+        result.rejected = len(rejects)
+    if len(times):
+        result.min_event_time, result.max_event_time = int(times.min()), int(times.max())
+    wm = state.tracker.current()
+    result.closed = _close(state, wm)
+    result.watermark = wm
+    return result
+
+
+def advance(state: PipelineState, to_end: bool = False) -> BatchResult:
+    """Re-evaluate the watermark without input (idle partitions) or, at end of input, pass every window."""
+    wm = state.tracker.advance_to_end() if to_end else state.tracker.current()
+    return BatchResult(closed=_close(state, wm), watermark=wm)
+
+
+def drop_internal(table: pa.Table) -> pa.Table:
+    """Closed-window table without internal columns (``_partition``)."""
+    return table.drop_columns([c for c in table.column_names if c.startswith("_")])
+
+
+def describe_watermark(wm: int) -> str:
+    if wm <= NEG_INF:
+        return "-inf"
+    if wm >= POS_INF:
+        return "+inf"
+    return pc.cast(pa.scalar(wm, pa.int64()), _TS).as_py().isoformat()

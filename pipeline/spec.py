@@ -1,0 +1,375 @@
+"""PipelineSpec: the one validated description of a pipeline.
+
+A spec comes from YAML (``load_spec``) or from Python (``pipeline.api``); both
+end in ``PipelineSpec.model_validate`` so they are validated the same way.
+Durations are stored as integer milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "Aggregation",
+    "PipelineSpec",
+    "SpecError",
+    "WindowSpec",
+    "load_spec",
+    "parse_duration",
+    "parse_spec",
+]
+
+_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; ``problems`` holds one ``path: reason`` per fault."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid pipeline spec:\n  " + "\n  ".join(problems))
+
+
+def parse_duration(value: Any) -> int:
+    """Parse ``"10s"``, ``"500ms"``, ``"1.5m"``, ``"2h"``, ``"1d"`` (or a number of seconds) to ms."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration (use e.g. '10s')")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"{value!r} is not a duration: it is negative")
+        return int(round(value * 1000))
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return int(round(float(match.group(1)) * _UNITS_MS[match.group(2)]))
+    raise ValueError(f"{value!r} is not a duration (use e.g. '500ms', '10s', '5m', '1h')")
+
+
+Duration = Annotated[int, BeforeValidator(parse_duration)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- aggregations -----------------------------------------------------------
+
+_PERCENTILE = re.compile(r"^p(\d{1,2}(?:\.\d+)?)$")
+_BUILTIN = {"count", "sum", "min", "max", "mean", "count_distinct", "first", "last"}
+_AGG = re.compile(
+    r"^\s*(?P<fn>[A-Za-z_][\w.]*:[A-Za-z_]\w*|[A-Za-z_]\w*)"
+    r"\s*(?:\(\s*(?P<field>[^()\s]*)\s*\))?\s*(?:\s+as\s+(?P<alias>[A-Za-z_]\w*))?\s*$"
+)
+
+
+class Aggregation(_Model):
+    """One aggregation of a window: ``fn(field)`` producing the column ``column``."""
+
+    fn: str = Field(description="count, sum, min, max, mean, count_distinct, first, last, pNN or module:function")
+    field: str | None = Field(default=None, description="input field; None for count(*)")
+    column: str = Field(description="output column name")
+    quantile: float | None = Field(default=None, description="for pNN: NN / 100")
+
+    @property
+    def is_udf(self) -> bool:
+        return ":" in self.fn
+
+    @classmethod
+    def parse(cls, text: str) -> "Aggregation":
+        """Parse ``count``, ``sum(value)``, ``p95(value)``, ``mymod:spread(value) as spread``."""
+        if not isinstance(text, str):
+            raise ValueError(f"{text!r} is not an aggregation (use e.g. 'sum(value)')")
+        match = _AGG.match(text)
+        if not match:
+            raise ValueError(f"{text!r} is not an aggregation (use e.g. 'count', 'sum(value)', 'p95(value)')")
+        fn, field, alias = match.group("fn"), match.group("field") or None, match.group("alias")
+        quantile = None
+        pmatch = _PERCENTILE.match(fn)
+        if pmatch:
+            quantile = float(pmatch.group(1)) / 100.0
+            if not 0.0 < quantile < 1.0:
+                raise ValueError(f"{text!r}: percentile must be between p1 and p99.9")
+        elif ":" not in fn and fn not in _BUILTIN:
+            known = ", ".join(sorted(_BUILTIN)) + ", p50/p90/p95/p99, module:function"
+            raise ValueError(f"{text!r}: unknown aggregation {fn!r} (known: {known})")
+        if fn == "count":
+            if field in (None, "*"):
+                field = None
+        elif field in (None, "*"):
+            raise ValueError(f"{text!r}: {fn} needs a field, e.g. {fn}(value)")
+        if alias:
+            column = alias
+        elif fn == "count" and field is None:
+            column = "count"
+        else:
+            base = fn.split(":")[-1].replace(".", "_")
+            column = f"{base}_{field}"
+        return cls(fn=fn, field=field, column=column, quantile=quantile)
+
+
+def _parse_aggregations(value: Any) -> Any:
+    if not isinstance(value, list):
+        return value
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, Aggregation):
+            out.append(item)
+            continue
+        try:
+            out.append(Aggregation.parse(item))
+        except ValueError as exc:
+            raise ValueError(f"[{i}] {exc}") from None
+    return out
+
+
+# --- spec sections ----------------------------------------------------------
+
+
+class KafkaSource(_Model):
+    bootstrap_servers: str = Field(description="host:port[,host:port] of the Kafka brokers")
+    topic: str = Field(min_length=1, description="topic to read")
+    format: Literal["json"] = Field(default="json", description="record value encoding")
+    client: Literal["confluent", "kafka-python"] = Field(
+        default="confluent", description="Kafka client library (confluent-kafka is the fast path)"
+    )
+    group_id: str | None = Field(default=None, description="consumer group for offset commits; default raystream-<name>")
+    max_batch_records: int = Field(default=100_000, ge=1, le=5_000_000, description="records per poll")
+    poll_timeout: Duration = Field(default=200, description="how long one poll waits for records")
+    connect_timeout: Duration = Field(default=10_000, description="how long to wait for the broker before failing")
+    config: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="extra client settings (librdkafka names for confluent)"
+    )
+
+
+class Source(_Model):
+    kafka: KafkaSource = Field(description="Kafka source settings")
+
+
+class EventTime(_Model):
+    field: str = Field(default="ts", description="event-time field of each record")
+    format: Literal["auto", "epoch_ms", "epoch_s", "iso8601"] = Field(
+        default="auto",
+        description="auto: numbers are epoch seconds below 1e11 and epoch ms above; strings are ISO-8601",
+    )
+    max_out_of_orderness: Duration = Field(default=0, description="watermark = max event time seen - this")
+    allowed_lateness: Duration = Field(default=0, description="how long after its end a window still accepts updates")
+    idle_timeout: Duration = Field(default=5000, description="a partition with no records for this long stops holding the watermark")
+    max_future: Duration = Field(
+        default=3_600_000,
+        description="a record whose event time is this far past its broker timestamp is rejected (timestamp_out_of_range)",
+    )
+
+
+class WindowSpec(_Model):
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="window name, used in output paths and rows")
+    type: Literal["tumbling", "sliding", "session"] = Field(description="window type")
+    size: Duration | None = Field(default=None, description="window length (tumbling, sliding)")
+    slide: Duration | None = Field(default=None, description="distance between window starts (sliding)")
+    gap: Duration | None = Field(default=None, description="inactivity gap that closes a session (session)")
+    group_by: list[str] = Field(default_factory=list, description="key fields; include the partition key for partition-local windows")
+    aggregations: Annotated[list[Aggregation], BeforeValidator(_parse_aggregations)] = Field(
+        min_length=1, description="e.g. [count, sum(value), p95(value)]"
+    )
+
+    @model_validator(mode="after")
+    def _shape(self) -> "WindowSpec":
+        if self.type in ("tumbling", "sliding"):
+            if not self.size:
+                raise ValueError(f"{self.type} windows need 'size' > 0")
+            if self.gap is not None:
+                raise ValueError(f"'gap' belongs to session windows, not {self.type}")
+        if self.type == "tumbling" and self.slide is not None:
+            raise ValueError("'slide' belongs to sliding windows; use type: sliding")
+        if self.type == "sliding":
+            if not self.slide:
+                raise ValueError("sliding windows need 'slide' > 0")
+            if self.slide > self.size:
+                raise ValueError(f"slide ({self.slide} ms) must not exceed size ({self.size} ms)")
+            if self.size // self.slide > 1000:
+                raise ValueError("size / slide must be at most 1000 (each record joins that many windows)")
+        if self.type == "session":
+            if not self.gap:
+                raise ValueError("session windows need 'gap' > 0")
+            if self.size is not None or self.slide is not None:
+                raise ValueError("session windows take 'gap', not 'size'/'slide'")
+        columns = [a.column for a in self.aggregations]
+        dup = {c for c in columns if columns.count(c) > 1}
+        if dup:
+            raise ValueError(f"aggregations produce the same column twice: {sorted(dup)} (use 'as <name>')")
+        clash = set(columns) & (set(self.group_by) | {"window", "window_start", "window_end", "revision"})
+        if clash:
+            raise ValueError(f"aggregation columns clash with key/reserved columns: {sorted(clash)}")
+        return self
+
+
+class ParquetSink(_Model):
+    uri: str = Field(description="file://path or s3://bucket/prefix")
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (default: AWS, or $AWS_ENDPOINT_URL)")
+    s3_region: str | None = Field(default=None, description="S3 region (default: $AWS_REGION or us-east-1)")
+
+    @field_validator("uri")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not (v.startswith("file://") or v.startswith("s3://")):
+            raise ValueError(f"{v!r} must start with file:// or s3://")
+        return v
+
+
+class SinkSpec(_Model):
+    parquet: ParquetSink = Field(description="Parquet files on file:// or s3://")
+
+
+class DeadLetter(_Model):
+    topic: str | None = Field(default=None, description="dead-letter topic; default <source topic>.dlq")
+
+
+_FIELD_TYPES = {"string", "int64", "float64", "bool"}
+
+
+class PipelineSpec(_Model):
+    """A whole pipeline: source, event time, windows, sinks and late output."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", description="pipeline name (lower case, digits, - and _)")
+    source: Source = Field(description="where records come from")
+    event_time: EventTime = Field(default_factory=EventTime, description="event-time and watermark settings")
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="types of record fields (string, int64, float64, bool); keys default to string, aggregated fields to float64",
+    )
+    windows: list[WindowSpec] = Field(min_length=1, description="window definitions")
+    sinks: list[SinkSpec] = Field(min_length=1, description="where closed windows are written")
+    late_output: SinkSpec | None = Field(default=None, description="where records for freed windows go")
+    dead_letter: DeadLetter = Field(default_factory=DeadLetter, description="where rejected records go")
+    workers: int = Field(default=1, ge=1, le=256, description="number of PartitionWorker actors")
+    worker_cpus: float = Field(default=0.5, gt=0, le=64, description="CPU request of each worker actor")
+
+    @field_validator("fields")
+    @classmethod
+    def _field_types(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, kind in v.items():
+            if kind not in _FIELD_TYPES:
+                raise ValueError(f"field {name!r}: type {kind!r} is not one of {sorted(_FIELD_TYPES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _windows(self) -> "PipelineSpec":
+        names = [w.name for w in self.windows]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"window names must be unique, repeated: {sorted(dup)}")
+        return self
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self.dead_letter.topic or f"{self.source.kafka.topic}.dlq"
+
+    @property
+    def group_id(self) -> str:
+        return self.source.kafka.group_id or f"raystream-{self.name}"
+
+
+# --- loading ----------------------------------------------------------------
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(node: Any, path: str, problems: list[str], env: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand(v, f"{path}.{k}" if path else str(k), problems, env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(v, f"{path}[{i}]", problems, env) for i, v in enumerate(node)]
+    if isinstance(node, str):
+
+        def sub(m: re.Match) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env and env[name] != "":
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(f"{path}: environment variable {name} is not set and has no default (${{{name}:-default}})")
+            return ""
+
+        return _ENV.sub(sub, node)
+    return node
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith("function-") or part in ("str", "int", "float"):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(spec)"
+
+
+def _message(err: dict) -> str:
+    msg = err["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix) :]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field (not part of the spec)"
+    if err["type"] == "missing":
+        msg = "required field is missing"
+    return msg
+
+
+def parse_spec(data: Any, env: dict[str, str] | None = None) -> PipelineSpec:
+    """Validate a spec given as plain data (dict); expands ``${VAR:-default}`` first.
+
+    Raises SpecError listing every problem as ``field.path: reason``.
+    """
+    if not isinstance(data, dict):
+        raise SpecError([f"(spec): expected a mapping at the top level, got {type(data).__name__}"])
+    problems: list[str] = []
+    data = _expand(data, "", problems, dict(os.environ) if env is None else env)
+    if problems:
+        raise SpecError(problems)
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = list(err["loc"])
+            # our aggregation parser reports the list index inside the message: "[i] ..."
+            msg = _message(err)
+            m = re.match(r"^\[(\d+)\] (.*)$", msg, re.S)
+            path = _loc(tuple(loc))
+            if m:
+                path, msg = f"{path}[{m.group(1)}]", m.group(2)
+            lines.append(f"{path}: {msg}")
+        raise SpecError(lines) from None
+
+
+def load_spec(path: str | Path, env: dict[str, str] | None = None) -> PipelineSpec:
+    """Read and validate a YAML spec file; raises SpecError with field paths on any problem."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise SpecError([f"(file): cannot read {p}: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError([f"(yaml): not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
+    return parse_spec(data, env)
