@@ -1,0 +1,169 @@
+"""The ``raystream`` command: run, validate and demo."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from pipeline.io.kafka import KafkaFailure
+from pipeline.spec import SpecError, load_spec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="raystream: event-time stream processing on Ray")
+console = Console(stderr=True)
+
+EXIT_SPEC = 2
+EXIT_RUNTIME = 1
+
+
+def _fmt_time(ms: Optional[int]) -> str:
+    if ms is None:
+        return "-"
+    return time.strftime("%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}"
+
+
+def status_table(workers: list[dict], rates: dict[int, float], title: str = "raystream") -> Table:
+    """The live table: one row per worker plus totals."""
+    t = Table(title=title, expand=False)
+    for col in ("wkr", "parts", "records", "ev/s", "watermark", "lag s", "windows", "late", "rej", "open", "MiB"):
+        t.add_column(col, justify="right")
+    now_ms = time.time() * 1000
+    for w in workers:
+        wm = w.get("watermark")
+        lag = f"{(now_ms - wm) / 1000:.1f}" if wm is not None else "-"
+        t.add_row(
+            str(w.get("index")),
+            ",".join(map(str, w.get("partitions", []))),
+            f"{w.get('records', 0):,}",
+            f"{rates.get(w.get('index'), 0.0):,.0f}",
+            _fmt_time(wm),
+            lag,
+            f"{w.get('windows_emitted', 0):,}",
+            f"{w.get('late', 0):,}",
+            f"{w.get('rejected', 0):,}",
+            f"{w.get('open_windows', 0):,}",
+            f"{w.get('rss_bytes', 0) / 2**20:,.0f}",
+        )
+    t.add_row(
+        "all", "", f"{sum(w.get('records', 0) for w in workers):,}", f"{sum(rates.values()):,.0f}", "", "",
+        f"{sum(w.get('windows_emitted', 0) for w in workers):,}", f"{sum(w.get('late', 0) for w in workers):,}",
+        f"{sum(w.get('rejected', 0) for w in workers):,}", "", "",
+    )
+    return t
+
+
+class _Rates:
+    def __init__(self):
+        self.last: dict[int, tuple[float, int]] = {}
+        self.rates: dict[int, float] = {}
+
+    def update(self, workers: list[dict]) -> dict[int, float]:
+        now = time.monotonic()
+        for w in workers:
+            i, n = w.get("index"), w.get("records", 0)
+            if i in self.last:
+                t0, n0 = self.last[i]
+                if now > t0:
+                    self.rates[i] = (n - n0) / (now - t0)
+            self.last[i] = (now, n)
+        return self.rates
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum, _frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        console.print(f"[yellow]{signal.Signals(signum).name}: flushing and stopping…[/]")
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+@app.command()
+def validate(spec: Path = typer.Argument(..., help="pipeline spec (YAML)")) -> None:
+    """Check a spec file and print it normalized."""
+    try:
+        s = load_spec(spec)
+    except SpecError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(EXIT_SPEC)
+    typer.echo(s.model_dump_json(indent=2))
+
+
+@app.command()
+def run(
+    spec: Path = typer.Argument(..., help="pipeline spec (YAML)"),
+    until_end: bool = typer.Option(False, "--until-end", help="consume to the end offsets seen at start, flush every window, exit 0"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local one on 127.0.0.1)"),
+    inline: bool = typer.Option(False, "--inline", help="run in this process without Ray (one loop over all partitions)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no live table"),
+) -> None:
+    """Run a pipeline until stopped (SIGINT/SIGTERM) or, with --until-end, to the end of its input."""
+    try:
+        s = load_spec(spec)
+    except SpecError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(EXIT_SPEC)
+    _run_and_report(s, until_end=until_end, address=address, inline=inline, quiet=quiet)
+
+
+def _run_and_report(s, until_end: bool, address, inline: bool, quiet: bool, duration: Optional[float] = None) -> None:
+    from pipeline.driver import run_pipeline
+
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    if duration:
+        threading.Timer(duration, stop.set).start()
+    rates = _Rates()
+    live = None if quiet else Live(console=console, refresh_per_second=2)
+
+    def on_status(workers: list[dict]) -> None:
+        r = rates.update(workers)
+        if live is not None:
+            live.update(status_table(workers, r, f"raystream · {s.name}"))
+
+    try:
+        if live is not None:
+            live.start()
+        report = run_pipeline(s, until_end=until_end, address=address, inline=inline, on_status=on_status, stop=stop)
+    except KafkaFailure as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_RUNTIME)
+    finally:
+        if live is not None:
+            live.stop()
+    rate = report.records / report.wall_s if report.wall_s else 0
+    console.print(
+        f"[green]done[/] {report.records:,} records ({report.rejected:,} rejected, {report.late:,} late), "
+        f"{report.windows_emitted:,} window rows emitted in {report.wall_s:.1f}s ({rate:,.0f} records/s)"
+    )
+
+
+@app.command()
+def demo(
+    duration: Optional[float] = typer.Option(None, "--duration", help="seconds to run (default: until Ctrl-C)"),
+    rate: int = typer.Option(20_000, "--rate", help="synthetic events per second"),
+    out: Path = typer.Option(Path("demo-out"), "--out", help="folder for window and late Parquet files"),
+    workers: int = typer.Option(2, "--workers", help="PartitionWorker actors"),
+) -> None:
+    """Local Ray + embedded broker + synthetic producer + the example pipeline, with a live table."""
+    from pipeline.demo import run_demo
+
+    run_demo(duration=duration, rate=rate, out=out, workers=workers, console=console, run_and_report=_run_and_report)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

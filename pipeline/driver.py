@@ -1,0 +1,131 @@
+"""Run a pipeline: on Ray actors (the default) or inline in this process.
+
+This is the composition root shared by the ``raystream`` command and
+``pipeline.api``: the one place in ``pipeline`` that reaches up to ``actors``
+(lazily, so the pure core never imports Ray).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pipeline.io.kafka import end_offsets, ensure_topic, topic_partitions
+from pipeline.spec import PipelineSpec
+
+__all__ = ["RunReport", "run_pipeline"]
+
+
+@dataclass
+class RunReport:
+    """Final status of every worker and the run's totals."""
+
+    workers: list[dict] = field(default_factory=list)
+    wall_s: float = 0.0
+    stopped: bool = False
+
+    @property
+    def records(self) -> int:
+        return sum(w.get("records", 0) for w in self.workers)
+
+    @property
+    def rejected(self) -> int:
+        return sum(w.get("rejected", 0) for w in self.workers)
+
+    @property
+    def late(self) -> int:
+        return sum(w.get("late", 0) for w in self.workers)
+
+    @property
+    def windows_emitted(self) -> int:
+        return sum(w.get("windows_emitted", 0) for w in self.workers)
+
+
+def _preflight(spec: PipelineSpec) -> list[int]:
+    kafka = spec.source.kafka
+    return topic_partitions(kafka.bootstrap_servers, kafka.topic, kafka.connect_timeout / 1000.0)
+
+
+def run_pipeline(
+    spec: PipelineSpec,
+    until_end: bool = False,
+    address: str | None = None,
+    inline: bool = False,
+    on_status: Callable[[list[dict]], None] | None = None,
+    status_every_s: float = 1.0,
+    stop: threading.Event | None = None,
+) -> RunReport:
+    """Run ``spec`` until stopped (``stop`` set) or, with ``until_end``, to the end offsets.
+
+    Fails fast, before starting anything, with ``BrokerUnavailable`` or
+    ``TopicMissing`` when the source cannot be used.
+    """
+    stop = stop or threading.Event()
+    _preflight(spec)
+    t0 = time.perf_counter()
+    if inline:
+        workers = _run_inline(spec, until_end, on_status, status_every_s, stop)
+    else:
+        workers = _run_on_ray(spec, until_end, address, on_status, status_every_s, stop)
+    return RunReport(workers=workers, wall_s=time.perf_counter() - t0, stopped=stop.is_set())
+
+
+def _run_inline(spec, until_end, on_status, every, stop) -> list[dict]:
+    from pipeline.io.loop import PartitionLoop
+
+    kafka = spec.source.kafka
+    timeout = kafka.connect_timeout / 1000.0
+    partitions = topic_partitions(kafka.bootstrap_servers, kafka.topic, timeout)
+    ensure_topic(kafka.bootstrap_servers, spec.dead_letter_topic, 1, timeout)
+    end = end_offsets(kafka.bootstrap_servers, kafka.topic, partitions, timeout) if until_end else None
+    loop = PartitionLoop(spec, partitions, {p: 0 for p in partitions}, end)
+    watcher = threading.Thread(target=lambda: (stop.wait(), loop.stop()), daemon=True)
+    watcher.start()
+    if on_status is None:
+        return [{"index": 0, **loop.run(until_end)}]
+    result: list[dict] = []
+    runner = threading.Thread(target=lambda: result.append({"index": 0, **loop.run(until_end)}), daemon=True)
+    runner.start()
+    while runner.is_alive():
+        runner.join(every)
+        on_status([{"index": 0, **loop.status()}])
+    if not result:
+        raise RuntimeError("the inline pipeline loop failed; see the log above")
+    return result
+
+
+def _run_on_ray(spec, until_end, address, on_status, every, stop) -> list[dict]:
+    from actors.runtime import NAMESPACE, actor_name, ensure_ray, local_ray_env
+
+    if address is None:
+        local_ray_env()
+    import ray
+
+    from actors.coordinator import Coordinator, kill_pipeline_actors
+
+    ensure_ray(address)
+    kill_pipeline_actors(spec.name, spec.workers)
+    coord = Coordinator.options(
+        name=actor_name(spec.name, "coordinator"), namespace=NAMESPACE, lifetime="detached"
+    ).remote(spec)
+    try:
+        ray.get(coord.start.remote(until_end))
+        stopping = False
+        while True:
+            done = ray.get(coord.wait.remote(every))
+            if done is not None:
+                return done
+            if stop.is_set() and not stopping:
+                ray.get(coord.stop.remote())
+                stopping = True
+            if on_status is not None:
+                on_status(ray.get(coord.status.remote()))
+    finally:
+        try:
+            ray.get(coord.shutdown.remote(), timeout=30)
+        except Exception:  # the coordinator may already be gone; the kill below still runs
+            pass
+        ray.kill(coord, no_restart=True)
+        kill_pipeline_actors(spec.name, spec.workers)
