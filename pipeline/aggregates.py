@@ -274,9 +274,17 @@ class AggregateStore:
         for store in (*self.sketches.values(), *self.distinct.values(), *self.udf_values.values()):
             store.relabel(mapping)
 
-    def compact(self, alive: np.ndarray) -> None:
+    @property
+    def has_rows(self) -> bool:
+        return bool(self.sketches or self.distinct or self.udf_values)
+
+    def compact(self, alive: np.ndarray, force: bool = False) -> None:
+        """Drop row state of slots not in ``alive`` (always with ``force``, else when it pays)."""
         for store in (*self.sketches.values(), *self.distinct.values(), *self.udf_values.values()):
-            store.maybe_compact(alive)
+            if force:
+                store.compact(alive)
+            else:
+                store.maybe_compact(alive)
 
     # -- finalize ---------------------------------------------------------
     def finalize(self, slots: np.ndarray) -> dict[str, pa.Array]:
@@ -311,8 +319,13 @@ class AggregateStore:
                 out[a.column] = pa.array(list(vals), type=self.value_types.get(f, pa.null()))
             elif a.fn == "count_distinct":
                 s, v, _ = self.distinct[f].rows_for(slots, self.capacity)
-                valid = pc.is_valid(v).to_numpy(zero_copy_only=False) if len(v) else np.zeros(0, bool)
-                out[a.column] = pa.array(np.bincount(pos[s][valid], minlength=n).astype(np.int64))
+                counts = np.zeros(n, np.int64)
+                if len(s):
+                    # batches were deduplicated one by one; a value may still repeat across them
+                    t = pa.table({"p": pos[s], "v": v}).filter(pc.is_valid(v))
+                    t = t.group_by(["p", "v"], use_threads=False).aggregate([])
+                    counts = np.bincount(t["p"].to_numpy(), minlength=n).astype(np.int64)
+                out[a.column] = pa.array(counts)
             else:
                 out[a.column] = self._udf(a, slots, pos, n)
         return out

@@ -100,6 +100,9 @@ class WindowState:
         self.partition = np.zeros(0, np.int32)
         self.keys: list[tuple | None] = []
         self.free: list[int] = []
+        # freed slots wait here until their row state (sketch buckets, distinct values)
+        # is compacted away; only then may a new window reuse them
+        self.pending: list[int] = []
         self.slot_of: dict[tuple, int] = {}  # (start, *keys) -> slot, tumbling/sliding
         self.sessions: dict[tuple, list[int]] = {}  # keys -> open session slots
         self.key_types: list[pa.DataType] = []
@@ -124,6 +127,11 @@ class WindowState:
         self.capacity = capacity
 
     def _take(self, count: int) -> np.ndarray:
+        if count > len(self.free) and self.pending:
+            if self.store.has_rows:
+                self.store.compact(self.active, force=True)
+            self.free.extend(self.pending)
+            self.pending.clear()
         if count > len(self.free):
             self._grow(max(2 * self.capacity, self.capacity + count))
         taken = np.array([self.free.pop() for _ in range(count)], dtype=np.int64)
@@ -202,7 +210,8 @@ class WindowState:
         return late_rows, late_starts
 
     def _fold(self, rows: Rows, pair_rows: np.ndarray, pair_slots: np.ndarray) -> None:
-        identity = len(pair_rows) == len(rows) and (len(pair_rows) == 0 or pair_rows[-1] == len(rows) - 1)
+        # tumbling windows without late records map record i to pair i: skip the copies
+        identity = len(pair_rows) == len(rows) and bool(np.array_equal(pair_rows, np.arange(len(rows))))
         take = None if identity else pa.array(pair_rows)
         numeric = {}
         for f in self.store.numeric_fields:
@@ -330,7 +339,7 @@ class WindowState:
         self.active[slot] = False
         self.dirty[slot] = False
         self.keys[slot] = None
-        self.free.append(slot)
+        self.pending.append(slot)
 
     def _table(self, slots: np.ndarray) -> pa.Table:
         order = np.lexsort((self.partition[slots], self.start[slots]))
