@@ -28,6 +28,7 @@ class Location:
     fs: pafs.FileSystem
     root: str
     local: bool
+    s3_client: object = None
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -49,10 +50,11 @@ class Location:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         else:
+            # one PUT with boto3: atomic, and no multipart upload to leave half-done
             buf = io.BytesIO()
             pq.write_table(table, buf, compression="zstd")
-            with self.fs.open_output_stream(target) as out:
-                out.write(buf.getvalue())
+            bucket, _, key = target.partition("/")
+            self.s3_client.put_object(Bucket=bucket, Key=key, Body=buf.getvalue())
         return target
 
     def read_parquet(self, relative: str = "") -> pa.Table | None:
@@ -86,5 +88,8 @@ def open_location(uri: str, s3_endpoint_url: str | None = None, s3_region: str |
             kwargs["endpoint_override"] = ep.netloc or ep.path
             kwargs["scheme"] = ep.scheme or "https"
         fs = pafs.S3FileSystem(**kwargs)
-        return Location(uri, fs, f"{parsed.netloc}{parsed.path}".rstrip("/"), False)
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=endpoint, region_name=region)
+        return Location(uri, fs, f"{parsed.netloc}{parsed.path}".rstrip("/"), False, client)
     raise ValueError(f"{uri!r}: storage URIs start with file:// or s3://")
