@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -214,10 +215,16 @@ class JsonDecoder:
 
 
 def _reason(message: str) -> str:
-    if "changed from" in message or "conversion" in message.lower():
-        return "type_mismatch"
+    """Reason code from a pyarrow JSON error, e.g. ``type_mismatch:value`` or ``decode_error``."""
+    m = re.search(r"Column\((/[^)]*)?\) changed from (\w+) to (\w+)", message)
+    if m and m.group(1):
+        return "type_mismatch:" + m.group(1).lstrip("/").replace("/", ".")
+    if "Number too big" in message:
+        return "non_finite"
     return "decode_error"
 
 
 def _detail(message: str) -> str:
+    if re.search(r"Column\(\) changed from", message):
+        return "the value is not a JSON object"
     return message.replace("JSON parse error: ", "").strip()[:500]
