@@ -106,6 +106,7 @@ def run(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local one on 127.0.0.1)"),
     inline: bool = typer.Option(False, "--inline", help="run in this process without Ray (one loop over all partitions)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no live table"),
+    report: Optional[Path] = typer.Option(None, "--report", help="write the final per-worker counters as JSON here"),
 ) -> None:
     """Run a pipeline until stopped (SIGINT/SIGTERM) or, with --until-end, to the end of its input."""
     try:
@@ -113,10 +114,11 @@ def run(
     except SpecError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(EXIT_SPEC)
-    _run_and_report(s, until_end=until_end, address=address, inline=inline, quiet=quiet)
+    _run_and_report(s, until_end=until_end, address=address, inline=inline, quiet=quiet, report_path=report)
 
 
-def _run_and_report(s, until_end: bool, address, inline: bool, quiet: bool, duration: Optional[float] = None) -> None:
+def _run_and_report(s, until_end: bool, address, inline: bool, quiet: bool, duration: Optional[float] = None,
+                    report_path: Optional[Path] = None) -> None:
     from pipeline.driver import run_pipeline
 
     stop = threading.Event()
@@ -141,6 +143,10 @@ def _run_and_report(s, until_end: bool, address, inline: bool, quiet: bool, dura
     finally:
         if live is not None:
             live.stop()
+    if report_path is not None:
+        import json
+
+        report_path.write_text(json.dumps({"wall_s": report.wall_s, "workers": report.workers}, indent=2, default=str))
     rate = report.records / report.wall_s if report.wall_s else 0
     console.print(
         f"[green]done[/] {report.records:,} records ({report.rejected:,} rejected, {report.late:,} late), "

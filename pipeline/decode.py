@@ -196,7 +196,7 @@ class JsonDecoder:
         bad = []
         for f, t in self.fields.items():
             if t == pa.float64():
-                c = table.column(f)
+                c = table.column(f).combine_chunks()
                 nf = ~pc.is_finite(c).fill_null(True).to_numpy(zero_copy_only=False)
                 for pos in np.flatnonzero(nf).tolist():
                     bad.append((pos, "non_finite", f"field {f!r} is {c[pos].as_py()!r}"))

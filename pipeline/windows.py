@@ -31,6 +31,8 @@ from pipeline.spec import WindowSpec
 __all__ = ["Rows", "WindowState", "tumbling_starts", "sliding_pairs"]
 
 _TS = pa.timestamp("ms", tz="UTC")
+_KID_BITS = 25
+_WIDX_LIMIT = 1 << 37
 
 
 @dataclass
@@ -93,6 +95,8 @@ class WindowState:
         self.store = AggregateStore(spec.aggregations, capacity)
         self.capacity = 0
         self.active = np.zeros(0, bool)
+        self.slot_kid = np.zeros(0, np.int64)
+        self.slot_ident = np.zeros(0, np.int64)
         self.dirty = np.zeros(0, bool)
         self.start = np.zeros(0, np.int64)
         self.end = np.zeros(0, np.int64)
@@ -103,7 +107,16 @@ class WindowState:
         # freed slots wait here until their row state (sketch buckets, distinct values)
         # is compacted away; only then may a new window reuse them
         self.pending: list[int] = []
-        self.slot_of: dict[tuple, int] = {}  # (start, *keys) -> slot, tumbling/sliding
+        # tumbling/sliding: keys get small integer ids (freed with their last window);
+        # a window of a key is found by ident = (window index << 25 | key id) in a
+        # sorted array, so a batch looks up all its (window, key) pairs at once
+        self.key_ids: dict[tuple, int] = {}
+        self.key_of_id: list[tuple | None] = []
+        self.key_refs = np.zeros(0, np.int64)
+        self.free_kids: list[int] = []
+        self.idx_ident = np.zeros(0, np.int64)
+        self.idx_slot = np.zeros(0, np.int64)
+        self._base: int | None = None
         self.sessions: dict[tuple, list[int]] = {}  # keys -> open session slots
         self.key_types: list[pa.DataType] = []
         self.value_fields = sorted({a.field for a in spec.aggregations if a.field})
@@ -121,6 +134,7 @@ class WindowState:
         self.active, self.dirty = ext(self.active, bool), ext(self.dirty, bool)
         self.start, self.end = ext(self.start, np.int64), ext(self.end, np.int64)
         self.revision, self.partition = ext(self.revision, np.int64), ext(self.partition, np.int32)
+        self.slot_kid, self.slot_ident = ext(self.slot_kid, np.int64), ext(self.slot_ident, np.int64)
         self.keys.extend([None] * (capacity - old))
         self.free.extend(range(capacity - 1, old - 1, -1))
         self.store.ensure(capacity)
@@ -171,43 +185,82 @@ class WindowState:
             late_rows, late_starts = np.zeros(0, np.int64), np.zeros(0, np.int64)
         if len(pair_rows) == 0:
             return late_rows, late_starts
+        if self._base is None:
+            self._base = int(starts.min())
+        widx = (starts - self._base) // step
+        far = np.abs(widx) >= _WIDX_LIMIT
+        if far.any():
+            # a window ~2**37 windows away from the first one seen (years, for 1 ms
+            # windows) cannot be indexed; such records are answered as late
+            late_rows, late_starts = np.concatenate((late_rows, pair_rows[far])), np.concatenate((late_starts, starts[far]))
+            pair_rows, starts, widx = pair_rows[~far], starts[~far], widx[~far]
+            if len(pair_rows) == 0:
+                return late_rows, late_starts
         codes, indices, dictionaries = _encode_keys([rows.columns[k] for k in self.spec.group_by], len(times))
-        pair_codes = codes[pair_rows]
-        base = starts.min()
-        widx = (starts - base) // step
-        ncodes = int(pair_codes.max()) + 1
-        if int(widx.max()) + 1 < (np.iinfo(np.int64).max // max(ncodes, 1)):
-            combined = widx * ncodes + pair_codes
-            _, first, inverse = np.unique(combined, return_index=True, return_inverse=True)
-        else:  # absurd spread of window starts: fall back to a 2-column unique
-            _, first, inverse = np.unique(np.stack([widx, pair_codes], 1), axis=0, return_index=True, return_inverse=True)
-        group_slots = np.empty(len(first), dtype=np.int64)
-        new_pos, new_keys = [], []
-        size = self.spec.size
-        # one dict lookup per (window, group) of the batch, not per record
-        for g, pi in enumerate(first.tolist()):
-            r = int(pair_rows[pi])
-            key = tuple(d[ix[r]] for d, ix in zip(dictionaries, indices))
-            ident = (int(starts[pi]), *key)
-            slot = self.slot_of.get(ident)
-            if slot is None:
-                new_pos.append(g)
-                new_keys.append((ident, key, r))
-            else:
-                group_slots[g] = slot
-        if new_pos:
-            taken = self._take(len(new_pos))
-            for slot, g, (ident, key, r) in zip(taken.tolist(), new_pos, new_keys):
-                group_slots[g] = slot
-                self.slot_of[ident] = slot
-                self.keys[slot] = key
-                self.start[slot] = ident[0]
-                self.end[slot] = ident[0] + size
-                self.partition[slot] = rows.partitions[r]
+        # persistent key ids: one dict lookup per distinct key of the batch
+        ucodes, first_row, code_inv = np.unique(codes, return_index=True, return_inverse=True)
+        kids = np.empty(len(ucodes), np.int64)
+        for i, r in enumerate(first_row.tolist()):
+            kids[i] = self._key_id(tuple(d[ix[r]] for d, ix in zip(dictionaries, indices)))
+        pair_kids = kids[code_inv.reshape(-1)][pair_rows]
+        ident = ((widx + _WIDX_LIMIT) << _KID_BITS) | pair_kids
+        uident, first, inverse = np.unique(ident, return_index=True, return_inverse=True)
+        group_slots = self._lookup(uident)
+        new = np.flatnonzero(group_slots < 0)
+        if len(new):
+            taken = self._take(len(new))
+            group_slots[new] = taken
+            reps = first[new]
+            self.start[taken] = starts[reps]
+            self.end[taken] = starts[reps] + self.spec.size
+            self.partition[taken] = rows.partitions[pair_rows[reps]]
+            self.slot_kid[taken] = pair_kids[reps]
+            self.slot_ident[taken] = uident[new]
+            np.add.at(self.key_refs, pair_kids[reps], 1)
+            for slot, kid in zip(taken.tolist(), pair_kids[reps].tolist()):
+                self.keys[slot] = self.key_of_id[kid]
+            self._index_add(uident[new], taken)
         pair_slots = group_slots[inverse.reshape(-1)]
         self._fold(rows, pair_rows, pair_slots)
         self.dirty[group_slots] = True
         return late_rows, late_starts
+
+    # -- key ids and the (window, key) -> slot index --------------------------
+    def _key_id(self, key: tuple) -> int:
+        kid = self.key_ids.get(key)
+        if kid is None:
+            if self.free_kids:
+                kid = self.free_kids.pop()
+            else:
+                kid = len(self.key_of_id)
+                if kid >= (1 << _KID_BITS):
+                    raise OverflowError(f"window {self.spec.name}: more than {1 << _KID_BITS} distinct open keys")
+                self.key_of_id.append(None)
+                if kid >= len(self.key_refs):
+                    self.key_refs = np.concatenate((self.key_refs, np.zeros(max(1024, len(self.key_refs)), np.int64)))
+            self.key_ids[key] = kid
+            self.key_of_id[kid] = key
+        return kid
+
+    def _lookup(self, idents: np.ndarray) -> np.ndarray:
+        """Slot of each ident, -1 where there is none (idents sorted, unique)."""
+        out = np.full(len(idents), -1, np.int64)
+        if len(self.idx_ident):
+            pos = np.searchsorted(self.idx_ident, idents)
+            pos_c = np.minimum(pos, len(self.idx_ident) - 1)
+            hit = self.idx_ident[pos_c] == idents
+            out[hit] = self.idx_slot[pos_c[hit]]
+        return out
+
+    def _index_add(self, idents: np.ndarray, slots: np.ndarray) -> None:
+        ident = np.concatenate((self.idx_ident, idents))
+        slot = np.concatenate((self.idx_slot, slots))
+        order = np.argsort(ident, kind="stable")
+        self.idx_ident, self.idx_slot = ident[order], slot[order]
+
+    def _index_drop(self, slots: np.ndarray) -> None:
+        keep = ~np.isin(self.idx_slot, slots)
+        self.idx_ident, self.idx_slot = self.idx_ident[keep], self.idx_slot[keep]
 
     def _fold(self, rows: Rows, pair_rows: np.ndarray, pair_slots: np.ndarray) -> None:
         # tumbling windows without late records map record i to pair i: skip the copies
@@ -319,27 +372,40 @@ class WindowState:
         """Free windows whose end + allowed lateness (+ gap for sessions) the watermark passed."""
         extra = self.lateness + (self.spec.gap if self.spec.type == "session" else 0)
         done = np.flatnonzero(self.active & ~self.dirty & (self.end + extra <= watermark))
-        for s in done.tolist():
-            self._release(s)
-        if len(done):
-            self.store.compact(self.active)
+        if len(done) == 0:
+            return 0
+        if self.spec.type == "session":
+            for s in done.tolist():
+                self._release(s)
+        else:
+            self._index_drop(done)
+            kids = self.slot_kid[done]
+            np.subtract.at(self.key_refs, kids, 1)
+            for kid in np.unique(kids[self.key_refs[kids] == 0]).tolist():
+                del self.key_ids[self.key_of_id[kid]]
+                self.key_of_id[kid] = None
+                self.free_kids.append(kid)
+            self._retire(done)
+        self.store.compact(self.active)
         return len(done)
 
+    def _retire(self, slots: np.ndarray) -> None:
+        self.active[slots] = False
+        self.dirty[slots] = False
+        for s in slots.tolist():
+            self.keys[s] = None
+        self.pending.extend(slots.tolist())
+
     def _release(self, slot: int) -> None:
+        """Free one session slot."""
         key = self.keys[slot]
-        if self.spec.type == "session":
-            lst = self.sessions.get(key)
-            if lst is not None:
-                if slot in lst:
-                    lst.remove(slot)
-                if not lst:
-                    del self.sessions[key]
-        else:
-            self.slot_of.pop((int(self.start[slot]), *key), None)
-        self.active[slot] = False
-        self.dirty[slot] = False
-        self.keys[slot] = None
-        self.pending.append(slot)
+        lst = self.sessions.get(key)
+        if lst is not None:
+            if slot in lst:
+                lst.remove(slot)
+            if not lst:
+                del self.sessions[key]
+        self._retire(np.array([slot]))
 
     def _table(self, slots: np.ndarray) -> pa.Table:
         order = np.lexsort((self.partition[slots], self.start[slots]))

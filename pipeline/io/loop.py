@@ -33,6 +33,7 @@ class LoopStats:
     files_written: int = 0
     batches: int = 0
     busy_s: float = 0.0
+    run_s: float = 0.0
     started: float = field(default_factory=time.time)
     min_event_time: int | None = None
     max_event_time: int | None = None
@@ -139,6 +140,7 @@ class PartitionLoop:
         Steps, in order: poll and process batches; at the end of input move the
         watermark past every window and write them; close the clients.
         """
+        t0 = time.perf_counter()
         try:
             while not self._stop.is_set():
                 if until_end and self.done:
@@ -149,6 +151,7 @@ class PartitionLoop:
             else:
                 self._write(advance(self.state))
             self.max_rss = max(self.max_rss, _rss_bytes())
+            self.stats.run_s = time.perf_counter() - t0
             return self.status()
         finally:
             self.close()

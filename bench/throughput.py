@@ -1,0 +1,172 @@
+"""Throughput benchmark of the streaming core (issue: events/s per worker vs raw consume).
+
+1. generate N events (~120-byte JSON, 4 partitions, 100 tenants, 8 event types,
+   up to 2 s out of order) and produce them to an embedded broker;
+2. measure the raw confluent-kafka consume rate on that broker (one consumer,
+   all partitions, ``consume(num_messages=…)``, values touched, nothing else);
+3. run ``raystream run examples/clicks.yaml --until-end`` (same windows and
+   aggregations) with 1 worker and with 2 workers, each in its own local Ray;
+4. write ``bench/results/throughput.json`` and ``throughput.png``.
+
+Usage: ``python bench/throughput.py [--events 1000000] [--workers 1 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from rich.console import Console
+from rich.progress import Progress
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.io.broker import EmbeddedBroker  # noqa: E402
+from pipeline.io.kafka import produce_all  # noqa: E402
+from pipeline.synthetic import events  # noqa: E402
+
+console = Console()
+
+
+def raw_consume_rate(bootstrap: str, topic: str, total: int, repeats: int = 3) -> float:
+    from confluent_kafka import Consumer, Message, TopicPartition
+
+    best = 0.0
+    for r in range(repeats):
+        c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"raw-{r}", "enable.auto.commit": False,
+                      "fetch.queue.backoff.ms": 10, "queued.max.messages.kbytes": 262144,
+                      "fetch.max.bytes": 104857600, "max.partition.fetch.bytes": 16777216})
+        c.assign([TopicPartition(topic, p, 0) for p in range(4)])
+        n, t0 = 0, time.perf_counter()
+        while n < total:
+            msgs = c.consume(num_messages=100_000, timeout=1.0)
+            values = list(map(Message.value, msgs))  # touch every value, as any consumer must
+            n += len(values)
+        best = max(best, n / (time.perf_counter() - t0))
+        c.close()
+    return best
+
+
+def run_pipeline_cli(bootstrap: str, topic: str, workers: int, work: Path) -> dict:
+    spec = yaml.safe_load((ROOT / "examples" / "clicks.yaml").read_text())
+    spec["workers"] = workers
+    spec["worker_cpus"] = 1.0 if workers <= 2 else 0.25
+    spec_path = work / f"spec-{workers}.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    report = work / f"report-{workers}.json"
+    env = {**os.environ, "KAFKA_BOOTSTRAP": bootstrap, "TOPIC": topic,
+           "OUT_URI": f"file://{work}/out-{workers}", "LATE_URI": f"file://{work}/late-{workers}"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "raystream"), "run", str(spec_path), "--until-end", "--quiet",
+                           "--report", str(report)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"raystream run failed:\n{proc.stderr[-3000:]}")
+    out = json.loads(report.read_text())
+    out["command_s"] = time.perf_counter() - t0
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=1_000_000)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="raystream-bench-"))
+    n = args.events
+    with Progress(console=console) as prog:
+        task = prog.add_task("generating events", total=n)
+        values, keys, parts = [], [], []
+        chunk = 100_000
+        for i in range(0, n, chunk):
+            m = min(chunk, n - i)
+            v, k, cols = events(m, 1_760_000_000_000 + i, rate_per_s=1000, tenants=100, max_disorder_ms=2000,
+                                seed=i, id_offset=i)
+            values += v
+            keys += k
+            parts += [int(t.split("-")[1]) % 4 for t in cols["tenant_id"]]
+            prog.update(task, advance=m)
+    mean_bytes = float(np.mean([len(v) for v in values[:10000]]))
+    results: dict = {"events": n, "mean_event_bytes": mean_bytes, "runs": []}
+    with EmbeddedBroker() as broker:
+        broker.create_topic("bench", 4)
+        t0 = time.perf_counter()
+        produce_all(broker.bootstrap, "bench", values, keys, parts)
+        console.print(f"produced {n:,} events ({mean_bytes:.0f} B mean) in {time.perf_counter() - t0:.1f}s")
+        del values, keys
+        raw = raw_consume_rate(broker.bootstrap, "bench", n)
+        results["raw_consume_events_per_s"] = raw
+        console.print(f"raw confluent-kafka consume: {raw:,.0f} events/s")
+        for w in args.workers:
+            rep = run_pipeline_cli(broker.bootstrap, "bench", w, work)
+            per_worker = []
+            for ws in rep["workers"]:
+                per_worker.append({
+                    "worker": ws["index"], "partitions": ws["partitions"], "records": ws["records"],
+                    "run_s": ws["run_s"], "busy_s": ws["busy_s"],
+                    "events_per_s": ws["records"] / ws["run_s"] if ws["run_s"] else 0.0,
+                    "max_rss_mib": ws["max_rss_bytes"] / 2**20, "windows_emitted": ws["windows_emitted"],
+                    "late": ws["late"], "rejected": ws["rejected"],
+                })
+            total = sum(p["records"] for p in per_worker)
+            run = {"workers": w, "total_events": total, "pipeline_wall_s": rep["wall_s"], "command_s": rep["command_s"],
+                   "aggregate_events_per_s": total / max(p["run_s"] for p in per_worker), "per_worker": per_worker}
+            run["ratio_per_worker_to_raw"] = min(p["events_per_s"] for p in per_worker) / raw
+            results["runs"].append(run)
+            console.print(f"{w} worker(s): " + ", ".join(
+                f"w{p['worker']} {p['events_per_s']:,.0f} ev/s, peak RSS {p['max_rss_mib']:.0f} MiB" for p in per_worker)
+                + f"; ratio to raw {run['ratio_per_worker_to_raw']:.2f}")
+    results["machine"] = {
+        "cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
+        "platform": platform.platform(), "date": time.strftime("%Y-%m-%d"),
+    }
+    (args.out / "throughput.json").write_text(json.dumps(results, indent=2))
+    _plot(results, args.out / "throughput.png")
+    console.print(f"wrote {args.out / 'throughput.json'} and throughput.png")
+
+
+def _cpu() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["raw consume"]
+    vals = [results["raw_consume_events_per_s"]]
+    for run in results["runs"]:
+        for p in run["per_worker"]:
+            labels.append(f"{run['workers']}w: worker {p['worker']}")
+            vals.append(p["events_per_s"])
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.barh(labels, [v / 1000 for v in vals], color=["#888"] + ["#2a6"] * (len(vals) - 1))
+    ax.set_xlabel("thousand events / s")
+    ax.set_title(f"raystream throughput, {results['events']:,} events ({results['machine']['cores']} cores)")
+    for i, v in enumerate(vals):
+        ax.text(v / 1000, i, f" {v / 1000:,.0f}k", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
