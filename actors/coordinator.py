@@ -55,6 +55,14 @@ class Coordinator:
         self.end = end_offsets(kafka.bootstrap_servers, kafka.topic, partitions, timeout) if until_end else None
         self.assignment = plan(partitions, self.spec.workers)
         kill_pipeline_actors(self.spec.name, self.spec.workers, include_coordinator=False)
+        need = self.spec.workers * self.spec.worker_cpus
+        total = ray.cluster_resources().get("CPU", 0.0)
+        if need > total - 0.01 + 1e-9:
+            # an actor that cannot be placed would wait forever: refuse up front
+            raise RuntimeError(
+                f"{self.spec.workers} workers x worker_cpus {self.spec.worker_cpus} need {need:g} CPUs, "
+                f"the Ray cluster has {total:g} (the coordinator takes 0.01): lower worker_cpus or workers"
+            )
         for i, parts in enumerate(self.assignment):
             w = PartitionWorker.options(
                 name=actor_name(self.spec.name, f"worker-{i}"),

@@ -140,6 +140,10 @@ def _run_and_report(s, until_end: bool, address, inline: bool, quiet: bool, dura
     except KafkaFailure as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_RUNTIME)
+    except Exception as exc:  # a worker or the coordinator failed: say what, without a wall of Ray frames
+        cause = getattr(exc, "cause", None) or exc
+        console.print(f"[red]error:[/] {type(cause).__name__}: {cause}")
+        raise typer.Exit(EXIT_RUNTIME)
     finally:
         if live is not None:
             live.stop()

@@ -34,6 +34,9 @@ class LoopStats:
     batches: int = 0
     busy_s: float = 0.0
     run_s: float = 0.0
+    consume_s: float = 0.0
+    process_s: float = 0.0
+    write_s: float = 0.0
     started: float = field(default_factory=time.time)
     min_event_time: int | None = None
     max_event_time: int | None = None
@@ -85,10 +88,16 @@ class PartitionLoop:
     def poll_once(self) -> BatchResult:
         """Poll one batch, process it and write its outputs; positions advance last."""
         kafka = self.spec.source.kafka
+        tp = time.perf_counter()
         batch = self.source.poll(kafka.max_batch_records, kafka.poll_timeout / 1000.0)
         t0 = time.perf_counter()
         result = process_batch(self.spec, self.state, batch)
+        t1 = time.perf_counter()
         self._write(result)
+        if len(batch):
+            self.stats.consume_s += t0 - tp
+            self.stats.process_s += t1 - t0
+            self.stats.write_s += time.perf_counter() - t1
         if len(batch):
             for p in np.unique(batch.partitions).tolist():
                 self.positions[p] = max(self.positions.get(p, 0), int(batch.offsets[batch.partitions == p].max()) + 1)
