@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 import threading
 import time
@@ -77,17 +76,6 @@ class _Rates:
         return self.rates
 
 
-def _stop_on_signals(stop: threading.Event) -> None:
-    def handler(signum, _frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        console.print(f"[yellow]{signal.Signals(signum).name}: flushing and stopping…[/]")
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
 @app.command()
 def validate(spec: Path = typer.Argument(..., help="pipeline spec (YAML)")) -> None:
     """Check a spec file and print it normalized."""
@@ -122,7 +110,6 @@ def _run_and_report(s, until_end: bool, address, inline: bool, quiet: bool, dura
     from pipeline.driver import run_pipeline
 
     stop = threading.Event()
-    _stop_on_signals(stop)
     if duration:
         threading.Timer(duration, stop.set).start()
     rates = _Rates()
@@ -136,7 +123,8 @@ def _run_and_report(s, until_end: bool, address, inline: bool, quiet: bool, dura
     try:
         if live is not None:
             live.start()
-        report = run_pipeline(s, until_end=until_end, address=address, inline=inline, on_status=on_status, stop=stop)
+        report = run_pipeline(s, until_end=until_end, address=address, inline=inline, on_status=on_status, stop=stop,
+                              handle_signals=True)
     except KafkaFailure as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_RUNTIME)

@@ -56,19 +56,23 @@ def run_pipeline(
     on_status: Callable[[list[dict]], None] | None = None,
     status_every_s: float = 1.0,
     stop: threading.Event | None = None,
+    handle_signals: bool = False,
 ) -> RunReport:
     """Run ``spec`` until stopped (``stop`` set) or, with ``until_end``, to the end offsets.
 
     Fails fast, before starting anything, with ``BrokerUnavailable`` or
-    ``TopicMissing`` when the source cannot be used.
+    ``TopicMissing`` when the source cannot be used. With ``handle_signals`` the
+    first SIGINT/SIGTERM sets ``stop`` (a clean stop) and a second one interrupts.
     """
     stop = stop or threading.Event()
+    if handle_signals:
+        _stop_on_signals(stop)
     _preflight(spec)
     t0 = time.perf_counter()
     if inline:
         workers = _run_inline(spec, until_end, on_status, status_every_s, stop)
     else:
-        workers = _run_on_ray(spec, until_end, address, on_status, status_every_s, stop)
+        workers = _run_on_ray(spec, until_end, address, on_status, status_every_s, stop, handle_signals)
     return RunReport(workers=workers, wall_s=time.perf_counter() - t0, stopped=stop.is_set())
 
 
@@ -96,7 +100,22 @@ def _run_inline(spec, until_end, on_status, every, stop) -> list[dict]:
     return result
 
 
-def _run_on_ray(spec, until_end, address, on_status, every, stop) -> list[dict]:
+def _stop_on_signals(stop: threading.Event) -> None:
+    import signal
+    import sys
+
+    def handler(signum, _frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        print(f"{signal.Signals(signum).name}: flushing and stopping", file=sys.stderr, flush=True)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _run_on_ray(spec, until_end, address, on_status, every, stop, handle_signals=False) -> list[dict]:
     from actors.runtime import NAMESPACE, actor_name, ensure_ray, local_ray_env
 
     if address is None:
@@ -106,6 +125,8 @@ def _run_on_ray(spec, until_end, address, on_status, every, stop) -> list[dict]:
     from actors.coordinator import Coordinator, kill_pipeline_actors
 
     ensure_ray(address)
+    if handle_signals:
+        _stop_on_signals(stop)  # ray.init installs its own SIGTERM handler: take it back
     kill_pipeline_actors(spec.name, spec.workers)
     coord = Coordinator.options(
         name=actor_name(spec.name, "coordinator"), namespace=NAMESPACE, lifetime="detached"
