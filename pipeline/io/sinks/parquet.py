@@ -113,13 +113,20 @@ def read_windows(uri: str, pipeline: str, window: str, s3_endpoint_url: str | No
     table = loc.read_parquet(f"{pipeline}/{window}")
     if table is None or not latest:
         return table
-    keys = [c for c in table.column_names if c not in ("revision",) and not _is_value(table, c)]
-    idx = pa.array(np.arange(table.num_rows))
-    t = table.append_column("_i", idx)
-    best = t.group_by(keys, use_threads=False).aggregate([("revision", "max")])
-    joined = t.join(best, keys=keys + ["revision"], right_keys=keys + ["revision_max"], join_type="inner")
-    order = np.sort(joined.column("_i").to_numpy())
-    return table.take(pa.array(order))
+    keys = [c for c in table.column_names if c != "revision" and not _is_value(table, c)]
+    # identity code per row (null keys are a value, as in the windows themselves)
+    codes = np.zeros(table.num_rows, np.int64)
+    for k in keys:
+        col = table.column(k).combine_chunks()
+        if pa.types.is_timestamp(col.type):
+            col = col.cast(pa.int64())
+        enc = pc.dictionary_encode(col, null_encoding="encode")
+        _, codes = np.unique(codes * (len(enc.dictionary) + 1) + enc.indices.to_numpy(zero_copy_only=False), return_inverse=True)
+        codes = codes.reshape(-1).astype(np.int64)
+    order = np.lexsort((table.column("revision").to_numpy(), codes))
+    last = np.ones(len(order), bool)
+    last[:-1] = codes[order][1:] != codes[order][:-1]
+    return table.take(pa.array(np.sort(order[last])))
 
 
 def _is_value(table: pa.Table, column: str) -> bool:
