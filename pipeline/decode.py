@@ -21,9 +21,10 @@ import pyarrow.json as pj
 
 from pipeline.spec import PipelineSpec
 
-__all__ = ["Decoded", "JsonDecoder", "input_schema"]
+__all__ = ["Decoded", "JsonDecoder", "enriched_types", "input_schema"]
 
-_TYPES = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}
+FIELD_TYPES = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_()}
+_TYPES = FIELD_TYPES
 _BLOCK = 1024
 
 
@@ -39,8 +40,19 @@ def input_schema(spec: PipelineSpec) -> dict[str, pa.DataType]:
                 out[a.field] = _TYPES[spec.fields.get(a.field, "float64")]
     for name, kind in spec.fields.items():
         out.setdefault(name, _TYPES[kind])
+    for e in spec.enrich:
+        for k in e.key:
+            out.setdefault(k, _TYPES[spec.fields.get(k, "string")])
+    for e in spec.enrich:
+        for f, kind in e.fields.items():
+            out.pop(f, None)
     out.pop(spec.event_time.field, None)
     return out
+
+
+def enriched_types(spec: PipelineSpec) -> dict[str, pa.DataType]:
+    """Types of the fields the enrichers add."""
+    return {f: _TYPES[kind] for e in spec.enrich for f, kind in e.fields.items()}
 
 
 @dataclass

@@ -25,6 +25,9 @@ __all__ = ["Batch", "BatchResult", "PipelineState", "advance", "process_batch", 
 
 _TS = pa.timestamp("ms", tz="UTC")
 
+# enrich(table) -> (table with added fields, rejects as (row position, reason, detail))
+Enrich = Callable[[pa.Table], tuple[pa.Table, list[tuple[int, str, str]]]]
+
 REJECT_SCHEMA = pa.schema(
     [
         ("topic", pa.string()),
@@ -150,13 +153,15 @@ def _close(state: PipelineState, watermark: int) -> list[pa.Table]:
     return closed
 
 
-def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch) -> BatchResult:
+def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich: Enrich | None = None) -> BatchResult:
     """Decode, window and close one batch.
 
     Steps, in order:
     1. decode values to Arrow; undecodable records become rejects;
     2. reject records whose event time is more than ``max_future`` past their
        broker timestamp (they must not move the watermark);
+    2b. ``enrich`` (I/O supplied by the caller) adds fields; records it rejects
+       (``enrichment_miss:<name>``) become rejects;
     3. compute each record's prefix watermark and fold accepted records into
        every window; records for windows already past allowed lateness are late;
     4. advance the worker watermark, emit closed windows and free expired ones.
@@ -181,6 +186,14 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch) -> Bat
             )
         keep = ~future
         table, times, rows = table.filter(pa.array(keep)), times[keep], rows[keep]
+    if enrich is not None:
+        table, erejects = enrich(table)
+        if erejects:
+            keep = np.ones(len(rows), bool)
+            for pos, reason, detail in erejects:
+                rejects.append((int(rows[pos]), reason, detail))
+                keep[pos] = False
+            table, times, rows = table.filter(pa.array(keep)), times[keep], rows[keep]
     parts = batch.partitions[rows]
     state.tracker.touch(np.unique(batch.partitions).tolist())
     wm_before = state.tracker.watermark

@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -241,6 +242,84 @@ class DeadLetter(_Model):
 _FIELD_TYPES = {"string", "int64", "float64", "bool"}
 
 
+class L1Cache(_Model):
+    max_entries: int = Field(default=100_000, ge=1, description="entries kept per worker (least recently used go first)")
+    ttl: Duration = Field(default=60_000, description="how long an L1 entry is trusted")
+
+
+class L2Cache(_Model):
+    url: SecretStr = Field(description="Redis URL, e.g. redis://127.0.0.1:6379/0")
+    ttl: Duration = Field(default=600_000, description="expiry of L2 entries")
+    prefix: str | None = Field(default=None, description="key prefix; default raystream:<pipeline>:<enricher>:")
+
+
+class PostgresSource(_Model):
+    dsn: SecretStr = Field(description="PostgreSQL connection string")
+    table: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$", description="table holding the key and the fields")
+    query: str | None = Field(
+        default=None,
+        description="instead of table: a query returning the key column(s) and the fields, with %(keys)s for the key list",
+    )
+    key_columns: list[str] | None = Field(default=None, description="table columns matching 'key' (default: the same names)")
+    warm_query: str | None = Field(default=None, description="query returning the hottest rows, loaded into L1 at worker start")
+    connect_timeout: Duration = Field(default=5_000, description="connection timeout")
+
+    @model_validator(mode="after")
+    def _one(self) -> "PostgresSource":
+        if (self.table is None) == (self.query is None):
+            raise ValueError("give exactly one of 'table' or 'query'")
+        if self.query is not None and "%(keys)s" not in self.query:
+            raise ValueError("'query' must contain %(keys)s where the key list goes")
+        return self
+
+
+class EnrichSource(_Model):
+    postgres: PostgresSource = Field(description="the L3 store")
+
+
+class Enricher(_Model):
+    """Adds fields to every record from a lookup keyed by record fields."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="enricher name (metrics, reasons)")
+    type: Literal["lookup", "ip"] = Field(default="lookup", description="lookup: key -> row; ip: address -> CIDR range row")
+    key: list[str] = Field(min_length=1, description="record field(s) forming the key (ip: one field with the address)")
+    fields: dict[str, str] = Field(min_length=1, description="fields added, with their types (string, int64, float64, bool)")
+    source: EnrichSource = Field(description="where the data lives")
+    l1: L1Cache = Field(default_factory=L1Cache, description="in-memory cache per worker (ip: the range table refresh)")
+    l2: L2Cache | None = Field(default=None, description="Redis cache shared by workers (lookup only)")
+    negative_ttl: Duration = Field(default=5_000, description="how long a key known to be missing is not looked up again")
+    on_miss: Literal["null", "default", "dead_letter"] = Field(default="null", description="what a record without a match gets")
+    defaults: dict[str, str | int | float | bool | None] = Field(default_factory=dict, description="values for on_miss: default")
+    invalidation_channel: str | None = Field(
+        default=None, description="Redis channel whose messages (keys) drop entries from every worker's L1; default <prefix>invalidate"
+    )
+    retries: int = Field(default=3, ge=0, le=20, description="L3 attempts after the first before the miss policy applies")
+    retry_backoff: Duration = Field(default=200, description="first retry delay, doubled each time (with jitter)")
+
+    @field_validator("fields")
+    @classmethod
+    def _types(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, kind in v.items():
+            if kind not in _FIELD_TYPES:
+                raise ValueError(f"field {name!r}: type {kind!r} is not one of {sorted(_FIELD_TYPES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self) -> "Enricher":
+        if self.type == "ip" and len(self.key) != 1:
+            raise ValueError("an ip enricher takes one key field (the address)")
+        if self.type == "ip" and self.source.postgres.table is None:
+            raise ValueError("an ip enricher reads a table with a 'network' (cidr) column")
+        if self.on_miss == "default":
+            missing = set(self.fields) - set(self.defaults)
+            if missing:
+                raise ValueError(f"on_miss: default needs defaults for {sorted(missing)}")
+        cols = self.source.postgres.key_columns
+        if cols is not None and len(cols) != len(self.key):
+            raise ValueError("key_columns must name one column per key field")
+        return self
+
+
 class PipelineSpec(_Model):
     """A whole pipeline: source, event time, windows, sinks and late output."""
 
@@ -255,6 +334,7 @@ class PipelineSpec(_Model):
     sinks: list[SinkSpec] = Field(min_length=1, description="where closed windows are written")
     late_output: SinkSpec | None = Field(default=None, description="where records for freed windows go")
     dead_letter: DeadLetter = Field(default_factory=DeadLetter, description="where rejected records go")
+    enrich: list[Enricher] = Field(default_factory=list, description="lookups that add fields before windowing")
     workers: int = Field(default=1, ge=1, le=256, description="number of PartitionWorker actors")
     worker_cpus: float = Field(default=0.5, gt=0, le=64, description="CPU request of each worker actor")
 
@@ -272,6 +352,15 @@ class PipelineSpec(_Model):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"window names must be unique, repeated: {sorted(dup)}")
+        enames = [e.name for e in self.enrich]
+        if len(set(enames)) != len(enames):
+            raise ValueError("enricher names must be unique")
+        added: dict[str, str] = {}
+        for e in self.enrich:
+            for f in e.fields:
+                if f in added or f in self.fields or f == self.event_time.field:
+                    raise ValueError(f"enrich {e.name}: field {f!r} is already a record field or added by {added.get(f, 'the record')}")
+                added[f] = e.name
         return self
 
     @property

@@ -74,6 +74,12 @@ class PartitionLoop:
         self.late_writer = LateParquetWriter(spec, spec.late_output.parquet) if spec.late_output else None
         kafka = spec.source.kafka
         self.dlq = DeadLetterProducer(kafka.bootstrap_servers, spec.dead_letter_topic, spec.name)
+        self.enrichment = None
+        if spec.enrich:
+            from pipeline.io.lookups import Enrichment
+
+            self.enrichment = Enrichment(spec)
+            self.enrichment.warm()
         self.source = make_source(kafka, spec.group_id)
         self.source.assign(self.positions)
         self.stats = LoopStats()
@@ -91,7 +97,7 @@ class PartitionLoop:
         tp = time.perf_counter()
         batch = self.source.poll(kafka.max_batch_records, kafka.poll_timeout / 1000.0)
         t0 = time.perf_counter()
-        result = process_batch(self.spec, self.state, batch)
+        result = process_batch(self.spec, self.state, batch, self.enrichment)
         t1 = time.perf_counter()
         self._write(result)
         if len(batch):
@@ -169,7 +175,10 @@ class PartitionLoop:
         self._stop.set()
 
     def close(self) -> None:
-        for closer in (self.source.close, self.dlq.close):
+        closers = [self.source.close, self.dlq.close]
+        if self.enrichment is not None:
+            closers.append(self.enrichment.close)
+        for closer in closers:
             try:
                 closer()
             except Exception:  # closing a client that lost its broker must not hide the real error
@@ -192,6 +201,7 @@ class PartitionLoop:
             "max_rss_bytes": self.max_rss,
             "pid": os.getpid(),
             "epoch": self.epoch,
+            "enrich": self.enrichment.stats() if self.enrichment is not None else {},
             **self.stats.as_dict(),
         }
 

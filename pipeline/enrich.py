@@ -1,0 +1,174 @@
+"""Enrichment, the pure part: key extraction, the L1 cache, the Arrow join, IP ranges.
+
+Per batch only the distinct keys are looked up; the looked-up rows come back
+as one small Arrow table and are joined onto the batch with ``index_in`` +
+``take`` (no per-record Python loop). I/O (Redis, PostgreSQL) lives in
+``pipeline.io.lookups``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections import OrderedDict
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+__all__ = ["MISSING", "IpRanges", "LruTtlCache", "join_rows", "key_strings", "ip_keys"]
+
+_SEP = "\x1f"  # unit separator: joins the parts of a multi-field key
+MISSING = object()  # a key known to have no row (negative cache entry)
+
+
+def key_strings(table: pa.Table, fields: list[str]) -> pa.Array:
+    """The lookup key of each row as a string (parts joined by U+001F); null if any part is null."""
+    parts = [table.column(f).combine_chunks() for f in fields]
+    parts = [p if pa.types.is_string(p.type) else p.cast(pa.string()) for p in parts]
+    if len(parts) == 1:
+        return parts[0]
+    return pc.binary_join_element_wise(*parts, _SEP)
+
+
+def split_key(key: str, n: int) -> tuple:
+    return tuple(key.split(_SEP)) if n > 1 else (key,)
+
+
+class LruTtlCache:
+    """Least-recently-used cache with a per-entry expiry (monotonic clock)."""
+
+    def __init__(self, max_entries: int, ttl_s: float, clock: Callable[[], float] = time.monotonic):
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._data: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get_many(self, keys: list[str]) -> tuple[dict[str, Any], list[str]]:
+        """(found: key -> value or MISSING, keys not cached or expired)."""
+        now = self.clock()
+        found, missing = {}, []
+        data = self._data
+        # a dict probe per distinct key of the batch: the cache is a hash map
+        for k in keys:
+            entry = data.get(k)
+            if entry is None or entry[0] <= now:
+                if entry is not None:
+                    del data[k]
+                missing.append(k)
+            else:
+                data.move_to_end(k)
+                found[k] = entry[1]
+        return found, missing
+
+    def put_many(self, items: dict[str, Any], ttl_s: float | None = None) -> None:
+        expires = self.clock() + (self.ttl_s if ttl_s is None else ttl_s)
+        data = self._data
+        for k, v in items.items():
+            data[k] = (expires, v)
+            data.move_to_end(k)
+        while len(data) > self.max_entries:
+            data.popitem(last=False)
+
+    def invalidate(self, key: str) -> bool:
+        return self._data.pop(key, None) is not None
+
+    def clear(self) -> None:
+        self._data.clear()
+
+
+def join_rows(table: pa.Table, keys: pa.Array, found: dict[str, dict | Any], types: dict[str, pa.DataType]) -> tuple[pa.Table, np.ndarray]:
+    """Append the enrichment fields to ``table``; returns (table, matched mask).
+
+    ``found`` maps a key to its row (a dict of field values) or MISSING.
+    """
+    hit_keys = [k for k, v in found.items() if v is not MISSING]
+    value_set = pa.array(hit_keys, pa.string())
+    idx = pc.index_in(keys, value_set=value_set)
+    matched = idx.is_valid().to_numpy(zero_copy_only=False)
+    for f, t in types.items():
+        values = pa.array([found[k].get(f) for k in hit_keys], t) if hit_keys else pa.array([], t)
+        col = values.take(idx) if len(values) else pa.nulls(len(keys), t)
+        table = table.append_column(f, col)
+    return table, matched
+
+
+def ip_keys(addresses: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """(16-byte big-endian keys that sort like the addresses, valid mask); IPv4 maps to ::ffff:a.b.c.d.
+
+    numpy's S16 drops trailing zero bytes, which keeps the order; validity is a separate mask
+    because ``::`` would otherwise look like an empty key.
+    """
+    out, valid = [], []
+    for a in addresses:  # per distinct address: parsing is per string by nature
+        try:
+            ip = ipaddress.ip_address(a.strip()) if a is not None else None
+        except ValueError:
+            ip = None
+        valid.append(ip is not None)
+        if ip is None:
+            out.append(b"")
+        elif ip.version == 4:
+            out.append(ipaddress.IPv6Address(f"::ffff:{ip}").packed)
+        else:
+            out.append(ip.packed)
+    return np.array(out, dtype="S16"), np.array(valid, dtype=bool)
+
+
+class IpRanges:
+    """CIDR networks -> rows, looked up with one ``searchsorted`` per batch.
+
+    Nested networks are flattened at load into disjoint segments, each owned by
+    the most specific network that covers it (longest prefix wins).
+    """
+
+    def __init__(self, networks: list[str], rows: list[dict]):
+        nets = []
+        for net, row in zip(networks, rows):
+            n = ipaddress.ip_network(net, strict=False)
+            base = (0xFFFF << 32) if n.version == 4 else 0
+            nets.append((base + int(n.network_address), base + int(n.broadcast_address), row))
+        nets.sort(key=lambda x: (x[0], -x[1]))  # a parent comes before the networks inside it
+        segments: list[tuple[int, int, dict]] = []
+        stack: list[tuple[int, dict]] = []
+        pos = 0
+
+        def emit(a: int, b: int, row: dict) -> None:
+            if a <= b:
+                segments.append((a, b, row))
+
+        for lo, hi, row in nets:
+            while stack and stack[-1][0] < lo:
+                h, r = stack.pop()
+                emit(pos, h, r)
+                pos = h + 1
+            if stack:
+                emit(pos, lo - 1, stack[-1][1])
+            stack.append((hi, row))
+            pos = lo
+        while stack:
+            h, r = stack.pop()
+            emit(pos, h, r)
+            pos = h + 1
+        self.starts = np.array([a.to_bytes(16, "big") for a, _, _ in segments], dtype="S16")
+        self.ends = np.array([b.to_bytes(16, "big") for _, b, _ in segments], dtype="S16")
+        self.rows = [r for _, _, r in segments]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def lookup(self, keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Row index per 16-byte key, -1 when no network holds it (or the key is invalid)."""
+        out = np.full(len(keys), -1, np.int64)
+        if len(self.starts) == 0 or len(keys) == 0:
+            return out
+        pos = np.searchsorted(self.starts, keys, side="right") - 1
+        ok = valid & (pos >= 0)
+        cand = np.where(ok, pos, 0)
+        inside = ok & (keys <= self.ends[cand])
+        out[inside] = cand[inside]
+        return out

@@ -1,0 +1,359 @@
+"""Enrichment lookups through three tiers: L1 memory -> L2 Redis -> L3 PostgreSQL.
+
+Per batch each enricher looks up only the batch's distinct keys: L1 first, then
+one pipelined MGET on Redis, then one ``= ANY(%s)`` query on PostgreSQL; rows
+found below are written back above (read-through), and keys found nowhere are
+cached as missing for ``negative_ttl``. Independent enrichers run concurrently.
+
+Degraded modes: when Redis fails, lookups go straight to PostgreSQL for a
+while (counted as ``l2_errors``); when PostgreSQL fails, the lookup is retried
+with exponential backoff and jitter ``retries`` times, then the miss policy
+applies to the keys it could not resolve (they are *not* cached as missing).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.decode import FIELD_TYPES as _TYPES
+from pipeline.enrich import MISSING, IpRanges, LruTtlCache, ip_keys, join_rows, key_strings, split_key
+from pipeline.sketch import bucket_of, quantiles
+from pipeline.spec import Enricher, PipelineSpec
+
+__all__ = ["EnricherRuntime", "Enrichment", "EnrichStats"]
+
+_NEG = "\x00missing"  # the L2 value of a key known to have no row
+_L2_COOLDOWN_S = 5.0  # after a Redis error, skip L2 this long instead of timing out on every batch
+
+
+@dataclass
+class EnrichStats:
+    """Per-enricher counters (distinct keys per batch, not records)."""
+
+    l1_hits: int = 0
+    l2_hits: int = 0
+    l3_hits: int = 0
+    misses: int = 0
+    unresolved: int = 0
+    l2_errors: int = 0
+    l3_errors: int = 0
+    l3_queries: int = 0
+    invalidations: int = 0
+    records_missed: int = 0
+    latency_ms: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        lat = np.array(self.latency_ms[-10_000:], dtype=np.float64)
+        out = {k: v for k, v in self.__dict__.items() if k != "latency_ms"}
+        if len(lat):
+            g = np.zeros(len(lat), np.int64)
+            b = bucket_of(lat)
+            out["latency_ms_p50"] = float(quantiles(g, b, np.ones(len(lat)), 1, 0.5)[0])
+            out["latency_ms_p99"] = float(quantiles(g, b, np.ones(len(lat)), 1, 0.99)[0])
+        return out
+
+
+class EnricherRuntime:
+    """One enricher: its caches, its PostgreSQL connection, its counters."""
+
+    def __init__(self, pipeline: str, cfg: Enricher, key_types: dict[str, pa.DataType]):
+        self.cfg = cfg
+        self.types = {f: _TYPES[t] for f, t in cfg.fields.items()}
+        self.key_types = key_types
+        self.l1 = LruTtlCache(cfg.l1.max_entries, cfg.l1.ttl / 1000.0)
+        self.stats = EnrichStats()
+        self.prefix = (cfg.l2.prefix if cfg.l2 and cfg.l2.prefix else f"raystream:{pipeline}:{cfg.name}:")
+        self.channel = cfg.invalidation_channel or f"{self.prefix}invalidate"
+        self._pg = None
+        self._redis = None
+        self._l2_down_until = 0.0
+        self._ranges: IpRanges | None = None
+        self._ranges_at = 0.0
+        self._stop = threading.Event()
+        self._listener: threading.Thread | None = None
+        pg = cfg.source.postgres
+        self.key_columns = pg.key_columns or list(cfg.key)
+        if cfg.l2 is not None:
+            import redis
+
+            self._redis = redis.Redis.from_url(cfg.l2.url.get_secret_value(), socket_timeout=2.0, socket_connect_timeout=2.0)
+            self._listener = threading.Thread(target=self._listen, name=f"invalidate-{cfg.name}", daemon=True)
+            self._listener.start()
+
+    # -- L3 ----------------------------------------------------------------
+    def _conn(self):
+        import psycopg
+
+        if self._pg is None or self._pg.closed:
+            pg = self.cfg.source.postgres
+            self._pg = psycopg.connect(pg.dsn.get_secret_value(), autocommit=True,
+                                       connect_timeout=max(1, pg.connect_timeout // 1000))
+        return self._pg
+
+    def _query_l3(self, keys: list[str]) -> dict[str, dict]:
+        """One query for all ``keys``; retried with backoff; raises after the last attempt."""
+        pg = self.cfg.source.postgres
+        fields = list(self.cfg.fields)
+        n = len(self.cfg.key)
+        if pg.query is not None:
+            sql, params = pg.query, {"keys": keys if n == 1 else [list(split_key(k, n)) for k in keys]}
+        else:
+            cols = ", ".join(f'"{c}"' for c in [*self.key_columns, *fields])
+            if n == 1:
+                sql = f'select {cols} from {pg.table} where "{self.key_columns[0]}"::text = ANY(%(keys)s)'
+                params = {"keys": keys}
+            else:
+                tuple_expr = "(" + ", ".join(f'"{c}"::text' for c in self.key_columns) + ")"
+                sql = f"select {cols} from {pg.table} where {tuple_expr} in (select * from unnest({', '.join(['%(k' + str(i) + ')s::text[]' for i in range(n)])}))"
+                parts = [split_key(k, n) for k in keys]
+                params = {f"k{i}": [p[i] for p in parts] for i in range(n)}
+        delay = self.cfg.retry_backoff / 1000.0
+        for attempt in range(self.cfg.retries + 1):
+            try:
+                with self._conn().cursor() as cur:
+                    cur.execute(sql, params)
+                    rows = cur.fetchall()
+                self.stats.l3_queries += 1
+                return {"\x1f".join(str(v) for v in row[:n]): self._coerce(row[n:]) for row in rows}
+            except Exception:
+                self.stats.l3_errors += 1
+                if self._pg is not None:
+                    try:
+                        self._pg.close()
+                    except Exception:
+                        pass
+                    self._pg = None
+                if attempt == self.cfg.retries:
+                    raise
+                time.sleep(delay * (0.5 + random.random()))
+                delay *= 2
+        return {}
+
+    def _coerce(self, values) -> dict:
+        """Database values as the declared Python types (so they survive JSON in L2 unchanged)."""
+        out = {}
+        for (f, kind), v in zip(self.cfg.fields.items(), values):
+            if v is None:
+                out[f] = None
+            elif kind == "float64":
+                out[f] = float(v)
+            elif kind == "int64":
+                out[f] = int(v)
+            elif kind == "bool":
+                out[f] = bool(v)
+            else:
+                out[f] = str(v)
+        return out
+
+    # -- L2 ----------------------------------------------------------------
+    def _l2_ok(self) -> bool:
+        return self._redis is not None and time.monotonic() >= self._l2_down_until
+
+    def _l2_failed(self) -> None:
+        self.stats.l2_errors += 1
+        self._l2_down_until = time.monotonic() + _L2_COOLDOWN_S
+
+    def _get_l2(self, keys: list[str]) -> dict[str, dict | object]:
+        if not keys or not self._l2_ok():
+            return {}
+        try:
+            values = self._redis.mget([self.prefix + k for k in keys])
+        except Exception:
+            self._l2_failed()
+            return {}
+        out = {}
+        for k, v in zip(keys, values):
+            if v is not None:
+                out[k] = MISSING if v == _NEG.encode() else json.loads(v)
+        return out
+
+    def _put_l2(self, rows: dict[str, dict], missing: list[str]) -> None:
+        if not self._l2_ok() or not (rows or missing):
+            return
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            ttl = max(1, self.cfg.l2.ttl // 1000)
+            neg = max(1, self.cfg.negative_ttl // 1000)
+            for k, row in rows.items():
+                pipe.set(self.prefix + k, json.dumps(row, default=str), ex=ttl)
+            for k in missing:
+                pipe.set(self.prefix + k, _NEG, ex=neg)
+            pipe.execute()
+        except Exception:
+            self._l2_failed()
+
+    def _listen(self) -> None:
+        """Drop invalidated keys from L1; reconnects after Redis outages."""
+        while not self._stop.is_set():
+            try:
+                ps = self._redis.pubsub(ignore_subscribe_messages=True)
+                ps.subscribe(self.channel)
+                while not self._stop.is_set():
+                    msg = ps.get_message(timeout=0.5)
+                    if msg and msg.get("type") == "message":
+                        key = msg["data"].decode() if isinstance(msg["data"], bytes) else str(msg["data"])
+                        self.l1.invalidate(key)
+                        self.stats.invalidations += 1
+            except Exception:
+                self._stop.wait(1.0)
+
+    # -- warming -------------------------------------------------------------
+    def warm(self) -> int:
+        """Load the rows of ``warm_query`` into L1; returns how many."""
+        q = self.cfg.source.postgres.warm_query
+        if not q or self.cfg.type == "ip":
+            return 0
+        n = len(self.cfg.key)
+        with self._conn().cursor() as cur:
+            cur.execute(q)
+            rows = cur.fetchall()
+        items = {"\x1f".join(str(v) for v in r[:n]): self._coerce(r[n:]) for r in rows}
+        self.l1.put_many(items)
+        return len(items)
+
+    # -- one batch -------------------------------------------------------------
+    def resolve(self, keys: list[str]) -> tuple[dict[str, dict | object], list[str]]:
+        """Rows for distinct ``keys``: (found incl. MISSING, keys left unresolved because L3 failed)."""
+        t0 = time.perf_counter()
+        found, todo = self.l1.get_many(keys)
+        self.stats.l1_hits += len(found)
+        unresolved: list[str] = []
+        if todo:
+            from_l2 = self._get_l2(todo)
+            self.stats.l2_hits += len(from_l2)
+            found.update(from_l2)
+            self.l1.put_many({k: v for k, v in from_l2.items() if v is not MISSING})
+            self.l1.put_many({k: v for k, v in from_l2.items() if v is MISSING}, self.cfg.negative_ttl / 1000.0)
+            todo = [k for k in todo if k not in from_l2]
+        if todo:
+            try:
+                rows = self._query_l3(todo)
+            except Exception:
+                unresolved = todo
+                rows = None
+            if rows is not None:
+                self.stats.l3_hits += len(rows)
+                missing = [k for k in todo if k not in rows]
+                self.stats.misses += len(missing)
+                found.update(rows)
+                found.update({k: MISSING for k in missing})
+                self.l1.put_many(rows)
+                self.l1.put_many({k: MISSING for k in missing}, self.cfg.negative_ttl / 1000.0)
+                self._put_l2(rows, missing)
+        self.stats.unresolved += len(unresolved)
+        self.stats.latency_ms.append((time.perf_counter() - t0) * 1000)
+        return found, unresolved
+
+    def _ip_table(self) -> IpRanges | None:
+        """The CIDR table, reloaded every ``l1.ttl``; the old copy is kept if PostgreSQL is down."""
+        now = time.monotonic()
+        if self._ranges is not None and now - self._ranges_at < self.cfg.l1.ttl / 1000.0:
+            return self._ranges
+        fields = list(self.cfg.fields)
+        cols = ", ".join(f'"{c}"' for c in fields)
+        delay = self.cfg.retry_backoff / 1000.0
+        for attempt in range(self.cfg.retries + 1):
+            try:
+                with self._conn().cursor() as cur:
+                    cur.execute(f'select "{self.key_columns[0]}"::text, {cols} from {self.cfg.source.postgres.table}')
+                    rows = cur.fetchall()
+                self.stats.l3_queries += 1
+                self._ranges = IpRanges([r[0] for r in rows], [self._coerce(r[1:]) for r in rows])
+                self._ranges_at = now
+                return self._ranges
+            except Exception:
+                self.stats.l3_errors += 1
+                self._pg = None
+                if attempt == self.cfg.retries:
+                    return self._ranges
+                time.sleep(delay * (0.5 + random.random()))
+                delay *= 2
+        return self._ranges
+
+    def lookup(self, table: pa.Table) -> tuple[dict, pa.Array, list[str]]:
+        """Resolve the distinct keys of ``table``: (found, key per row, unresolved keys)."""
+        keys = key_strings(table, self.cfg.key)
+        distinct = [k for k in keys.unique().to_pylist() if k is not None]
+        if self.cfg.type == "ip":
+            t0 = time.perf_counter()
+            ranges = self._ip_table()
+            if ranges is None:
+                self.stats.unresolved += len(distinct)
+                return {}, keys, distinct
+            idx = ranges.lookup(*ip_keys(distinct))
+            found = {k: (ranges.rows[i] if i >= 0 else MISSING) for k, i in zip(distinct, idx.tolist())}
+            self.stats.l1_hits += int((idx >= 0).sum())
+            self.stats.misses += int((idx < 0).sum())
+            self.stats.latency_ms.append((time.perf_counter() - t0) * 1000)
+            return found, keys, []
+        found, unresolved = self.resolve(distinct)
+        return found, keys, unresolved
+
+    def close(self) -> None:
+        self._stop.set()
+        for c in (self._pg, self._redis):
+            try:
+                if c is not None:
+                    c.close()
+            except Exception:
+                pass
+
+
+class Enrichment:
+    """All enrichers of a pipeline; ``__call__`` is the hook ``process_batch`` takes."""
+
+    def __init__(self, spec: PipelineSpec):
+        from pipeline.decode import input_schema
+
+        types = input_schema(spec)
+        self.runtimes = [EnricherRuntime(spec.name, e, types) for e in spec.enrich]
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.runtimes)), thread_name_prefix="enrich")
+
+    def warm(self) -> dict[str, int]:
+        return {r.cfg.name: r.warm() for r in self.runtimes}
+
+    def __call__(self, table: pa.Table) -> tuple[pa.Table, list[tuple[int, str, str]]]:
+        """Add every enricher's fields; returns (table, rejects as (row, reason, detail))."""
+        if table.num_rows == 0 or not self.runtimes:
+            for r in self.runtimes:
+                for f, t in r.types.items():
+                    table = table.append_column(f, pa.nulls(table.num_rows, t))
+            return table, []
+        # independent enrichers look up concurrently (network-bound: threads suffice)
+        results = list(self._pool.map(lambda r: r.lookup(table), self.runtimes))
+        reject = np.zeros(table.num_rows, bool)
+        reasons: dict[int, tuple[str, str]] = {}
+        for r, (found, keys, unresolved) in zip(self.runtimes, results):
+            table, matched = join_rows(table, keys, found, r.types)
+            missed = ~matched
+            r.stats.records_missed += int(missed.sum())
+            if r.cfg.on_miss == "default" and missed.any():
+                for f, t in r.types.items():
+                    col = table.column(f).combine_chunks()
+                    filled = col.fill_null(pa.scalar(r.cfg.defaults[f], t)) if r.cfg.defaults[f] is not None else col
+                    table = table.set_column(table.schema.get_field_index(f), f, filled)
+            elif r.cfg.on_miss == "dead_letter" and missed.any():
+                unresolved_set = set(unresolved)
+                key_list = keys.to_pylist()
+                for i in np.flatnonzero(missed & ~reject).tolist():
+                    why = "lookup store unavailable" if key_list[i] in unresolved_set else "no row for key"
+                    reasons[i] = (f"enrichment_miss:{r.cfg.name}", f"{why}: {r.cfg.key}={key_list[i]!r}")
+                reject |= missed
+        rejects = [(i, reason, detail) for i, (reason, detail) in sorted(reasons.items())]
+        return table, rejects
+
+    def stats(self) -> dict[str, dict]:
+        return {r.cfg.name: r.stats.as_dict() for r in self.runtimes}
+
+    def close(self) -> None:
+        for r in self.runtimes:
+            r.close()
+        self._pool.shutdown(wait=False)
