@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     SecretStr,
     ValidationError,
     field_validator,
@@ -61,7 +62,8 @@ def parse_duration(value: Any) -> int:
     raise ValueError(f"{value!r} is not a duration (use e.g. '500ms', '10s', '5m', '1h')")
 
 
-Duration = Annotated[int, BeforeValidator(parse_duration)]
+# stored as ms; dumped as "<n>ms" so that a dumped spec validates back to the same spec
+Duration = Annotated[int, BeforeValidator(parse_duration), PlainSerializer(lambda v: f"{v}ms", return_type=str)]
 
 
 class _Model(BaseModel):
@@ -130,6 +132,9 @@ def _parse_aggregations(value: Any) -> Any:
     for i, item in enumerate(value):
         if isinstance(item, Aggregation):
             out.append(item)
+            continue
+        if isinstance(item, dict):
+            out.append(Aggregation.model_validate(item))
             continue
         try:
             out.append(Aggregation.parse(item))

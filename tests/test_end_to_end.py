@@ -196,3 +196,44 @@ def test_cli_run_until_end_exits_zero(broker, tmp_path, topic_name):
     want, _ = reference.windows(df, "tumbling", ["tenant_id", "event_type"], 2000, 0, size=10_000,
                                 quantiles={"p95_value": 0.95})
     reference.compare(got, want, ["tenant_id", "event_type"], sketch=("p95_value",))
+
+
+def test_enriched_windows_on_ray_equal_duckdb_join(broker, ray_local, postgres, redis_server, tmp_path, topic_name, pipeline_name):
+    """Windows grouped by an enriched field (user tier) = DuckDB join + group-by over the raw events."""
+    import duckdb
+    import psycopg
+
+    values, keys, parts, df, _, _ = _dataset(12_000, seed=21)
+    users = pd.DataFrame({"user_id": [f"u{i:06d}" for i in range(0, 100_000, 7)]})  # 1 in 7 users known
+    users["tier"] = [["free", "pro", "team", "enterprise"][i % 4] for i in range(len(users))]
+    table = f"users_{pipeline_name}"
+    with psycopg.connect(postgres.extra["dsn"], autocommit=True) as conn:
+        conn.execute(f"create table {table} (user_id text primary key, tier text)")
+        with conn.cursor().copy(f"copy {table} from stdin") as cp:
+            for row in users.itertuples(index=False):
+                cp.write_row(tuple(row))
+    broker.extra["broker"].create_topic(topic_name, PARTITIONS)
+    produce_all(broker.address, topic_name, values, keys, parts)
+    out, late = f"file://{tmp_path}/out", f"file://{tmp_path}/late"
+    base = _spec(pipeline_name, broker.address, topic_name, out, late,
+                 windows=[{"name": "tier_10s", "type": "tumbling", "size": "10s", "group_by": ["tenant_id", "tier"],
+                           "aggregations": ["count", "sum(value)", "min(value)", "max(value)", "mean(value)"]}])
+    data = base.model_dump(mode="python")
+    data["enrich"] = [{"name": "users", "key": ["user_id"], "fields": {"tier": "string"},
+                       "source": {"postgres": {"dsn": postgres.extra["dsn"], "table": table}},
+                       "l2": {"url": redis_server.extra["url"], "prefix": f"{pipeline_name}:"},
+                       "on_miss": "default", "defaults": {"tier": "unknown"}}]
+    spec = parse_spec(data)
+    report = run_pipeline(spec, until_end=True)
+    assert report.records == len(values) and report.rejected == 0
+    raw = pd.DataFrame({"partition": df["partition"], "offset": df["offset"], "tenant_id": df["tenant_id"],
+                        "ts": df["ts"], "value": df["value"],
+                        "user_id": [json.loads(v)["user_id"] for v in values]})
+    joined = duckdb.sql("select r.*, coalesce(u.tier, 'unknown') as tier from raw r left join users u using (user_id)"
+                        " order by r.partition, r.offset").df()
+    want, _ = reference.windows(joined, "tumbling", ["tenant_id", "tier"], 2000, 1000, size=10_000)
+    got = read_windows(out, spec.name, "tier_10s").to_pandas()
+    reference.compare(got, want, ["tenant_id", "tier"])
+    stats = [w["enrich"]["users"] for w in report.workers]
+    assert sum(s["l3_queries"] for s in stats) >= 1
+    assert sum(s["l1_hits"] + s["l2_hits"] + s["l3_hits"] + s["misses"] for s in stats) > 0

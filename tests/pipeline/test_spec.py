@@ -82,3 +82,11 @@ def test_window_shape_errors_name_the_window(window, message):
     with pytest.raises(SpecError) as err:
         parse_spec(data, env={})
     assert any(p.startswith("windows[0]") and message in p for p in err.value.problems), err.value.problems
+
+
+def test_dumped_spec_validates_back_to_the_same_spec():
+    from pipeline.spec import PipelineSpec
+
+    s = load_spec(EXAMPLE, env={})
+    assert PipelineSpec.model_validate(s.model_dump()) == s
+    assert PipelineSpec.model_validate_json(s.model_dump_json()) == s
