@@ -83,6 +83,7 @@ def test_second_batch_never_reaches_postgres_then_l2_then_ttl(postgres, redis_se
     keys = [f"u{i:04d}" for i in range(0, 300, 3)]
     first = Enrichment(spec)
     want = first(_batch(keys))[0]["tier"].to_pylist()
+    first.flush()
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"alter table {table} rename to {table}_gone")  # any L3 query now fails
     # same worker: L1 answers
