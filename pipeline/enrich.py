@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["MISSING", "IpRanges", "LruTtlCache", "join_rows", "key_strings", "ip_keys"]
+__all__ = ["MISSING", "IpRanges", "LruTtlCache", "encode_keys", "ip_keys", "join_rows", "key_strings"]
 
 _SEP = "\x1f"  # unit separator: joins the parts of a multi-field key
 MISSING = object()  # a key known to have no row (negative cache entry)
@@ -81,19 +81,31 @@ class LruTtlCache:
         self._data.clear()
 
 
-def join_rows(table: pa.Table, keys: pa.Array, found: dict[str, dict | Any], types: dict[str, pa.DataType]) -> tuple[pa.Table, np.ndarray]:
+def encode_keys(keys: pa.Array) -> tuple[np.ndarray, list]:
+    """(code per row into the distinct keys, -1 for a null key; the distinct keys), one hash pass."""
+    enc = pc.dictionary_encode(keys)
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.combine_chunks()
+    codes = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return codes, enc.dictionary.to_pylist()
+
+
+def join_rows(table: pa.Table, codes: np.ndarray, distinct: list, found: dict[str, dict | Any],
+              types: dict[str, pa.DataType]) -> tuple[pa.Table, np.ndarray]:
     """Append the enrichment fields to ``table``; returns (table, matched mask).
 
-    ``found`` maps a key to its row (a dict of field values) or MISSING.
+    ``codes``/``distinct`` come from ``encode_keys``; ``found`` maps a key to its
+    row (a dict of field values) or MISSING. Values are built once per distinct
+    key and spread to the rows with one ``take``.
     """
-    hit_keys = [k for k, v in found.items() if v is not MISSING]
-    value_set = pa.array(hit_keys, pa.string())
-    idx = pc.index_in(keys, value_set=value_set)
-    matched = idx.is_valid().to_numpy(zero_copy_only=False)
+    rows = [found.get(k, MISSING) for k in distinct]
+    hit = np.array([r is not MISSING for r in rows], dtype=bool)
+    take = pa.array(codes, mask=codes < 0)
     for f, t in types.items():
-        values = pa.array([found[k].get(f) for k in hit_keys], t) if hit_keys else pa.array([], t)
-        col = values.take(idx) if len(values) else pa.nulls(len(keys), t)
+        values = pa.array([r.get(f) if r is not MISSING else None for r in rows], t)
+        col = values.take(take) if len(values) else pa.nulls(len(codes), t)
         table = table.append_column(f, col)
+    matched = (codes >= 0) & hit[np.maximum(codes, 0)] if len(hit) else np.zeros(len(codes), bool)
     return table, matched
 
 

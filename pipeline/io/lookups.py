@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.decode import FIELD_TYPES as _TYPES
-from pipeline.enrich import MISSING, IpRanges, LruTtlCache, ip_keys, join_rows, key_strings, split_key
+from pipeline.enrich import MISSING, IpRanges, LruTtlCache, encode_keys, ip_keys, join_rows, key_strings, split_key
 from pipeline.sketch import bucket_of, quantiles
 from pipeline.spec import Enricher, PipelineSpec
 
@@ -257,7 +257,7 @@ class EnricherRuntime:
         t0 = time.perf_counter()
         found, todo = self.l1.get_many(keys)
         self.stats.l1_hits += len(found)
-        self._last_l1 = list(found)
+        self._last_l1 = set(found)
         unresolved: list[str] = []
         if todo:
             from_l2 = self._get_l2(todo)
@@ -311,30 +311,28 @@ class EnricherRuntime:
                 delay *= 2
         return self._ranges
 
-    def lookup(self, table: pa.Table) -> tuple[dict, pa.Array, list[str]]:
-        """Resolve the distinct keys of ``table``: (found, key per row, unresolved keys)."""
-        keys = key_strings(table, self.cfg.key)
-        vc = pc.value_counts(keys)  # distinct keys and how many records carry each, in one pass
-        distinct_all = vc.field("values").to_pylist()
-        distinct = [k for k in distinct_all if k is not None]
+    def lookup(self, table: pa.Table) -> tuple[dict, tuple[np.ndarray, list], list[str]]:
+        """Resolve the distinct keys of ``table``: (found, (code per row, distinct keys), unresolved keys)."""
+        codes, distinct = encode_keys(key_strings(table, self.cfg.key))
+        self.stats.records += len(codes)
         if self.cfg.type == "ip":
             t0 = time.perf_counter()
             ranges = self._ip_table()
             if ranges is None:
                 self.stats.unresolved += len(distinct)
-                return {}, keys, distinct
+                return {}, (codes, distinct), list(distinct)
             idx = ranges.lookup(*ip_keys(distinct))
             found = {k: (ranges.rows[i] if i >= 0 else MISSING) for k, i in zip(distinct, idx.tolist())}
             self.stats.l1_hits += int((idx >= 0).sum())
             self.stats.misses += int((idx < 0).sum())
             self.stats.latency_ms.append((time.perf_counter() - t0) * 1000)
-            return found, keys, []
+            return found, (codes, distinct), []
         found, unresolved = self.resolve(distinct)
-        # records served by L1 (the hit ratio an operator sizes L1 by), from one value_counts
-        counts = dict(zip(distinct_all, vc.field("counts").to_pylist()))
-        self.stats.records += len(keys)
-        self.stats.records_l1 += sum(counts.get(k, 0) for k in self._last_l1)
-        return found, keys, unresolved
+        # records served by L1 (the hit ratio an operator sizes L1 by)
+        counts = np.bincount(codes[codes >= 0], minlength=len(distinct))
+        in_l1 = np.fromiter((k in self._last_l1 for k in distinct), dtype=bool, count=len(distinct))
+        self.stats.records_l1 += int(counts[in_l1].sum())
+        return found, (codes, distinct), unresolved
 
     def flush_l2(self, timeout_s: float = 10.0) -> None:
         """Wait until queued write-backs reached Redis (tests, clean stops)."""
@@ -379,8 +377,8 @@ class Enrichment:
         results = list(self._pool.map(lambda r: r.lookup(table), self.runtimes))
         reject = np.zeros(table.num_rows, bool)
         reasons: dict[int, tuple[str, str]] = {}
-        for r, (found, keys, unresolved) in zip(self.runtimes, results):
-            table, matched = join_rows(table, keys, found, r.types)
+        for r, (found, (codes, distinct), unresolved) in zip(self.runtimes, results):
+            table, matched = join_rows(table, codes, distinct, found, r.types)
             missed = ~matched
             r.stats.records_missed += int(missed.sum())
             if r.cfg.on_miss == "default" and missed.any():
@@ -390,10 +388,10 @@ class Enrichment:
                     table = table.set_column(table.schema.get_field_index(f), f, filled)
             elif r.cfg.on_miss == "dead_letter" and missed.any():
                 unresolved_set = set(unresolved)
-                key_list = keys.to_pylist()
                 for i in np.flatnonzero(missed & ~reject).tolist():
-                    why = "lookup store unavailable" if key_list[i] in unresolved_set else "no row for key"
-                    reasons[i] = (f"enrichment_miss:{r.cfg.name}", f"{why}: {r.cfg.key}={key_list[i]!r}")
+                    key = distinct[codes[i]] if codes[i] >= 0 else None
+                    why = "lookup store unavailable" if key in unresolved_set else "no row for key"
+                    reasons[i] = (f"enrichment_miss:{r.cfg.name}", f"{why}: {r.cfg.key}={key!r}")
                 reject |= missed
         rejects = [(i, reason, detail) for i, (reason, detail) in sorted(reasons.items())]
         return table, rejects
