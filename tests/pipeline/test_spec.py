@@ -90,3 +90,23 @@ def test_dumped_spec_validates_back_to_the_same_spec():
     s = load_spec(EXAMPLE, env={})
     assert PipelineSpec.model_validate(s.model_dump()) == s
     assert PipelineSpec.model_validate_json(s.model_dump_json()) == s
+
+
+@pytest.mark.parametrize(
+    "enricher,message",
+    [
+        ({"source": {"postgres": {"dsn": "x"}}}, "give exactly one of 'table' or 'query'"),
+        ({"source": {"postgres": {"dsn": "x", "query": "select 1"}}}, "must contain %(keys)s"),
+        ({"on_miss": "default"}, "on_miss: default needs defaults for ['tier']"),
+        ({"type": "ip", "key": ["a", "b"]}, "one key field"),
+        ({"fields": {"tier": "text"}}, "type 'text' is not one of"),
+        ({"fields": {"ts": "string"}}, "already a record field"),
+    ],
+)
+def test_enricher_errors_name_the_field(enricher, message):
+    data = yaml.safe_load(open(EXAMPLE))
+    data["enrich"] = [{"name": "users", "key": ["user_id"], "fields": {"tier": "string"},
+                       "source": {"postgres": {"dsn": "postgresql://x", "table": "users"}}, **enricher}]
+    with pytest.raises(SpecError) as err:
+        parse_spec(data, env={})
+    assert any(message in p for p in err.value.problems), err.value.problems
