@@ -247,6 +247,13 @@ class DeadLetter(_Model):
 _FIELD_TYPES = {"string", "int64", "float64", "bool"}
 
 
+def _check_field_types(v: dict[str, str]) -> dict[str, str]:
+    for name, kind in v.items():
+        if kind not in _FIELD_TYPES:
+            raise ValueError(f"field {name!r}: type {kind!r} is not one of {sorted(_FIELD_TYPES)}")
+    return v
+
+
 class L1Cache(_Model):
     max_entries: int = Field(default=100_000, ge=1, description="entries kept per worker (least recently used go first)")
     ttl: Duration = Field(default=60_000, description="how long an L1 entry is trusted")
@@ -301,13 +308,7 @@ class Enricher(_Model):
     retries: int = Field(default=3, ge=0, le=20, description="L3 attempts after the first before the miss policy applies")
     retry_backoff: Duration = Field(default=200, description="first retry delay, doubled each time (with jitter)")
 
-    @field_validator("fields")
-    @classmethod
-    def _types(cls, v: dict[str, str]) -> dict[str, str]:
-        for name, kind in v.items():
-            if kind not in _FIELD_TYPES:
-                raise ValueError(f"field {name!r}: type {kind!r} is not one of {sorted(_FIELD_TYPES)}")
-        return v
+    _types = field_validator("fields")(classmethod(lambda cls, v: _check_field_types(v)))
 
     @model_validator(mode="after")
     def _shape(self) -> "Enricher":
@@ -343,13 +344,7 @@ class PipelineSpec(_Model):
     workers: int = Field(default=1, ge=1, le=256, description="number of PartitionWorker actors")
     worker_cpus: float = Field(default=0.5, gt=0, le=64, description="CPU request of each worker actor")
 
-    @field_validator("fields")
-    @classmethod
-    def _field_types(cls, v: dict[str, str]) -> dict[str, str]:
-        for name, kind in v.items():
-            if kind not in _FIELD_TYPES:
-                raise ValueError(f"field {name!r}: type {kind!r} is not one of {sorted(_FIELD_TYPES)}")
-        return v
+    _field_types = field_validator("fields")(classmethod(lambda cls, v: _check_field_types(v)))
 
     @model_validator(mode="after")
     def _windows(self) -> "PipelineSpec":

@@ -34,11 +34,11 @@ class KafkaFailure(RuntimeError):
 
 
 class BrokerUnavailable(KafkaFailure):
-    pass
+    """The broker did not answer within the connect timeout."""
 
 
 class TopicMissing(KafkaFailure):
-    pass
+    """The source topic does not exist."""
 
 
 def _admin(bootstrap: str):
