@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import signal
 import subprocess
@@ -94,7 +93,7 @@ def test_second_batch_never_reaches_postgres_then_l2_then_ttl(postgres, redis_se
     assert second.stats()["users"]["l2_hits"] == len(keys) and second.stats()["users"]["l3_errors"] == 0
     # after the L1 TTL the worker reads L2 again: a changed L2 value shows through
     r = redis.Redis.from_url(redis_server.extra["url"])
-    r.set(f"{table}:{keys[0]}", json.dumps({"tier": "changed", "score": 1.0}))
+    r.set(f"{table}:{keys[0]}", "changed\x1f1.0")
     time.sleep(0.4)
     assert first(_batch(keys[:1]))[0]["tier"].to_pylist() == ["changed"]
     first.close(), second.close()
@@ -107,7 +106,7 @@ def test_invalidation_drops_the_key_from_every_worker_l1(postgres, redis_server)
     for w in workers:
         assert w(_batch(["u0001"]))[0]["tier"].to_pylist() == ["pro"]
     r = redis.Redis.from_url(redis_server.extra["url"])
-    r.set(f"{table}:u0001", json.dumps({"tier": "team", "score": 9.0}))
+    r.set(f"{table}:u0001", "team\x1f9.0")
     time.sleep(0.6)  # listeners subscribed
     r.publish(f"{table}:invalidate", "u0001")
     deadline = time.monotonic() + 5
