@@ -402,7 +402,10 @@ class Enrichment:
                     table = table.append_column(f, pa.nulls(table.num_rows, t))
             return table, []
         # independent enrichers look up concurrently (network-bound: threads suffice)
-        results = list(self._pool.map(lambda r: r.lookup(table), self.runtimes))
+        if len(self.runtimes) == 1:
+            results = [self.runtimes[0].lookup(table)]
+        else:
+            results = list(self._pool.map(lambda r: r.lookup(table), self.runtimes))
         reject = np.zeros(table.num_rows, bool)
         reasons: dict[int, tuple[str, str]] = {}
         for r, (found, (codes, distinct), unresolved) in zip(self.runtimes, results):
