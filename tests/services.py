@@ -18,7 +18,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-from pipeline.io.broker import EmbeddedBroker, free_port
+from pipeline.io.broker import EmbeddedBroker, free_port, stop_process
 
 __all__ = ["Service", "start_broker", "start_moto", "start_postgres", "start_redis", "start_victoria_metrics"]
 
@@ -40,13 +40,8 @@ class Service:
     def stop(self) -> None:
         if self.stopper is not None:
             self.stopper()
-        elif self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        else:
+            stop_process(self.proc)
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

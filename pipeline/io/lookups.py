@@ -33,13 +33,14 @@ __all__ = ["EnricherRuntime", "Enrichment", "EnrichStats"]
 
 _NEG = "\x00missing"  # the L2 value of a key known to have no row
 _US = "\x1f"
-_L2_COOLDOWN_S = 5.0
-_SET_MANY = "for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[1]) end return #KEYS"  # after a Redis error, skip L2 this long instead of timing out on every batch
+_L2_COOLDOWN_S = 5.0  # after a Redis error, skip L2 this long instead of timing out on every batch
+# SET with expiry for every key of a write-back, in one round trip
+_SET_MANY = "for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[1]) end return #KEYS"
 
 
 @dataclass
 class EnrichStats:
-    """Per-enricher counters (distinct keys per batch, not records)."""
+    """Per-enricher counters: hits and misses count distinct keys per batch; ``records*`` count records."""
 
     l1_hits: int = 0
     records: int = 0
@@ -142,7 +143,7 @@ class EnricherRuntime:
                 if self._pg is not None:
                     try:
                         self._pg.close()
-                    except Exception:
+                    except Exception:  # the connection is already broken; a new one is made next try
                         pass
                     self._pg = None
                 if attempt == self.cfg.retries:
@@ -152,7 +153,7 @@ class EnricherRuntime:
         return {}
 
     def _coerce(self, values) -> dict:
-        """Database values as the declared Python types (so they survive JSON in L2 unchanged)."""
+        """Values (from PostgreSQL, or strings from L2) as the declared Python types, in field order."""
         out = {}
         for (f, kind), v in zip(self.cfg.fields.items(), values):
             if v is None:
@@ -162,7 +163,7 @@ class EnricherRuntime:
             elif kind == "int64":
                 out[f] = int(v)
             elif kind == "bool":
-                out[f] = bool(v)
+                out[f] = v if isinstance(v, bool) else v in ("True", "true", "t", "1")
             else:
                 out[f] = str(v)
         return out
@@ -176,19 +177,7 @@ class EnricherRuntime:
         parts = raw.decode().split(_US)
         if len(parts) != len(self.cfg.fields):
             raise ValueError("L2 value does not match the enricher's fields")
-        out = {}
-        for (f, kind), v in zip(self.cfg.fields.items(), parts):
-            if v == "\x00":
-                out[f] = None
-            elif kind == "float64":
-                out[f] = float(v)
-            elif kind == "int64":
-                out[f] = int(v)
-            elif kind == "bool":
-                out[f] = v == "True"
-            else:
-                out[f] = v
-        return out
+        return self._coerce([None if p == "\x00" else p for p in parts])
 
     # -- L2 ----------------------------------------------------------------
     def _l2_ok(self) -> bool:
@@ -377,7 +366,7 @@ class EnricherRuntime:
             try:
                 if c is not None:
                     c.close()
-            except Exception:
+            except Exception:  # a store that went away cannot be closed politely; nothing is pending
                 pass
 
 
