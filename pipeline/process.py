@@ -142,14 +142,16 @@ def _records(batch: Batch, idx: np.ndarray) -> dict[str, pa.Array]:
     }
 
 
-def _close(state: PipelineState, watermark: int) -> list[pa.Table]:
+def _close(state: PipelineState) -> list[pa.Table]:
+    """Emit and free windows by their partition's effective watermark."""
+    watermarks = state.tracker.partition_watermarks()
     closed = []
     for w in state.windows.values():
-        t = w.close(watermark)
+        t = w.close(watermarks)
         if t is not None:
             closed.append(t)
             state.windows_emitted += t.num_rows
-        w.expire(watermark)
+        w.expire(watermarks)
     return closed
 
 
@@ -164,12 +166,12 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich
        (``enrichment_miss:<name>``) become rejects;
     3. compute each record's prefix watermark and fold accepted records into
        every window; records for windows already past allowed lateness are late;
-    4. advance the worker watermark, emit closed windows and free expired ones.
+    4. advance the watermarks, emit closed windows and free expired ones (per
+       partition).
     """
     result = BatchResult(records=len(batch))
     if len(batch) == 0:
-        state.tracker.current()
-        result.closed = _close(state, state.tracker.watermark)
+        result.closed = _close(state)
         result.watermark = state.tracker.watermark
         return result
     decoded = state.decoder.decode(batch.values)
@@ -196,14 +198,14 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich
             table, times, rows = table.filter(pa.array(keep)), times[keep], rows[keep]
     parts = batch.partitions[rows]
     state.tracker.touch(np.unique(batch.partitions).tolist())
-    wm_before = state.tracker.watermark
-    prefix = state.tracker.prefix(parts, times, np.ones(len(times), bool))
+    seen_before = state.tracker.seen(parts)
+    prefix = np.maximum(state.tracker.prefix(parts, times, np.ones(len(times), bool)), seen_before)
     numeric_fields = sorted({f for w in state.windows.values() for f in w.store.numeric_fields})
     columns = {name: table.column(name).combine_chunks() for name in table.column_names}
     r = Rows(times, parts, prefix, columns, _numeric(table, numeric_fields))
     late_idx, late_window, late_start = [], [], []
     for name, w in state.windows.items():
-        lrows, lstarts = w.add(r, wm_before)
+        lrows, lstarts = w.add(r)
         if len(lrows):
             late_idx.append(lrows)
             late_start.append(lstarts)
@@ -215,7 +217,7 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich
         cols["event_time"] = pa.array(times[li], _TS)
         cols["window"] = pa.array(late_window, pa.string())
         cols["window_start"] = pa.array(np.concatenate(late_start), _TS)
-        cols["watermark"] = pa.array(np.maximum(prefix[li], wm_before), _TS)
+        cols["watermark"] = pa.array(prefix[li], _TS)
         result.late = pa.table(cols, schema=LATE_SCHEMA)
         result.late_records = len(np.unique(li))
     if rejects:
@@ -228,21 +230,17 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich
         result.rejected = len(rejects)
     if len(times):
         result.min_event_time, result.max_event_time = int(times.min()), int(times.max())
-    wm = state.tracker.current()
-    result.closed = _close(state, wm)
-    result.watermark = wm
+    result.closed = _close(state)
+    result.watermark = state.tracker.watermark
     return result
 
 
 def advance(state: PipelineState, to_end: bool = False) -> BatchResult:
     """Re-evaluate the watermark without input (idle partitions) or, at end of input, pass every window."""
-    wm = state.tracker.advance_to_end() if to_end else state.tracker.current()
-    return BatchResult(closed=_close(state, wm), watermark=wm)
-
-
-def drop_internal(table: pa.Table) -> pa.Table:
-    """Closed-window table without internal columns (``_partition``)."""
-    return table.drop_columns([c for c in table.column_names if c.startswith("_")])
+    if to_end:
+        state.tracker.advance_to_end()
+    closed = _close(state)
+    return BatchResult(closed=closed, watermark=state.tracker.watermark)
 
 
 def describe_watermark(wm: int) -> str:

@@ -187,7 +187,7 @@ class WindowSpec(_Model):
     size: Duration | None = Field(default=None, description="window length (tumbling, sliding)")
     slide: Duration | None = Field(default=None, description="distance between window starts (sliding)")
     gap: Duration | None = Field(default=None, description="inactivity gap that closes a session (session)")
-    group_by: list[str] = Field(default_factory=list, description="key fields; include the partition key for partition-local windows")
+    group_by: list[str] = Field(default_factory=list, description="key fields; windows are kept per source partition, so produce the topic keyed by (a prefix of) these fields for one row per group")
     aggregations: Annotated[list[Aggregation], BeforeValidator(_parse_aggregations)] = Field(
         min_length=1, description="e.g. [count, sum(value), p95(value)]"
     )
@@ -217,7 +217,9 @@ class WindowSpec(_Model):
         dup = {c for c in columns if columns.count(c) > 1}
         if dup:
             raise ValueError(f"aggregations produce the same column twice: {sorted(dup)} (use 'as <name>')")
-        clash = set(columns) & (set(self.group_by) | {"window", "window_start", "window_end", "revision"})
+        if "partition" in self.group_by:
+            raise ValueError("'partition' is not a group key: every window row already carries its source partition")
+        clash = set(columns) & (set(self.group_by) | {"window", "window_start", "window_end", "revision", "partition"})
         if clash:
             raise ValueError(f"aggregation columns clash with key/reserved columns: {sorted(clash)}")
         return self

@@ -9,6 +9,12 @@ partition is idle it follows the most advanced one. It never moves back.
 Lateness is decided per record against the watermark *before* that record in
 its own partition (``prefix``), so a replay that cuts the same records into
 other batches makes the same late/on-time decisions.
+
+Window state is per partition and closes on the partition's *effective*
+watermark (``partition_watermarks``): its own watermark, raised to the worker
+watermark while the partition is idle or finished (an idle partition must not
+keep its last windows open forever). Without idleness a partition's output is
+a function of its own records only.
 """
 
 from __future__ import annotations
@@ -42,10 +48,17 @@ class WatermarkTracker:
         self.last_seen: dict[int, float] = {p: now for p in self.max_event}
         self.finished: set[int] = set()
         self._watermark = NEG_INF
+        self.effective: dict[int, int] = {p: NEG_INF for p in self.max_event}
 
     def add_partition(self, partition: int, max_event: int = NEG_INF) -> None:
         self.max_event.setdefault(int(partition), max_event)
+        self.effective.setdefault(int(partition), NEG_INF)
         self.last_seen[int(partition)] = self.clock()
+
+    def remove_partition(self, partition: int) -> None:
+        for d in (self.max_event, self.last_seen, self.effective):
+            d.pop(int(partition), None)
+        self.finished.discard(int(partition))
 
     def partition_watermark(self, partition: int) -> int:
         m = self.max_event.get(int(partition), NEG_INF)
@@ -99,19 +112,41 @@ class WatermarkTracker:
         self._watermark = max(self._watermark, wm)
         return self._watermark
 
+    def partition_watermarks(self) -> dict[int, int]:
+        """Effective watermark per partition (monotonic), updating the worker watermark too."""
+        worker = self.current()
+        for p in self.max_event:
+            own = self.partition_watermark(p)
+            if p in self.finished or self.idle(p):
+                own = max(own, worker)
+            self.effective[p] = max(self.effective.get(p, NEG_INF), own)
+        return dict(self.effective)
+
+    def seen(self, partitions: np.ndarray) -> np.ndarray:
+        """Effective watermark of each record's partition (before the batch)."""
+        out = np.full(len(partitions), NEG_INF, np.int64)
+        for p, wm in self.effective.items():
+            out[partitions == p] = wm
+        return out
+
     def advance_to_end(self) -> int:
         """End of input: move the watermark past every window."""
         self._watermark = POS_INF
+        for p in self.effective:
+            self.effective[p] = POS_INF
         return self._watermark
 
     @property
     def watermark(self) -> int:
         return self._watermark
 
-    def snapshot(self) -> dict:
-        return {"max_event": dict(self.max_event), "watermark": self._watermark}
+    def snapshot(self, partition: int) -> dict:
+        """What a checkpoint keeps of one partition."""
+        p = int(partition)
+        return {"max_event": int(self.max_event.get(p, NEG_INF)), "effective": int(self.effective.get(p, NEG_INF))}
 
-    def restore(self, snap: dict) -> None:
-        for p, m in snap["max_event"].items():
-            self.max_event[int(p)] = int(m)
-        self._watermark = int(snap["watermark"])
+    def restore(self, partition: int, snap: dict) -> None:
+        p = int(partition)
+        self.max_event[p] = int(snap["max_event"])
+        self.effective[p] = int(snap["effective"])
+        self.last_seen[p] = self.clock()

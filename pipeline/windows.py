@@ -8,13 +8,17 @@ Windows are aligned to the epoch (a window of size 10 s starts at a multiple of
     # watermark              ^ 12s: w0 closes, w1 stays open
 
 A window of one group is a *slot* whose aggregates live in ``AggregateStore``.
-A slot is emitted (revision 1) when the worker watermark passes its end, again
-with revision + 1 when a record within ``allowed_lateness`` changes it, and
-freed when the watermark passes end + allowed lateness. A record is *late* for
-a window when that window's end + allowed lateness is at or before the
-watermark seen by the record (its partition's prefix watermark, or the worker
-watermark when the window may already be freed). Session windows use the
-record's own session window ``[t, t + gap)`` for that test.
+State is per source partition: a slot belongs to one (window, group keys,
+partition), and is emitted and freed by the watermark *of its partition*, so a
+partition's output depends only on that partition's records, whichever worker
+owns it and however polls interleave partitions (this is what makes a replay
+after recovery emit the same revisions). A slot is emitted (revision 1) when
+its partition's watermark passes its end, again with revision + 1 when a
+record within ``allowed_lateness`` changes it, and freed when the watermark
+passes end + allowed lateness. A record is *late* for a window when that
+window's end + allowed lateness is at or before the watermark seen by the
+record (``Rows.watermarks``: its partition's prefix watermark). Session windows
+use the record's own session window ``[t, t + gap)`` for that test.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import pyarrow.compute as pc
 
 from pipeline.aggregates import AggregateStore, FoldInput
 from pipeline.spec import WindowSpec
+from pipeline.watermarks import NEG_INF
 
 __all__ = ["Rows", "WindowState", "tumbling_starts", "sliding_pairs"]
 
@@ -160,14 +165,14 @@ class WindowState:
         return int(self.active.sum())
 
     # -- update -----------------------------------------------------------
-    def add(self, rows: Rows, worker_watermark: int) -> tuple[np.ndarray, np.ndarray]:
+    def add(self, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
         """Fold ``rows`` into their windows; return late (record index, window start) pairs."""
         if len(rows) == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         if not self.key_types:
             self.key_types = [rows.columns[k].type for k in self.spec.group_by]
         if self.spec.type == "session":
-            return self._add_sessions(rows, worker_watermark)
+            return self._add_sessions(rows)
         times = rows.times
         if self.spec.type == "tumbling":
             pair_rows = np.arange(len(times))
@@ -177,7 +182,7 @@ class WindowState:
             pair_rows, starts = sliding_pairs(times, self.spec.size, self.spec.slide)
             step = self.spec.slide
         closes = starts + self.spec.size + self.lateness
-        late = (closes <= rows.watermarks[pair_rows]) | (closes <= worker_watermark)
+        late = closes <= rows.watermarks[pair_rows]
         if late.any():
             late_rows, late_starts = pair_rows[late], starts[late]
             pair_rows, starts = pair_rows[~late], starts[~late]
@@ -196,7 +201,7 @@ class WindowState:
             pair_rows, starts, widx = pair_rows[~far], starts[~far], widx[~far]
             if len(pair_rows) == 0:
                 return late_rows, late_starts
-        codes, indices, dictionaries = _encode_keys([rows.columns[k] for k in self.spec.group_by], len(times))
+        codes, indices, dictionaries = _encode_keys(self._key_columns(rows), len(times))
         # persistent key ids: one dict lookup per distinct key of the batch
         ucodes, first_row, code_inv = np.unique(codes, return_index=True, return_inverse=True)
         kids = np.empty(len(ucodes), np.int64)
@@ -224,6 +229,10 @@ class WindowState:
         self._fold(rows, pair_rows, pair_slots)
         self.dirty[group_slots] = True
         return late_rows, late_starts
+
+    def _key_columns(self, rows: Rows) -> list[pa.Array]:
+        # the source partition is the last key component: state is per partition
+        return [*(rows.columns[k] for k in self.spec.group_by), pa.array(rows.partitions, pa.int32())]
 
     # -- key ids and the (window, key) -> slot index --------------------------
     def _key_id(self, key: tuple) -> int:
@@ -277,16 +286,16 @@ class WindowState:
         times = rows.times if identity else rows.times[pair_rows]
         self.store.fold(FoldInput(pair_slots, times, numeric, arrays))
 
-    def _add_sessions(self, rows: Rows, worker_watermark: int) -> tuple[np.ndarray, np.ndarray]:
+    def _add_sessions(self, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
         gap = self.spec.gap
         times = rows.times
         closes = times + gap + self.lateness
-        late = (closes <= rows.watermarks) | (closes <= worker_watermark)
+        late = closes <= rows.watermarks
         late_rows = np.flatnonzero(late)
         ok_rows = np.flatnonzero(~late)
         if len(ok_rows) == 0:
             return late_rows, times[late_rows]
-        codes, indices, dictionaries = _encode_keys([rows.columns[k] for k in self.spec.group_by], len(times))
+        codes, indices, dictionaries = _encode_keys(self._key_columns(rows), len(times))
         c, t = codes[ok_rows], times[ok_rows]
         order = np.lexsort((t, c))
         cs, ts, rs = c[order], t[order], ok_rows[order]
@@ -349,14 +358,23 @@ class WindowState:
         return late_rows, times[late_rows]
 
     # -- emit and expire ----------------------------------------------------
-    def close(self, watermark: int) -> pa.Table | None:
-        """Emit windows whose end the watermark passed and that changed since last emitted.
+    def _slot_watermarks(self, watermarks: dict[int, int] | int) -> np.ndarray | int:
+        if not isinstance(watermarks, dict):
+            return int(watermarks)
+        out = np.full(self.capacity, NEG_INF, np.int64)
+        for p, wm in watermarks.items():
+            out[self.partition == p] = wm
+        return out
 
-        Tumbling/sliding: every group of an affected window start is emitted, so
-        a sink can rewrite that window start's file whole. Sessions: the changed
-        sessions only.
+    def close(self, watermarks: dict[int, int] | int) -> pa.Table | None:
+        """Emit windows whose end their partition's watermark passed and that changed since last emitted.
+
+        ``watermarks`` maps partition -> watermark (an int applies to all).
+        Tumbling/sliding: every group of an affected (window start, partition)
+        is emitted, so a sink can rewrite that file whole. Sessions: the
+        changed sessions only.
         """
-        ready = self.active & self.dirty & (self.end <= watermark)
+        ready = self.active & self.dirty & (self.end <= self._slot_watermarks(watermarks))
         if not ready.any():
             return None
         self.revision[ready] += 1
@@ -364,14 +382,14 @@ class WindowState:
         if self.spec.type == "session":
             emit = np.flatnonzero(ready)
         else:
-            starts = np.unique(self.start[ready])
-            emit = np.flatnonzero(self.active & np.isin(self.start, starts))
+            code = self.start * (1 << 20) + self.partition
+            emit = np.flatnonzero(self.active & np.isin(code, np.unique(code[ready])))
         return self._table(emit)
 
-    def expire(self, watermark: int) -> int:
-        """Free windows whose end + allowed lateness (+ gap for sessions) the watermark passed."""
+    def expire(self, watermarks: dict[int, int] | int) -> int:
+        """Free windows whose end + allowed lateness (+ gap for sessions) their partition's watermark passed."""
         extra = self.lateness + (self.spec.gap if self.spec.type == "session" else 0)
-        done = np.flatnonzero(self.active & ~self.dirty & (self.end + extra <= watermark))
+        done = np.flatnonzero(self.active & ~self.dirty & (self.end + extra <= self._slot_watermarks(watermarks)))
         if len(done) == 0:
             return 0
         if self.spec.type == "session":
@@ -420,5 +438,5 @@ class WindowState:
             cols[k] = pa.array([self.keys[s][i] for s in slots.tolist()], self.key_types[i] if self.key_types else None)
         cols.update(self.store.finalize(slots))
         cols["revision"] = pa.array(self.revision[slots])
-        cols["_partition"] = pa.array(self.partition[slots])
+        cols["partition"] = pa.array(self.partition[slots])
         return pa.table(cols)

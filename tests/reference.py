@@ -37,6 +37,7 @@ def windows(df: pd.DataFrame, kind: str, keys: list[str], ooo: int, lateness: in
     ``df`` has columns partition, offset, ts (ms), value and the ``keys``, in
     offset order within each partition.
     """
+    keys = [*keys, "partition"]  # windows are per source partition
     df = df.reset_index(drop=True).copy()
     df["rid"] = np.arange(len(df))
     df["wm"] = prefix_watermark(df, ooo)
@@ -96,7 +97,7 @@ def windows(df: pd.DataFrame, kind: str, keys: list[str], ooo: int, lateness: in
 def compare(actual: pd.DataFrame, expected: pd.DataFrame, keys: list[str], exact=("count", "min_value", "max_value"),
             approx=("sum_value", "mean_value"), sketch=()) -> None:
     """Assert equal window sets; exact columns equal, float sums within 1e-9 relative, sketches within 1 %."""
-    ident = [*keys, "window_start", "window_end"]
+    ident = [*keys, *([] if "partition" in keys else ["partition"]), "window_start", "window_end"]
     a = actual.copy()
     for c in ("window_start", "window_end"):
         if str(a[c].dtype).startswith("datetime64"):

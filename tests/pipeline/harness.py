@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.process import Batch, PipelineState, advance, drop_internal, process_batch
+from pipeline.process import Batch, PipelineState, advance, process_batch
 from pipeline.spec import parse_spec
 
 
@@ -41,13 +41,13 @@ def run_core(spec, df: pd.DataFrame, cuts: list[int], values: list[bytes] | None
         r = process_batch(spec, state, Batch.of("events", values[a:b], parts[a:b], offs[a:b]))
         results.append(r)
         for t in r.closed:
-            emitted.setdefault(t.column("window")[0].as_py(), []).append(drop_internal(t))
+            emitted.setdefault(t.column("window")[0].as_py(), []).append(t)
         if r.late is not None:
             late.append(r.late)
     r = advance(state, to_end=True)
     results.append(r)
     for t in r.closed:
-        emitted.setdefault(t.column("window")[0].as_py(), []).append(drop_internal(t))
+        emitted.setdefault(t.column("window")[0].as_py(), []).append(t)
     return emitted, late, results, state
 
 
@@ -56,5 +56,5 @@ def latest(tables: list[pa.Table], keys: list[str]) -> pd.DataFrame:
     if not tables:
         return pd.DataFrame()
     df = pa.concat_tables(tables).to_pandas()
-    df = df.sort_values("revision").drop_duplicates([*keys, "window_start"], keep="last")
+    df = df.sort_values("revision").drop_duplicates([*keys, "partition", "window_start"], keep="last")
     return df.reset_index(drop=True)

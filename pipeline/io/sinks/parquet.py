@@ -44,7 +44,7 @@ class ParquetWindowSink:
     def __init__(self, spec: PipelineSpec, cfg: ParquetSink):
         self.pipeline = spec.name
         self.types = {w.name: w.type for w in spec.windows}
-        self.identity = {w.name: ",".join(["window", "window_start", "window_end", *w.group_by]) for w in spec.windows}
+        self.identity = {w.name: ",".join(["window", "window_start", "window_end", *w.group_by, "partition"]) for w in spec.windows}
         self.location: Location = open_location(cfg.uri, cfg.s3_endpoint_url, cfg.s3_region)
         self.files_written = 0
 
@@ -53,8 +53,8 @@ class ParquetWindowSink:
         if table is None or table.num_rows == 0:
             return 0
         window = table.column("window")[0].as_py()
-        parts = table.column("_partition").to_numpy()
-        data = table.drop_columns(["_partition"])
+        parts = table.column("partition").to_numpy()
+        data = table
         data = data.replace_schema_metadata({"raystream.identity": self.identity[window]})
         written = 0
         if self.types[window] == "session":
