@@ -230,16 +230,85 @@ class ParquetSink(_Model):
     s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (default: AWS, or $AWS_ENDPOINT_URL)")
     s3_region: str | None = Field(default=None, description="S3 region (default: $AWS_REGION or us-east-1)")
 
-    @field_validator("uri")
-    @classmethod
-    def _scheme(cls, v: str) -> str:
-        if not (v.startswith("file://") or v.startswith("s3://")):
-            raise ValueError(f"{v!r} must start with file:// or s3://")
-        return v
+    _scheme = field_validator("uri")(classmethod(lambda cls, v: _check_uri(v)))
+
+
+def _check_uri(v: str) -> str:
+    if not (v.startswith("file://") or v.startswith("s3://")):
+        raise ValueError(f"{v!r} must start with file:// or s3://")
+    return v
+
+
+class PostgresSink(_Model):
+    dsn: SecretStr = Field(description="PostgreSQL connection string")
+    table_prefix: str = Field(
+        default="raystream_", pattern=r"^[a-z_][a-z0-9_]{0,30}$",
+        description="tables are <prefix><pipeline>_<window> (one per window), created on first use",
+    )
+    connect_timeout: Duration = Field(default=5_000, description="connection timeout")
+
+
+class RedisSink(_Model):
+    url: SecretStr = Field(description="Redis URL, e.g. redis://127.0.0.1:6379/0")
+    ttl: Duration = Field(default=86_400_000, description="expiry of each window hash")
+    prefix: str | None = Field(default=None, description="key prefix; default raystream:<pipeline>:")
+    channel: str | None = Field(default=None, description="pub/sub channel of window updates; default <prefix>updates")
+
+
+class InfluxSink(_Model):
+    url: str = Field(description="InfluxDB (or VictoriaMetrics) base URL, e.g. http://127.0.0.1:8086")
+    token: SecretStr = Field(default=SecretStr(""), description="API token")
+    org: str = Field(default="raystream", description="organisation")
+    bucket: str = Field(default="raystream", description="bucket (database)")
+    measurement_prefix: str = Field(default="", description="measurement = <prefix><window name>")
+    timeout: Duration = Field(default=10_000, description="HTTP timeout of one write")
+
+
+class KafkaSink(_Model):
+    topic: str = Field(description="output topic (created when missing); values are JSON rows keyed by window identity")
+    bootstrap_servers: str | None = Field(default=None, description="default: the source's bootstrap servers")
+    config: dict[str, str | int | float | bool] = Field(default_factory=dict, description="extra producer settings")
 
 
 class SinkSpec(_Model):
-    parquet: ParquetSink = Field(description="Parquet files on file:// or s3://")
+    """Exactly one destination; every sink is idempotent on the window identity."""
+
+    parquet: ParquetSink | None = Field(default=None, description="Parquet files on file:// or s3://")
+    postgres: PostgresSink | None = Field(default=None, description="upserts into PostgreSQL")
+    redis: RedisSink | None = Field(default=None, description="one Redis hash per window and group, plus pub/sub")
+    influxdb: InfluxSink | None = Field(default=None, description="InfluxDB line protocol (tags = group keys)")
+    kafka: KafkaSink | None = Field(default=None, description="JSON rows to a Kafka topic")
+    retries: int = Field(default=8, ge=0, le=100, description="write attempts after the first, with exponential backoff")
+    retry_backoff: Duration = Field(default=200, description="first retry delay, doubled each time (with jitter), at most 10 s")
+
+    @model_validator(mode="after")
+    def _one(self) -> "SinkSpec":
+        given = [k for k in ("parquet", "postgres", "redis", "influxdb", "kafka") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a sink names exactly one of parquet, postgres, redis, influxdb, kafka (got {given or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("parquet", "postgres", "redis", "influxdb", "kafka") if getattr(self, k) is not None)
+
+
+class CheckpointSpec(_Model):
+    uri: str = Field(description="file://path or s3://bucket/prefix; checkpoints go under <uri>/<pipeline>/chk-<id>/")
+    interval: Duration = Field(default=10_000, description="time between checkpoints")
+    keep: int = Field(default=3, ge=1, le=1000, description="completed checkpoints kept")
+    timeout: Duration = Field(default=60_000, description="a checkpoint not complete by then is abandoned")
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (default: AWS, or $AWS_ENDPOINT_URL)")
+    s3_region: str | None = Field(default=None, description="S3 region")
+
+    _scheme = field_validator("uri")(classmethod(lambda cls, v: _check_uri(v)))
+
+
+class HealthSpec(_Model):
+    heartbeat_timeout: Duration = Field(default=5_000, description="a worker that does not answer for this long is restarted")
+    stall_timeout: Duration = Field(default=30_000, description="a worker whose offsets do not move while input waits is restarted")
+    max_restarts: int = Field(default=5, ge=0, description="restarts of one worker within restart_window before the pipeline is degraded")
+    restart_window: Duration = Field(default=300_000, description="window for max_restarts")
 
 
 class DeadLetter(_Model):
@@ -340,7 +409,9 @@ class PipelineSpec(_Model):
     )
     windows: list[WindowSpec] = Field(min_length=1, description="window definitions")
     sinks: list[SinkSpec] = Field(min_length=1, description="where closed windows are written")
-    late_output: SinkSpec | None = Field(default=None, description="where records for freed windows go")
+    late_output: SinkSpec | None = Field(default=None, description="where records for freed windows go (parquet)")
+    checkpoint: CheckpointSpec | None = Field(default=None, description="periodic snapshots of state and offsets; enables recovery")
+    health: HealthSpec = Field(default_factory=HealthSpec, description="worker health checks and restart limits")
     dead_letter: DeadLetter = Field(default_factory=DeadLetter, description="where rejected records go")
     enrich: list[Enricher] = Field(default_factory=list, description="lookups that add fields before windowing")
     workers: int = Field(default=1, ge=1, le=256, description="number of PartitionWorker actors")
@@ -354,6 +425,8 @@ class PipelineSpec(_Model):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"window names must be unique, repeated: {sorted(dup)}")
+        if self.late_output is not None and self.late_output.parquet is None:
+            raise ValueError("late_output takes a parquet sink")
         enames = [e.name for e in self.enrich]
         if len(set(enames)) != len(enames):
             raise ValueError("enricher names must be unique")

@@ -12,13 +12,17 @@ State is per source partition: a slot belongs to one (window, group keys,
 partition), and is emitted and freed by the watermark *of its partition*, so a
 partition's output depends only on that partition's records, whichever worker
 owns it and however polls interleave partitions (this is what makes a replay
-after recovery emit the same revisions). A slot is emitted (revision 1) when
-its partition's watermark passes its end, again with revision + 1 when a
-record within ``allowed_lateness`` changes it, and freed when the watermark
-passes end + allowed lateness. A record is *late* for a window when that
+after recovery emit the same revisions). A slot is emitted when its
+partition's watermark passes its end, again when a record within
+``allowed_lateness`` changes it, and freed when the watermark passes end +
+allowed lateness. Its ``revision`` is the number of records folded into it, so
+a later emission always has a higher revision and the same contents always the
+same revision. A record is *late* for a window when that
 window's end + allowed lateness is at or before the watermark seen by the
 record (``Rows.watermarks``: its partition's prefix watermark). Session windows
-use the record's own session window ``[t, t + gap)`` for that test.
+use the record's own session window ``[t, t + gap)`` for that test; a session
+is emitted once, final, when its partition's watermark passes end + gap +
+allowed lateness (the last moment a record could still extend or merge it).
 """
 
 from __future__ import annotations
@@ -374,10 +378,19 @@ class WindowState:
         is emitted, so a sink can rewrite that file whole. Sessions: the
         changed sessions only.
         """
-        ready = self.active & self.dirty & (self.end <= self._slot_watermarks(watermarks))
+        end = self.end
+        if self.spec.type == "session":
+            # a session can still merge with a record until the watermark passes
+            # end + gap + allowed lateness: it is emitted once, then, so a changed
+            # session never leaves an outdated (start, end) row behind in a sink
+            end = self.end + self.spec.gap + self.lateness
+        ready = self.active & self.dirty & (end <= self._slot_watermarks(watermarks))
         if not ready.any():
             return None
-        self.revision[ready] += 1
+        # revision = records folded into the window so far: it grows with every
+        # change and depends only on the window's contents, never on batch cuts,
+        # so a replay after recovery emits the same revisions (sinks keep the highest)
+        self.revision[ready] = self.store.count[ready]
         self.dirty[ready] = False
         if self.spec.type == "session":
             emit = np.flatnonzero(ready)
@@ -440,3 +453,106 @@ class WindowState:
         cols["revision"] = pa.array(self.revision[slots])
         cols["partition"] = pa.array(self.partition[slots])
         return pa.table(cols)
+
+
+# -- checkpoints: one partition's slots as Arrow tables -------------------------
+def snapshot_window(w: WindowState, partition: int) -> dict[str, pa.Table]:
+    """Every open slot of ``partition`` in ``w`` as Arrow tables.
+
+    ``slots`` has one row per slot (bounds, revision, dirty flag, keys and the
+    fixed-size aggregate states); ``rows.<kind>.<field>`` hold row state
+    (sketch buckets, distinct values, user-function inputs) by slot position.
+    """
+    slots = np.flatnonzero(w.active & (w.partition == partition))
+    st = w.store
+    cols: dict[str, pa.Array] = {
+        "start": pa.array(w.start[slots]),
+        "end": pa.array(w.end[slots]),
+        "revision": pa.array(w.revision[slots]),
+        "dirty": pa.array(w.dirty[slots]),
+        "count": pa.array(st.count[slots]),
+    }
+    key_types = w.key_types or [pa.null()] * len(w.spec.group_by)
+    for i, k in enumerate(w.spec.group_by):
+        cols[f"key.{k}"] = pa.array([w.keys[s][i] for s in slots.tolist()], key_types[i])
+    for f in st.numeric_fields:
+        cols[f"nn.{f}"], cols[f"sum.{f}"] = pa.array(st.nn[f][slots]), pa.array(st.sum[f][slots])
+        cols[f"min.{f}"], cols[f"max.{f}"] = pa.array(st.min[f][slots]), pa.array(st.max[f][slots])
+    for f in st.order_fields:
+        vt = st.value_types.get(f, pa.null())
+        cols[f"first_t.{f}"], cols[f"last_t.{f}"] = pa.array(st.first_t[f][slots]), pa.array(st.last_t[f][slots])
+        cols[f"first_v.{f}"] = pa.array(list(st.first_v[f][slots]), vt)
+        cols[f"last_v.{f}"] = pa.array(list(st.last_v[f][slots]), vt)
+    out = {"slots": pa.table(cols)}
+    pos = np.full(w.capacity, -1, np.int64)
+    pos[slots] = np.arange(len(slots))
+    for kind, stores in (("sketch", st.sketches), ("distinct", st.distinct), ("values", st.udf_values)):
+        for f, rs in stores.items():
+            s, v, c = rs.rows_for(slots, w.capacity)
+            t = {"slot": pa.array(pos[s]), "value": pa.array(v) if kind == "sketch" else v}
+            if kind == "sketch":
+                t["count"] = pa.array(c)
+            out[f"rows.{kind}.{f}"] = pa.table(t)
+    return out
+
+
+def restore_window(w: WindowState, partition: int, tables: dict[str, pa.Table]) -> int:
+    """Add the slots of ``snapshot_window`` to ``w`` (a partition this state does not hold yet)."""
+    t = tables["slots"]
+    n = t.num_rows
+    if n == 0:
+        return 0
+    st = w.store
+    if not w.key_types:
+        w.key_types = [t.schema.field(f"key.{k}").type for k in w.spec.group_by]
+    taken = w._take(n)
+    col = {name: t.column(name).to_numpy(zero_copy_only=False) for name in t.column_names if not name.startswith(("key.", "first_v.", "last_v."))}
+    w.start[taken], w.end[taken] = col["start"], col["end"]
+    w.revision[taken], w.dirty[taken] = col["revision"], col["dirty"]
+    w.partition[taken] = partition
+    st.count[taken] = col["count"]
+    for f in st.numeric_fields:
+        st.nn[f][taken], st.sum[f][taken] = col[f"nn.{f}"], col[f"sum.{f}"]
+        st.min[f][taken], st.max[f][taken] = col[f"min.{f}"], col[f"max.{f}"]
+    for f in st.order_fields:
+        st.first_t[f][taken], st.last_t[f][taken] = col[f"first_t.{f}"], col[f"last_t.{f}"]
+        first, last = t.column(f"first_v.{f}"), t.column(f"last_v.{f}")
+        if not pa.types.is_null(first.type):
+            st.value_types.setdefault(f, first.type)
+        fv, lv = np.empty(n, object), np.empty(n, object)
+        fv[:], lv[:] = first.to_pylist(), last.to_pylist()
+        st.first_v[f][taken], st.last_v[f][taken] = fv, lv
+    key_cols = [t.column(f"key.{k}").to_pylist() for k in w.spec.group_by]
+    keys = [(*vals, int(partition)) for vals in zip(*key_cols)] if key_cols else [(int(partition),)] * n
+    if w.spec.type == "session":
+        for slot, key in zip(taken.tolist(), keys):
+            w.keys[slot] = key
+            w.sessions.setdefault(key, []).append(slot)
+    else:
+        step = w.spec.size if w.spec.type == "tumbling" else w.spec.slide
+        starts = w.start[taken]
+        if w._base is None:
+            w._base = int(starts.min())
+        kids = np.array([w._key_id(k) for k in keys], np.int64)
+        for slot, key in zip(taken.tolist(), keys):
+            w.keys[slot] = key
+        w.slot_kid[taken] = kids
+        np.add.at(w.key_refs, kids, 1)
+        ident = (((starts - w._base) // step + _WIDX_LIMIT) << _KID_BITS) | kids
+        w.slot_ident[taken] = ident
+        w._index_add(ident, taken)
+    for name, rt in tables.items():
+        if not name.startswith("rows."):
+            continue
+        _, kind, f = name.split(".", 2)
+        store = {"sketch": st.sketches, "distinct": st.distinct, "values": st.udf_values}[kind].get(f)
+        if store is None or rt.num_rows == 0:
+            continue
+        slots = taken[rt.column("slot").to_numpy()]
+        if kind == "sketch":
+            store.add(slots, rt.column("value").to_numpy(), rt.column("count").to_numpy())
+        else:
+            vals = rt.column("value").combine_chunks()
+            st.value_types.setdefault(f, vals.type)
+            store.add(slots, vals)
+    return n

@@ -99,8 +99,8 @@ def test_property_any_batching_equals_reference(kind, seed, n, ooo, lateness, la
 def test_late_update_within_allowed_lateness_is_reemitted_with_higher_revision():
     # event time  0s       1s       2s
     # windows     [--w0---)[--w1---)
-    # record at 1.5s moves the watermark to 1.5s: w0 is emitted (revision 1);
-    # a record at 0.2s is within allowed lateness (1s): w0 is emitted again (revision 2)
+    # record at 1.5s moves the watermark to 1.5s: w0 is emitted (revision 1 = one record);
+    # a record at 0.2s is within allowed lateness (1s): w0 is emitted again (revision 2 = two records)
     df = pd.DataFrame({"tenant_id": ["a", "a", "a", "a"], "ts": [100, 1500, 200, 2600],
                        "value": [1.0, 2.0, 4.0, 8.0], "partition": [0, 0, 0, 0], "offset": [0, 1, 2, 3]})
     spec = make_spec([{"name": "w", "type": "tumbling", "size": "1s", "group_by": ["tenant_id"],
