@@ -77,15 +77,15 @@ def topic_partitions(bootstrap: str, topic: str, timeout_s: float = 10.0) -> lis
     return sorted(meta.partitions)
 
 
-def ensure_topic(bootstrap: str, topic: str, partitions: int = 1, timeout_s: float = 10.0) -> None:
-    """Create ``topic`` if it does not exist yet."""
+def ensure_topic(bootstrap: str, topic: str, partitions: int = 1, timeout_s: float = 10.0, config: dict | None = None) -> None:
+    """Create ``topic`` (with topic ``config``) if it does not exist yet."""
     from confluent_kafka.admin import NewTopic
 
     admin = _admin(bootstrap)
     md = admin.list_topics(timeout=timeout_s)
     if topic in md.topics:
         return
-    futures = admin.create_topics([NewTopic(topic, partitions, 1)], operation_timeout=timeout_s)
+    futures = admin.create_topics([NewTopic(topic, partitions, 1, config=config or {})], operation_timeout=timeout_s)
     for fut in futures.values():
         try:
             fut.result(timeout=timeout_s)

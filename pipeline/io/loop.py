@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.io.kafka import DeadLetterProducer, make_source
-from pipeline.io.sinks.parquet import LateParquetWriter, ParquetWindowSink
+from pipeline.io.sinks.common import make_sink
+from pipeline.io.sinks.parquet import LateParquetWriter
 from pipeline.process import BatchResult, PipelineState, advance, process_batch
 from pipeline.spec import PipelineSpec
 from pipeline.watermarks import NEG_INF, POS_INF
@@ -70,7 +71,7 @@ class PartitionLoop:
         self.positions = {p: int((start_offsets or {}).get(p, 0)) for p in self.partitions}
         self.end_offsets = {int(p): int(o) for p, o in end_offsets.items()} if end_offsets is not None else None
         self.state = PipelineState(spec, self.partitions)
-        self.sinks = [ParquetWindowSink(spec, s.parquet) for s in spec.sinks]
+        self.sinks = [make_sink(spec, s) for s in spec.sinks]
         self.late_writer = LateParquetWriter(spec, spec.late_output.parquet) if spec.late_output else None
         kafka = spec.source.kafka
         self.dlq = DeadLetterProducer(kafka.bootstrap_servers, spec.dead_letter_topic, spec.name)
@@ -175,7 +176,7 @@ class PartitionLoop:
         self._stop.set()
 
     def close(self) -> None:
-        closers = [self.source.close, self.dlq.close]
+        closers = [self.source.close, self.dlq.close, *(s.close for s in self.sinks)]
         if self.enrichment is not None:
             closers.append(self.enrichment.close)
         for closer in closers:

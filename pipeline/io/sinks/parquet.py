@@ -47,6 +47,10 @@ class ParquetWindowSink:
         self.identity = {w.name: ",".join(["window", "window_start", "window_end", *w.group_by, "partition"]) for w in spec.windows}
         self.location: Location = open_location(cfg.uri, cfg.s3_endpoint_url, cfg.s3_region)
         self.files_written = 0
+        self.name = f"parquet:{cfg.uri}"
+
+    def close(self) -> None:
+        """Nothing is held open between writes."""
 
     def write(self, table: pa.Table) -> int:
         """Write one closed-window table (one window name); returns files written."""
