@@ -9,18 +9,25 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from pipeline.io.kafka import DeadLetterProducer, make_source
 from pipeline.io.sinks.common import make_sink
 from pipeline.io.sinks.parquet import LateParquetWriter
+from pipeline.checkpoint import decode_partition, encode_partition, restore_partition
 from pipeline.process import BatchResult, PipelineState, advance, process_batch
 from pipeline.spec import PipelineSpec
 from pipeline.watermarks import NEG_INF, POS_INF
 
-__all__ = ["LoopStats", "PartitionLoop"]
+__all__ = ["Fenced", "LoopStats", "PartitionLoop"]
+
+
+class Fenced(RuntimeError):
+    """The loop's epoch is stale: another worker owns its partitions now."""
 
 
 @dataclass
@@ -64,13 +71,24 @@ class PartitionLoop:
         start_offsets: dict[int, int] | None = None,
         end_offsets: dict[int, int] | None = None,
         epoch: int = 0,
+        snapshots: dict[int, bytes] | None = None,
+        fence: Callable[[], bool] | None = None,
     ):
         self.spec = spec
         self.partitions = sorted(int(p) for p in partitions)
         self.epoch = epoch
         self.positions = {p: int((start_offsets or {}).get(p, 0)) for p in self.partitions}
         self.end_offsets = {int(p): int(o) for p, o in end_offsets.items()} if end_offsets is not None else None
-        self.state = PipelineState(spec, self.partitions)
+        self.fence = fence
+        self.fenced = False
+        self.state = PipelineState(spec, [p for p in self.partitions if p not in (snapshots or {})])
+        self.restored_slots = 0
+        for p, data in (snapshots or {}).items():
+            snap = decode_partition(data)
+            if int(snap.meta["partition"]) != int(p):
+                raise ValueError(f"checkpoint for partition {snap.meta['partition']} given as partition {p}")
+            self.restored_slots += restore_partition(self.state, snap)
+            self.positions[int(p)] = snap.offset
         self.sinks = [make_sink(spec, s) for s in spec.sinks]
         self.late_writer = LateParquetWriter(spec, spec.late_output.parquet) if spec.late_output else None
         kafka = spec.source.kafka
@@ -85,6 +103,11 @@ class PartitionLoop:
         self.source.assign(self.positions)
         self.stats = LoopStats()
         self._stop = threading.Event()
+        self._requests: list[tuple[Callable[[], object], "Future"]] = []
+        self._requests_lock = threading.Lock()
+        self.drained = False
+        self._running = False
+        self.first_batch_at: float | None = None
         self.max_rss = _rss_bytes()
         if self.end_offsets is not None:
             for p in self.partitions:
@@ -101,6 +124,8 @@ class PartitionLoop:
         result = process_batch(self.spec, self.state, batch, self.enrichment)
         t1 = time.perf_counter()
         self._write(result)
+        if len(batch) and self.first_batch_at is None:
+            self.first_batch_at = time.time()
         if len(batch):
             self.stats.consume_s += t0 - tp
             self.stats.process_s += t1 - t0
@@ -130,6 +155,13 @@ class PartitionLoop:
                 self.state.tracker.finish(p)
 
     def _write(self, result: BatchResult) -> None:
+        if self.fence is not None and (result.closed or result.late is not None or result.rejects is not None):
+            if not self.fence():
+                # this loop's partitions were given to another worker (a newer epoch):
+                # it must not write anything any more
+                self.fenced = True
+                self._stop.set()
+                raise Fenced(f"epoch {self.epoch} is stale: partitions {self.partitions} were reassigned")
         for table in result.closed:
             self.stats.windows_emitted += table.num_rows
             for sink in self.sinks:
@@ -150,30 +182,92 @@ class PartitionLoop:
             self.positions[p] >= self.end_offsets.get(p, 0) for p in self.partitions
         )
 
-    def run(self, until_end: bool = False) -> dict:
+    def run(self, until_end: bool = False, finish: bool = True) -> dict:
         """Loop until stopped (or, with ``until_end``, until every end offset is reached).
 
-        Steps, in order: poll and process batches; at the end of input move the
-        watermark past every window and write them; close the clients.
+        Steps, in order: poll and process batches (answering checkpoint
+        requests between batches); emit what the watermark allows; with
+        ``finish`` (the default), ``finish()``: at the end of input move the
+        watermark past every window and write them, then close the clients.
+        Without it the loop stays *drained*: a final checkpoint can be taken
+        before ``finish``.
         """
         t0 = time.perf_counter()
+        ok = False
+        with self._requests_lock:
+            self._running = True
         try:
             while not self._stop.is_set():
+                self._answer_requests()
                 if until_end and self.done:
                     break
                 self.poll_once()
-            if until_end and self.done:
-                self._write(advance(self.state, to_end=True))
-            else:
-                self._write(advance(self.state))
+            self._answer_requests()
+            self._write(advance(self.state))
             self.max_rss = max(self.max_rss, _rss_bytes())
             self.stats.run_s = time.perf_counter() - t0
+            self.drained = True
+            ok = True
+        finally:
+            with self._requests_lock:
+                self._running = False
+            if not ok or finish:
+                self._fail_requests()
+                if ok:
+                    self.finish(until_end and self.done)
+                else:
+                    self.close()
+        return self.status()
+
+    def finish(self, to_end: bool) -> dict:
+        """After ``run(finish=False)``: flush every window at the end of input (``to_end``), close the clients."""
+        try:
+            if to_end:
+                self._write(advance(self.state, to_end=True))
             return self.status()
         finally:
             self.close()
 
     def stop(self) -> None:
         self._stop.set()
+
+    # -- checkpoints --------------------------------------------------------
+    def snapshot(self, checkpoint_id: int, write: Callable[[int, bytes], str]) -> dict[int, dict]:
+        """Snapshot every partition (between batches) and store it with ``write(partition, data) -> path``."""
+        out = {}
+        for p in self.partitions:
+            data = encode_partition(self.state, p, self.positions[p], self.epoch, checkpoint_id)
+            out[p] = {"offset": self.positions[p], "epoch": self.epoch, "path": write(p, data), "bytes": len(data),
+                      "watermark": self.state.tracker.effective.get(p)}
+        return out
+
+    def call_between_batches(self, fn: Callable[[], object], timeout_s: float) -> object:
+        """Run ``fn`` in the loop thread between two batches (directly when the loop is not running)."""
+        if not self._running:
+            return fn()
+        fut: Future = Future()
+        with self._requests_lock:
+            queued = self._running
+            if queued:
+                self._requests.append((fn, fut))
+        if not queued:
+            return fn()
+        return fut.result(timeout=timeout_s)
+
+    def _answer_requests(self) -> None:
+        with self._requests_lock:
+            reqs, self._requests = self._requests, []
+        for fn, fut in reqs:
+            try:
+                fut.set_result(fn())
+            except Exception as exc:  # handed to the caller, which decides
+                fut.set_exception(exc)
+
+    def _fail_requests(self) -> None:
+        with self._requests_lock:
+            reqs, self._requests = self._requests, []
+        for _, fut in reqs:
+            fut.set_exception(RuntimeError("the loop stopped before answering"))
 
     def close(self) -> None:
         closers = [self.source.close, self.dlq.close, *(s.close for s in self.sinks)]
@@ -202,6 +296,11 @@ class PartitionLoop:
             "max_rss_bytes": self.max_rss,
             "pid": os.getpid(),
             "epoch": self.epoch,
+            "drained": self.drained,
+            "fenced": self.fenced,
+            "restored_slots": self.restored_slots,
+            "first_batch_at": self.first_batch_at,
+            "sink_retries": sum(getattr(s, "retried", 0) for s in self.sinks),
             "enrich": self.enrichment.stats() if self.enrichment is not None else {},
             **self.stats.as_dict(),
         }

@@ -1,0 +1,109 @@
+"""Checkpoint storage on file:// or s3:// (no Ray here).
+
+Layout under ``<uri>/<pipeline>/``::
+
+    chk-00000012/partition=3/epoch=5.arrow   one partition's snapshot (Arrow IPC)
+    chk-00000012/_manifest.json              written last: the checkpoint exists only then
+
+A manifest maps every partition to the snapshot to restore (offset, epoch,
+path). Partitions are independent, so a manifest may reuse, for a partition
+that missed this round, its entry from the previous manifest; a snapshot
+written by a worker whose epoch is stale is never named by a manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+from pipeline.io.storage import Location, open_location
+from pipeline.spec import CheckpointSpec
+
+__all__ = ["CheckpointStore"]
+
+_CHK = re.compile(r"^chk-(\d+)/_manifest\.json$")
+
+
+class CheckpointStore:
+    """Reads and writes the checkpoints of one pipeline."""
+
+    def __init__(self, cfg: CheckpointSpec, pipeline: str):
+        self.cfg = cfg
+        self.pipeline = pipeline
+        self.location: Location = open_location(cfg.uri, cfg.s3_endpoint_url, cfg.s3_region)
+
+    @staticmethod
+    def folder(checkpoint_id: int) -> str:
+        return f"chk-{checkpoint_id:08d}"
+
+    def write_partition(self, checkpoint_id: int, partition: int, epoch: int, data: bytes) -> str:
+        rel = f"{self.folder(checkpoint_id)}/partition={partition}/epoch={epoch}.arrow"
+        self.location.write_bytes(f"{self.pipeline}/{rel}", data)
+        return rel
+
+    def read_partition(self, rel: str) -> bytes:
+        data = self.location.read_bytes(f"{self.pipeline}/{rel}")
+        if data is None:
+            raise FileNotFoundError(f"checkpoint file {self.location.path(self.pipeline, rel)} is missing")
+        return data
+
+    def write_manifest(self, checkpoint_id: int, partitions: dict[int, dict], epoch: int, extra: dict | None = None) -> dict:
+        manifest = {
+            "id": checkpoint_id, "pipeline": self.pipeline, "created": time.time(), "epoch": epoch,
+            "partitions": {str(p): e for p, e in sorted(partitions.items())}, **(extra or {}),
+        }
+        self.location.write_bytes(f"{self.pipeline}/{self.folder(checkpoint_id)}/_manifest.json",
+                                  json.dumps(manifest, indent=1).encode())
+        return manifest
+
+    def ids(self) -> list[int]:
+        """Ids of complete checkpoints (those with a manifest), ascending."""
+        out = []
+        for rel in self.location.list(self.pipeline):
+            m = _CHK.match(rel.split("/", 1)[1] if "/" in rel else rel)
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def all_ids(self) -> list[int]:
+        """Ids of every checkpoint folder, complete or not."""
+        ids = set()
+        for rel in self.location.list(self.pipeline):
+            part = rel.split("/", 2)[1] if rel.count("/") >= 1 else ""
+            if part.startswith("chk-"):
+                ids.add(int(part[4:]))
+        return sorted(ids)
+
+    def manifest(self, checkpoint_id: int) -> dict:
+        data = self.location.read_bytes(f"{self.pipeline}/{self.folder(checkpoint_id)}/_manifest.json")
+        if data is None:
+            raise FileNotFoundError(f"checkpoint {checkpoint_id} has no manifest")
+        m = json.loads(data)
+        m["partitions"] = {int(p): e for p, e in m["partitions"].items()}
+        return m
+
+    def latest(self) -> dict | None:
+        ids = self.ids()
+        return self.manifest(ids[-1]) if ids else None
+
+    def prune(self, keep: int) -> list[int]:
+        """Delete all but the newest ``keep`` complete checkpoints, and abandoned folders older than them.
+
+        Files a kept manifest still names (reused partition entries) stay.
+        """
+        ids = self.ids()
+        kept = ids[-keep:]
+        if not kept:
+            return []
+        needed = set()
+        for cid in kept:
+            for e in self.manifest(cid)["partitions"].values():
+                needed.add(e["path"].split("/", 1)[0])
+        deleted = []
+        for cid in self.all_ids():
+            if cid >= kept[0] or self.folder(cid) in needed:
+                continue
+            self.location.delete(f"{self.pipeline}/{self.folder(cid)}")
+            deleted.append(cid)
+        return deleted
