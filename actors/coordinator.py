@@ -1,21 +1,47 @@
-"""Coordinator: reads the topic's partitions and assigns them to PartitionWorkers.
+"""Coordinator: assigns partitions to PartitionWorkers, checkpoints, heals.
 
-Workers are created detached and named per pipeline, so they are not the
-coordinator's children (a Ray actor dies with its creator); the coordinator
-finds them by name.
+It is a named, detached actor that Ray restarts when its process dies
+(``max_restarts=-1``); a restarted coordinator adopts the running workers by
+name and reloads the latest manifest. Workers are created detached and named
+per pipeline, so they are not its children (a Ray actor dies with its
+creator) and keep running while it restarts.
+
+Every assignment of partitions to a worker carries an epoch (a counter that
+only grows). Workers ask ``epoch_of`` before writing; a worker whose epoch is
+no longer current stops without writing (see ``actors.worker``).
+
+A monitor thread, every half second: checks each worker's heartbeat
+(``status``), restarts a worker that died, failed, stopped answering or stopped
+consuming while input waits, from the latest checkpoint; after
+``health.max_restarts`` restarts within ``health.restart_window`` it stops
+restarting that worker and marks the pipeline degraded, saying why; takes a
+checkpoint every ``checkpoint.interval``; and when every worker has drained
+(end of input, or a stop), takes the final checkpoint and finishes them.
 """
 
 from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
 
 import ray
 
 from actors.assignment import plan
 from actors.runtime import NAMESPACE, actor_name
 from actors.worker import PartitionWorker
-from pipeline.io.kafka import end_offsets, ensure_topic, topic_partitions
+from pipeline.io.checkpoints import CheckpointStore
+from pipeline.io.kafka import commit_offsets, end_offsets, ensure_topic, topic_partitions
 from pipeline.spec import PipelineSpec
 
-__all__ = ["Coordinator", "kill_pipeline_actors"]
+__all__ = ["Coordinator", "PipelineDegraded", "kill_pipeline_actors"]
+
+TICK_S = 0.5
+
+
+class PipelineDegraded(RuntimeError):
+    """A worker crashed too often and is no longer restarted."""
 
 
 def kill_pipeline_actors(pipeline: str, workers: int, include_coordinator: bool = True) -> int:
@@ -34,70 +60,398 @@ def kill_pipeline_actors(pipeline: str, workers: int, include_coordinator: bool 
     return killed
 
 
-@ray.remote(num_cpus=0.01, max_concurrency=8)
+def _wait_name_free(name: str, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.05)
+
+
+@ray.remote(num_cpus=0.01, max_concurrency=32, max_restarts=-1)
 class Coordinator:
-    """Plans the assignment, starts the workers and reports their status."""
+    """Plans the assignment, starts, checkpoints and heals the workers, reports status."""
 
-    def __init__(self, spec: PipelineSpec):
+    def __init__(self, spec: PipelineSpec, until_end: bool):
         self.spec = spec
-        self.epoch = 1
-        self.workers: list = []
-        self.runs: list = []
-        self.assignment: list[list[int]] = []
+        self.until_end = until_end
+        self.kafka = spec.source.kafka
+        self.timeout_s = self.kafka.connect_timeout / 1000.0
+        self.store = CheckpointStore(spec.checkpoint, spec.name) if spec.checkpoint else None
+        self.lock = threading.RLock()
+        self.slots: dict[int, dict] = {}
+        self.next_epoch = 1
+        self.phase = "created"
+        self.stopping = False
+        self.degraded: str | None = None
+        self.failure: str | None = None
+        self.events: deque = deque(maxlen=200)
         self.end: dict[int, int] | None = None
+        self.broker_ends: dict[int, int] = {}
+        self.broker_ends_t = 0.0
+        self.checkpoint_id = 0
+        self.last_checkpoint: dict | None = None
+        self.last_checkpoint_t = time.monotonic()
+        self.checkpoints_failed = 0
+        self.results: list[dict] | None = None
+        self.started = time.time()
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if self.store is not None:
+            ids = self.store.all_ids()
+            self.checkpoint_id = ids[-1] if ids else 0
+            latest = self.store.latest()
+            if latest is not None:
+                self.next_epoch = int(latest.get("epoch", 0)) + 1
+                self.last_checkpoint = self._summary(latest)
+        if self.restarted:
+            self._adopt()
+        threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
 
-    def start(self, until_end: bool) -> dict:
-        """Assign partitions and start every worker's loop; returns the plan."""
-        kafka = self.spec.source.kafka
-        timeout = kafka.connect_timeout / 1000.0
-        partitions = topic_partitions(kafka.bootstrap_servers, kafka.topic, timeout)
-        ensure_topic(kafka.bootstrap_servers, self.spec.dead_letter_topic, 1, timeout)
-        self.end = end_offsets(kafka.bootstrap_servers, kafka.topic, partitions, timeout) if until_end else None
-        self.assignment = plan(partitions, self.spec.workers)
-        kill_pipeline_actors(self.spec.name, self.spec.workers, include_coordinator=False)
-        need = self.spec.workers * self.spec.worker_cpus
+    # -- helpers ------------------------------------------------------------
+    def _event(self, text: str, **extra) -> None:
+        self.events.append({"time": time.time(), "event": text, **extra})
+
+    def _new_epoch(self) -> int:
+        e = self.next_epoch
+        self.next_epoch += 1
+        return e
+
+    @staticmethod
+    def _summary(manifest: dict) -> dict:
+        return {"id": manifest["id"], "created": manifest["created"],
+                "offsets": {int(p): e["offset"] for p, e in manifest["partitions"].items()}}
+
+    def _entries(self, partitions: list[int]) -> dict[int, dict]:
+        latest = self.store.latest() if self.store is not None else None
+        saved = latest["partitions"] if latest else {}
+        return {p: saved.get(p, {"offset": 0, "path": None}) for p in partitions}
+
+    def _launch(self, index: int, partitions: list[int], epoch: int, entries: dict[int, dict]) -> dict:
+        name = actor_name(self.spec.name, f"worker-{index}")
+        _wait_name_free(name)
+        handle = PartitionWorker.options(
+            name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=self.spec.worker_cpus,
+        ).remote(self.spec, index)
+        # the slot (and its epoch) is visible before start: the new loop's fence must see its own epoch
+        slot = self.slots.get(index, {"restarts": [], "given_up": None})
+        slot.update({"handle": handle, "partitions": partitions, "epoch": epoch, "last_ok": time.monotonic(),
+                     "progress": None, "progress_t": time.monotonic(), "status": {}, "launched": time.time()})
+        self.slots[index] = slot
+        info = ray.get(handle.start.remote(partitions, epoch, entries, {p: self.end[p] for p in partitions} if self.end else None,
+                                           self.until_end), timeout=120)
+        slot["pid"] = info["pid"]
+        return info
+
+    def _check_cpus(self, workers: int) -> None:
+        need = workers * self.spec.worker_cpus
         total = ray.cluster_resources().get("CPU", 0.0)
         if need > total - 0.01 + 1e-9:
             # an actor that cannot be placed would wait forever: refuse up front
             raise RuntimeError(
-                f"{self.spec.workers} workers x worker_cpus {self.spec.worker_cpus} need {need:g} CPUs, "
+                f"{workers} workers x worker_cpus {self.spec.worker_cpus} need {need:g} CPUs, "
                 f"the Ray cluster has {total:g} (the coordinator takes 0.01): lower worker_cpus or workers"
             )
-        for i, parts in enumerate(self.assignment):
-            w = PartitionWorker.options(
-                name=actor_name(self.spec.name, f"worker-{i}"),
-                namespace=NAMESPACE,
-                lifetime="detached",
-                num_cpus=self.spec.worker_cpus,
-            ).remote(self.spec, i)
-            self.workers.append(w)
-        ray.get([
-            w.assign.remote(parts, self.epoch, {p: 0 for p in parts}, {p: self.end[p] for p in parts} if self.end else None)
-            for w, parts in zip(self.workers, self.assignment)
-        ])
-        self.runs = [w.run.remote(until_end) for w in self.workers]
-        return {"partitions": partitions, "assignment": self.assignment, "end_offsets": self.end, "epoch": self.epoch}
 
-    def wait(self, timeout_s: float) -> list[dict] | None:
-        """Final stats of every worker once all have finished; None while some still run.
+    # -- lifecycle ----------------------------------------------------------
+    def start(self) -> dict:
+        """Assign partitions and start every worker from the latest checkpoint (or offset 0)."""
+        with self.lock:
+            if self.phase != "created":
+                return self._plan_info()
+            partitions = topic_partitions(self.kafka.bootstrap_servers, self.kafka.topic, self.timeout_s)
+            ensure_topic(self.kafka.bootstrap_servers, self.spec.dead_letter_topic, 1, self.timeout_s)
+            if self.until_end:
+                self.end = end_offsets(self.kafka.bootstrap_servers, self.kafka.topic, partitions, self.timeout_s)
+            kill_pipeline_actors(self.spec.name, self.spec.workers, include_coordinator=False)
+            self._check_cpus(self.spec.workers)
+            entries = self._entries(partitions)
+            epoch = self._new_epoch()
+            for i, parts in enumerate(plan(partitions, self.spec.workers)):
+                self._launch(i, parts, epoch, {p: entries[p] for p in parts})
+            self.phase = "running"
+            resumed = self.last_checkpoint["id"] if self.last_checkpoint else None
+            self._event(f"started {self.spec.workers} workers at epoch {epoch}" + (f", resumed from checkpoint {resumed}" if resumed else ""))
+            return self._plan_info()
 
-        A worker that failed raises its error here.
-        """
-        ready, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=timeout_s)
-        if len(ready) < len(self.runs):
-            for ref in ready:
-                ray.get(ref)  # surface a failure early
-            return None
-        return ray.get(self.runs)
+    def _plan_info(self) -> dict:
+        return {"partitions": sorted(p for s in self.slots.values() for p in s["partitions"]),
+                "assignment": [self.slots[i]["partitions"] for i in sorted(self.slots)],
+                "end_offsets": self.end, "epoch": self.next_epoch - 1,
+                "resumed_from": self.last_checkpoint["id"] if self.last_checkpoint else None}
 
-    def status(self) -> list[dict]:
-        return ray.get([w.status.remote() for w in self.workers])
+    def _adopt(self) -> None:
+        """After a restart: find the workers by name and carry on with them."""
+        for i in range(max(self.spec.workers, 64)):
+            try:
+                h = ray.get_actor(actor_name(self.spec.name, f"worker-{i}"), namespace=NAMESPACE)
+                st = ray.get(h.status.remote(), timeout=10)
+            except Exception:  # no such worker, or it died with the coordinator gone: the monitor handles it
+                continue
+            self.slots[i] = {"handle": h, "partitions": st["partitions"], "epoch": st.get("epoch", 0), "restarts": [],
+                             "given_up": None, "last_ok": time.monotonic(), "progress": None, "progress_t": time.monotonic(),
+                             "status": st, "pid": st.get("pid"), "launched": time.time()}
+            if st.get("end_offsets") is not None:
+                self.end = {**(self.end or {}), **{int(p): o for p, o in st["end_offsets"].items()}}
+            self.next_epoch = max(self.next_epoch, int(st.get("epoch", 0)) + 1)
+        self.phase = "running" if self.slots else "created"
+        self._event(f"coordinator restarted: adopted {len(self.slots)} workers")
 
     def stop(self) -> None:
-        ray.get([w.stop.remote() for w in self.workers])
+        """Clean stop: workers finish their batch, a final checkpoint is taken, then they close."""
+        with self.lock:
+            self.stopping = True
+            for s in self.slots.values():
+                if not s["given_up"]:
+                    try:
+                        s["handle"].stop.remote()
+                    except Exception:  # a dead worker is handled by the monitor
+                        pass
+
+    def epoch_of(self, index: int) -> int:
+        """Current epoch of worker ``index`` (read without the lock: workers ask it while a checkpoint waits on them)."""
+        slot = self.slots.get(index)
+        return -1 if slot is None else slot["epoch"]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    # -- monitor ------------------------------------------------------------
+    def _monitor(self) -> None:
+        while True:
+            time.sleep(TICK_S)
+            try:
+                with self.lock:
+                    if self.phase != "running":
+                        continue
+                    self._health()
+                    if self._all_drained():
+                        self._finalize()
+                    elif (self.store is not None and not self.stopping
+                          and time.monotonic() - self.last_checkpoint_t >= self.spec.checkpoint.interval / 1000.0):
+                        self._checkpoint()
+            except Exception as exc:  # the monitor must survive anything; the error is reported in status
+                self._event(f"monitor error: {type(exc).__name__}: {exc}")
+
+    def _refresh_ends(self) -> None:
+        if self.end is not None:
+            self.broker_ends = self.end
+            return
+        if time.monotonic() - self.broker_ends_t < 2.0:
+            return
+        try:
+            parts = sorted(p for s in self.slots.values() for p in s["partitions"])
+            self.broker_ends = end_offsets(self.kafka.bootstrap_servers, self.kafka.topic, parts, 3.0)
+            self.broker_ends_t = time.monotonic()
+        except Exception:  # broker paused: lag is unknown for now, so no stall verdicts either
+            self.broker_ends_t = time.monotonic()
+            self.broker_ends = {}
+
+    def _health(self) -> None:
+        hb = self.spec.health.heartbeat_timeout / 1000.0
+        stall = self.spec.health.stall_timeout / 1000.0
+        self._refresh_ends()
+        refs = {i: s["handle"].status.remote() for i, s in self.slots.items() if not s["given_up"]}
+        for i, ref in refs.items():
+            s = self.slots[i]
+            now = time.monotonic()
+            try:
+                st = ray.get(ref, timeout=min(2.0, hb))
+            except ray.exceptions.GetTimeoutError:
+                if now - s["last_ok"] > hb:
+                    self._restart(i, f"no heartbeat for {now - s['last_ok']:.1f}s")
+                continue
+            except ray.exceptions.RayError as exc:
+                self._restart(i, f"actor died: {type(exc).__name__}")
+                continue
+            s["last_ok"], s["status"] = now, st
+            if st["state"] in ("failed", "fenced"):
+                self._restart(i, f"{st['state']}: {(st.get('error') or '').splitlines()[0] if st.get('error') else ''}")
+                continue
+            if st["state"] != "running":
+                continue
+            positions = st.get("positions", {})
+            lag = sum(max(0, self.broker_ends.get(int(p), 0) - int(o)) for p, o in positions.items()) if self.broker_ends else 0
+            if positions != s["progress"]:
+                s["progress"], s["progress_t"] = positions, now
+            elif lag > 0 and now - s["progress_t"] > stall:
+                self._restart(i, f"stalled: offsets did not move for {now - s['progress_t']:.0f}s with {lag} records waiting")
+
+    def _restart(self, index: int, reason: str) -> None:
+        s = self.slots[index]
+        now = time.monotonic()
+        window = self.spec.health.restart_window / 1000.0
+        s["restarts"] = [t for t in s["restarts"] if now - t <= window] + [now]
+        s["restart_total"] = s.get("restart_total", 0) + 1
+        try:
+            ray.kill(s["handle"], no_restart=True)
+        except Exception:  # already gone
+            pass
+        if len(s["restarts"]) > self.spec.health.max_restarts:
+            s["given_up"] = reason
+            self.degraded = (f"worker {index} (partitions {s['partitions']}) restarted {len(s['restarts']) - 1} times within "
+                             f"{window:.0f}s, last because {reason}; it is no longer restarted")
+            self._event(self.degraded, worker=index)
+            return
+        epoch = self._new_epoch()
+        s["epoch"] = epoch  # fence the old one at once, even before the new one runs
+        t0 = time.time()
+        try:
+            info = self._launch(index, s["partitions"], epoch, self._entries(s["partitions"]))
+        except Exception as exc:  # the next tick sees it dead again and counts another restart
+            self._event(f"worker {index}: restart failed: {type(exc).__name__}: {exc}", worker=index)
+            return
+        self._event(f"worker {index} restarted at epoch {epoch} from offsets {info['positions']}: {reason}",
+                    worker=index, epoch=epoch, detected=t0)
+
+    # -- checkpoints ----------------------------------------------------------
+    def _checkpoint(self) -> dict | None:
+        """Snapshot every live worker; write the manifest when there is something new. None when nothing was written."""
+        self.last_checkpoint_t = time.monotonic()
+        self.checkpoint_id += 1
+        cid = self.checkpoint_id
+        timeout = self.spec.checkpoint.timeout / 1000.0
+        refs = {i: (s["handle"].checkpoint.remote(cid, s["epoch"], timeout), s["epoch"])
+                for i, s in self.slots.items() if not s["given_up"]}
+        entries: dict[int, dict] = {}
+        for i, (ref, epoch) in refs.items():
+            try:
+                got = ray.get(ref, timeout=timeout + 5)
+            except Exception as exc:  # a failed snapshot only means this round keeps the previous entries
+                self._event(f"checkpoint {cid}: worker {i} failed: {type(exc).__name__}: {str(exc)[:300]}", worker=i)
+                continue
+            if self.slots[i]["epoch"] == epoch:
+                entries.update({int(p): e for p, e in got.items()})
+        if not entries:
+            self.checkpoints_failed += 1
+            return None
+        all_parts = sorted(p for s in self.slots.values() for p in s["partitions"])
+        previous = self._entries(all_parts)
+        merged = {p: entries.get(p, previous[p]) for p in all_parts}
+        try:
+            manifest = self.store.write_manifest(cid, merged, self.next_epoch - 1)
+        except Exception as exc:
+            self.checkpoints_failed += 1
+            self._event(f"checkpoint {cid}: manifest not written: {type(exc).__name__}: {str(exc)[:300]}")
+            return None
+        self.last_checkpoint = self._summary(manifest)
+        try:
+            self.store.prune(self.spec.checkpoint.keep)
+        except Exception as exc:  # old checkpoints stay until the next prune
+            self._event(f"checkpoint {cid}: prune failed: {exc}")
+        offsets = {p: e["offset"] for p, e in merged.items() if e.get("path")}
+        try:
+            commit_offsets(self.kafka.bootstrap_servers, self.spec.group_id, self.kafka.topic, offsets, 5.0)
+        except Exception as exc:  # lag tools lag a little; the checkpoint itself is complete
+            self._event(f"checkpoint {cid}: offset commit failed: {exc}")
+        return manifest
+
+    def checkpoint(self) -> dict | None:
+        """Take a checkpoint now (operators, tests)."""
+        with self.lock:
+            return self._checkpoint()
+
+    # -- the end --------------------------------------------------------------
+    def _all_drained(self) -> bool:
+        live = [s for s in self.slots.values() if not s["given_up"]]
+        return bool(live) and all(s["status"].get("state") == "drained" for s in live) or (
+            not live and bool(self.slots))
+
+    def _finalize(self) -> None:
+        if self.store is not None:
+            self._checkpoint()
+        results = []
+        to_end = self.until_end and not self.stopping
+        for i, s in sorted(self.slots.items()):
+            if s["given_up"]:
+                results.append({"index": i, "state": "given_up", "error": s["given_up"], **s["status"]})
+                continue
+            try:
+                results.append(ray.get(s["handle"].finish.remote(to_end), timeout=300))
+            except Exception as exc:
+                self.failure = f"worker {i} failed to finish: {type(exc).__name__}: {exc}"
+                results.append({"index": i, "state": "failed", "error": self.failure})
+        self.results = results
+        self.phase = "finished"
+        self._event("finished" + (f" (degraded: {self.degraded})" if self.degraded else ""))
+
+    def wait(self, timeout_s: float) -> list[dict] | None:
+        """Final stats of every worker once the pipeline finished; None while it runs."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.phase == "finished":
+                if self.degraded:
+                    raise PipelineDegraded(self.degraded)
+                if self.failure:
+                    raise RuntimeError(self.failure)
+                return self.results
+            time.sleep(0.05)
+        return None
+
+    # -- operators --------------------------------------------------------------
+    def scale(self, workers: int) -> dict:
+        """Move every partition (with its state) onto ``workers`` workers, through a checkpoint."""
+        with self.lock:
+            if self.phase != "running":
+                raise RuntimeError(f"pipeline is {self.phase}, not running")
+            if self.store is None:
+                raise RuntimeError("scaling moves state through checkpoints: the spec has no 'checkpoint' section")
+            self._check_cpus(workers)
+            for s in self.slots.values():
+                s["handle"].stop.remote()
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                states = ray.get([s["handle"].status.remote() for s in self.slots.values()], timeout=30)
+                if all(st["state"] in ("drained", "failed", "fenced") for st in states):
+                    break
+                time.sleep(0.1)
+            manifest = self._checkpoint()
+            for s in self.slots.values():
+                try:
+                    ray.get(s["handle"].finish.remote(False), timeout=60)
+                except Exception:  # a worker that failed has nothing to flush
+                    pass
+                ray.kill(s["handle"], no_restart=True)
+            partitions = sorted(p for s in self.slots.values() for p in s["partitions"])
+            before = len(self.slots)
+            self.slots = {}
+            self.spec = self.spec.model_copy(update={"workers": workers})
+            epoch = self._new_epoch()
+            entries = self._entries(partitions)
+            for i, parts in enumerate(plan(partitions, workers)):
+                self._launch(i, parts, epoch, {p: entries[p] for p in parts})
+            self._event(f"scaled from {before} to {workers} workers at epoch {epoch} through checkpoint "
+                        f"{manifest['id'] if manifest else '?'}")
+            return self._plan_info()
+
+    def status(self) -> dict:
+        """Per worker: partitions, offsets, lag, watermark, last checkpoint, restarts, health."""
+        workers = []
+        ends = self.broker_ends or self.end or {}
+        ck = (self.last_checkpoint or {}).get("offsets", {})
+        for i, s in sorted(self.slots.items()):
+            st = dict(s.get("status") or {})
+            positions = {int(p): int(o) for p, o in (st.get("positions") or {}).items()}
+            health = "given up" if s["given_up"] else (
+                "dead?" if time.monotonic() - s["last_ok"] > self.spec.health.heartbeat_timeout / 1000.0 else st.get("state", "starting"))
+            workers.append({
+                **st, "index": i, "partitions": s["partitions"], "epoch": s["epoch"], "positions": positions,
+                "lag": sum(max(0, ends.get(p, 0) - o) for p, o in positions.items()) if ends else None,
+                "checkpointed": {p: ck.get(p) for p in s["partitions"]}, "restarts": s.get("restart_total", 0),
+                "health": health, "given_up": s["given_up"], "pid": s.get("pid", st.get("pid")),
+            })
+        return {"pipeline": self.spec.name, "phase": self.phase, "degraded": self.degraded, "failure": self.failure,
+                "epoch": self.next_epoch - 1, "coordinator_pid": os.getpid(), "coordinator_restarted": self.restarted,
+                "last_checkpoint": self.last_checkpoint, "checkpoints_failed": self.checkpoints_failed,
+                "workers": workers, "events": list(self.events)[-30:], "until_end": self.until_end}
 
     def shutdown(self) -> None:
-        for w in self.workers:
-            ray.kill(w, no_restart=True)
-        self.workers = []
-
+        with self.lock:
+            for s in self.slots.values():
+                try:
+                    ray.kill(s["handle"], no_restart=True)
+                except Exception:  # already gone
+                    pass
+            self.slots = {}
+            self.phase = "shut down"

@@ -1,37 +1,124 @@
-"""PartitionWorker: a Ray actor shell around ``PartitionLoop``."""
+"""PartitionWorker: a Ray actor shell around ``PartitionLoop``.
+
+The loop runs in a thread of the actor; ``status``, ``checkpoint``, ``stop``
+and ``finish`` answer in others. Before writing anything the loop checks, at
+most once a second, that the coordinator still gives its partitions to this
+worker's epoch (the fence): a worker replaced while it was stalled stops
+without writing when it wakes up.
+"""
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+import traceback
+
 import ray
 
-from pipeline.io.loop import PartitionLoop
+from actors.runtime import NAMESPACE, actor_name
+from pipeline.io.checkpoints import CheckpointStore
+from pipeline.io.loop import Fenced, PartitionLoop
 from pipeline.spec import PipelineSpec
 
 __all__ = ["PartitionWorker"]
 
+FENCE_VALID_S = 1.0
 
-@ray.remote(max_restarts=0, max_concurrency=4)
+
+@ray.remote(max_restarts=0, max_concurrency=8)
 class PartitionWorker:
-    """Owns a set of partitions; ``run`` blocks in one thread while ``status``/``stop`` answer in others."""
+    """Owns a set of partitions for one epoch."""
 
     def __init__(self, spec: PipelineSpec, index: int):
         self.spec = spec
         self.index = index
         self.loop: PartitionLoop | None = None
+        self.thread: threading.Thread | None = None
+        self.state = "idle"
+        self.error: str | None = None
+        self.result: dict | None = None
+        self.created_at = time.time()
+        self.store = CheckpointStore(spec.checkpoint, spec.name) if spec.checkpoint else None
+        self._fence_ok_at = -1e9
+        self._coordinator = None
 
-    def assign(self, partitions: list[int], epoch: int, start: dict[int, int], end: dict[int, int] | None) -> None:
-        if self.loop is not None:
-            self.loop.stop()
-        self.loop = PartitionLoop(self.spec, partitions, start, end, epoch)
+    def pid(self) -> int:
+        return os.getpid()
 
-    def run(self, until_end: bool) -> dict:
-        return {"index": self.index, **self.loop.run(until_end)}
+    def start(self, partitions: list[int], epoch: int, entries: dict[int, dict], end_offsets: dict[int, int] | None,
+              until_end: bool) -> dict:
+        """Restore ``partitions`` from their checkpoint entries (offset, path) and start consuming."""
+        snapshots = {}
+        for p, e in entries.items():
+            if e.get("path"):
+                snapshots[int(p)] = self.store.read_partition(e["path"])
+        start = {int(p): int(e.get("offset", 0)) for p, e in entries.items()}
+        self.loop = PartitionLoop(self.spec, partitions, start, end_offsets, epoch, snapshots, fence=self._fence)
+        self.state = "running"
+        self.thread = threading.Thread(target=self._run, args=(until_end,), name="partition-loop", daemon=True)
+        self.thread.start()
+        return {"index": self.index, "pid": os.getpid(), "restored_slots": self.loop.restored_slots,
+                "positions": dict(self.loop.positions)}
+
+    def _run(self, until_end: bool) -> None:
+        try:
+            self.result = self.loop.run(until_end, finish=False)
+            self.state = "drained"
+        except Fenced as exc:
+            self.state, self.error = "fenced", str(exc)
+        except Exception as exc:  # reported to the coordinator, which restarts this worker
+            self.state = "failed"
+            self.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+
+    def _fence(self) -> bool:
+        began = time.monotonic()
+        if began - self._fence_ok_at < FENCE_VALID_S:
+            return True
+        delay = 0.1
+        while True:
+            try:
+                if self._coordinator is None:
+                    self._coordinator = ray.get_actor(actor_name(self.spec.name, "coordinator"), namespace=NAMESPACE)
+                current = ray.get(self._coordinator.epoch_of.remote(self.index), timeout=10)
+                break
+            except Exception:  # the coordinator is restarting: wait for it, never write unconfirmed
+                self._coordinator = None
+                if self.loop is not None and self.loop._stop.is_set():
+                    return False
+                time.sleep(delay)
+                delay = min(2.0, delay * 2)
+        ok = current == self.loop.epoch
+        if ok:
+            self._fence_ok_at = began
+        return ok
+
+    def checkpoint(self, checkpoint_id: int, epoch: int, timeout_s: float) -> dict[int, dict]:
+        """Snapshot every partition between two batches; returns the manifest entries."""
+        if self.loop is None or self.store is None:
+            raise RuntimeError("no loop or no checkpoint store")
+        if epoch != self.loop.epoch or self.state not in ("running", "drained"):
+            raise RuntimeError(f"worker {self.index} is {self.state} at epoch {self.loop.epoch}, not {epoch}")
+
+        def snap():
+            return self.loop.snapshot(checkpoint_id, lambda p, data: self.store.write_partition(checkpoint_id, p, epoch, data))
+
+        return self.loop.call_between_batches(snap, timeout_s)
+
+    def finish(self, to_end: bool) -> dict:
+        """After the loop drained: flush (at the end of input) and close."""
+        if self.state != "drained":
+            raise RuntimeError(f"worker {self.index} is {self.state}, not drained")
+        self.result = self.loop.finish(to_end)
+        self.state = "finished"
+        return {"index": self.index, **self.result}
 
     def stop(self) -> None:
         if self.loop is not None:
             self.loop.stop()
 
     def status(self) -> dict:
+        base = {"index": self.index, "state": self.state, "error": self.error, "pid": os.getpid(), "heartbeat": time.time()}
         if self.loop is None:
-            return {"index": self.index, "partitions": []}
-        return {"index": self.index, **self.loop.status()}
+            return {**base, "partitions": []}
+        return {**self.loop.status(), **base}

@@ -127,22 +127,29 @@ def _run_on_ray(spec, until_end, address, on_status, every, stop, handle_signals
     ensure_ray(address)
     if handle_signals:
         _stop_on_signals(stop)  # ray.init installs its own SIGTERM handler: take it back
+    name = actor_name(spec.name, "coordinator")
     kill_pipeline_actors(spec.name, spec.workers)
-    coord = Coordinator.options(
-        name=actor_name(spec.name, "coordinator"), namespace=NAMESPACE, lifetime="detached"
-    ).remote(spec)
+    coord = Coordinator.options(name=name, namespace=NAMESPACE, lifetime="detached").remote(spec, until_end)
     try:
-        ray.get(coord.start.remote(until_end))
+        ray.get(coord.start.remote())
         stopping = False
         while True:
-            done = ray.get(coord.wait.remote(every))
-            if done is not None:
-                return done
-            if stop.is_set() and not stopping:
-                ray.get(coord.stop.remote())
-                stopping = True
-            if on_status is not None:
-                on_status(ray.get(coord.status.remote()))
+            try:
+                done = ray.get(coord.wait.remote(every))
+                if done is not None:
+                    return done
+                if stop.is_set() and not stopping:
+                    ray.get(coord.stop.remote())
+                    stopping = True
+                if on_status is not None:
+                    on_status(ray.get(coord.status.remote())["workers"])
+            except ray.exceptions.RayActorError:
+                # the coordinator died; Ray restarts it and it adopts the workers: wait for it
+                time.sleep(0.5)
+                try:
+                    coord = ray.get_actor(name, namespace=NAMESPACE)
+                except ValueError:
+                    raise RuntimeError(f"the coordinator of {spec.name} is gone") from None
     finally:
         try:
             ray.get(coord.shutdown.remote(), timeout=30)

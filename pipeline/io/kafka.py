@@ -340,3 +340,34 @@ def produce_all(
     if failed:
         raise KafkaFailure(f"{len(failed)} records were not delivered to {topic}: {failed[0]}")
     return n
+
+
+def commit_offsets(bootstrap: str, group_id: str, topic: str, offsets: dict[int, int], timeout_s: float = 10.0) -> None:
+    """Commit ``offsets`` (next offset to read, per partition) for ``group_id``, so lag tools show progress."""
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id, "enable.auto.commit": False,
+                  "socket.timeout.ms": int(timeout_s * 1000)})
+    try:
+        tps = [TopicPartition(topic, int(p), int(o)) for p, o in sorted(offsets.items())]
+        try:
+            result = c.commit(offsets=tps, asynchronous=False)
+        except KafkaException as exc:
+            raise KafkaFailure(f"committing offsets of {group_id} on {topic}: {exc}") from None
+        bad = [tp for tp in result or [] if tp.error is not None]
+        if bad:
+            raise KafkaFailure(f"committing offsets of {group_id} on {topic}: {bad[0].error}")
+    finally:
+        c.close()
+
+
+def committed_offsets(bootstrap: str, group_id: str, topic: str, partitions: list[int], timeout_s: float = 10.0) -> dict[int, int]:
+    """The group's committed offset per partition (-1 where none)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id, "enable.auto.commit": False})
+    try:
+        got = c.committed([TopicPartition(topic, int(p)) for p in partitions], timeout=timeout_s)
+        return {tp.partition: tp.offset for tp in got}
+    finally:
+        c.close()
