@@ -1,4 +1,4 @@
-"""The ``raystream`` command: run, validate and demo."""
+"""The ``raystream`` command: run, validate, demo, status, scale and chaos drills."""
 
 from __future__ import annotations
 
@@ -157,6 +157,110 @@ def demo(
     from pipeline.demo import run_demo
 
     run_demo(duration=duration, rate=rate, out=out, workers=workers, console=console, run_and_report=_run_and_report)
+
+
+def _control(pipeline: str, address: Optional[str]):
+    from actors import control
+
+    try:
+        control.connect(pipeline, address)
+    except LookupError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_RUNTIME)
+    return control
+
+
+def pipeline_table(st: dict) -> Table:
+    """``raystream status``: one row per worker."""
+    ck = st.get("last_checkpoint") or {}
+    title = (f"{st['pipeline']} · {st['phase']} · epoch {st['epoch']} · checkpoint "
+             f"{ck.get('id', '-')}" + (f" ({time.time() - ck['created']:.0f}s ago)" if ck.get("created") else ""))
+    t = Table(title=title)
+    for col in ("wkr", "parts", "offsets", "lag", "watermark", "checkpointed", "restarts", "health", "records", "pid"):
+        t.add_column(col, justify="right")
+    for w in st["workers"]:
+        offs = ",".join(f"{p}:{o}" for p, o in sorted((w.get("positions") or {}).items()))
+        cks = ",".join(f"{p}:{o if o is not None else '-'}" for p, o in sorted((w.get("checkpointed") or {}).items()))
+        t.add_row(str(w["index"]), ",".join(map(str, w["partitions"])), offs or "-",
+                  "-" if w.get("lag") is None else f"{w['lag']:,}", _fmt_time(w.get("watermark")), cks or "-",
+                  str(w.get("restarts", 0)), str(w.get("health")), f"{w.get('records', 0):,}", str(w.get("pid", "-")))
+    return t
+
+
+@app.command()
+def status(
+    pipeline: str = typer.Argument(..., help="pipeline name"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: where `raystream run` recorded it)"),
+    as_json: bool = typer.Option(False, "--json", help="print the raw status as JSON"),
+) -> None:
+    """Per worker: partitions, offsets, lag, watermark, last checkpoint, restarts, health."""
+    control = _control(pipeline, address)
+    try:
+        st = control.pipeline_status(pipeline)
+    except LookupError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_RUNTIME)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(st, indent=2, default=str))
+        return
+    Console().print(pipeline_table(st))
+    if st.get("degraded"):
+        console.print(f"[red]degraded:[/] {st['degraded']}")
+    for e in st.get("events", [])[-5:]:
+        console.print(f"{time.strftime('%H:%M:%S', time.localtime(e['time']))} {e['event']}")
+
+
+@app.command()
+def scale(
+    pipeline: str = typer.Argument(..., help="pipeline name"),
+    workers: int = typer.Argument(..., min=1, help="new number of workers"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address"),
+) -> None:
+    """Move every partition and its state onto N workers (through a checkpoint)."""
+    control = _control(pipeline, address)
+    try:
+        info = control.scale(pipeline, workers)
+    except Exception as exc:  # not running, no checkpoint section, not enough CPUs
+        console.print(f"[red]error:[/] {getattr(exc, 'cause', None) or exc}")
+        raise typer.Exit(EXIT_RUNTIME)
+    console.print(f"[green]scaled[/] {pipeline} to {workers} workers: {info['assignment']} (epoch {info['epoch']})")
+
+
+chaos_app = typer.Typer(help="fault drills for operators (and the tests)")
+app.add_typer(chaos_app, name="chaos")
+
+
+@chaos_app.command("kill-worker")
+def chaos_kill_worker(
+    pipeline: str = typer.Argument(..., help="pipeline name"),
+    index: Optional[int] = typer.Option(None, "--index", help="worker index (default: the first live one)"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address"),
+) -> None:
+    """SIGKILL a worker's process; the coordinator restarts it from the last checkpoint."""
+    control = _control(pipeline, address)
+    try:
+        k = control.kill_worker(pipeline, index)
+    except (LookupError, RuntimeError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_RUNTIME)
+    console.print(f"killed worker {k['index']} (pid {k['pid']}, partitions {k['partitions']})")
+
+
+@chaos_app.command("kill-coordinator")
+def chaos_kill_coordinator(
+    pipeline: str = typer.Argument(..., help="pipeline name"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address"),
+) -> None:
+    """SIGKILL the coordinator's process; Ray restarts it and it adopts the workers."""
+    control = _control(pipeline, address)
+    try:
+        k = control.kill_coordinator(pipeline)
+    except (LookupError, RuntimeError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_RUNTIME)
+    console.print(f"killed the coordinator (pid {k['pid']})")
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ This is the composition root shared by the ``raystream`` command and
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -77,6 +78,8 @@ def run_pipeline(
 
 
 def _run_inline(spec, until_end, on_status, every, stop) -> list[dict]:
+    """One loop over every partition in this process; checkpoints like the coordinator does, when configured."""
+    from pipeline.io.checkpoints import CheckpointStore
     from pipeline.io.loop import PartitionLoop
 
     kafka = spec.source.kafka
@@ -84,19 +87,58 @@ def _run_inline(spec, until_end, on_status, every, stop) -> list[dict]:
     partitions = topic_partitions(kafka.bootstrap_servers, kafka.topic, timeout)
     ensure_topic(kafka.bootstrap_servers, spec.dead_letter_topic, 1, timeout)
     end = end_offsets(kafka.bootstrap_servers, kafka.topic, partitions, timeout) if until_end else None
-    loop = PartitionLoop(spec, partitions, {p: 0 for p in partitions}, end)
+    store = CheckpointStore(spec.checkpoint, spec.name) if spec.checkpoint else None
+    latest = store.latest() if store else None
+    entries = latest["partitions"] if latest else {}
+    snapshots = {p: store.read_partition(e["path"]) for p, e in entries.items() if e.get("path") and p in partitions}
+    start = {p: int(entries.get(p, {}).get("offset", 0)) for p in partitions}
+    epoch = int(latest.get("epoch", 0)) + 1 if latest else 1
+    loop = PartitionLoop(spec, partitions, start, end, epoch, snapshots)
+    next_id = [max(store.all_ids(), default=0) if store else 0]
+
+    def checkpoint() -> None:
+        next_id[0] += 1
+        cid = next_id[0]
+        got = loop.call_between_batches(
+            lambda: loop.snapshot(cid, lambda p, data: store.write_partition(cid, p, epoch, data)), spec.checkpoint.timeout / 1000.0)
+        store.write_manifest(cid, got, epoch)
+        store.prune(spec.checkpoint.keep)
+        try:
+            from pipeline.io.kafka import commit_offsets
+
+            commit_offsets(kafka.bootstrap_servers, spec.group_id, kafka.topic, {p: e["offset"] for p, e in got.items()}, 5.0)
+        except Exception:  # offsets for lag tools only; the checkpoint is complete
+            pass
+
     watcher = threading.Thread(target=lambda: (stop.wait(), loop.stop()), daemon=True)
     watcher.start()
-    if on_status is None:
-        return [{"index": 0, **loop.run(until_end)}]
     result: list[dict] = []
-    runner = threading.Thread(target=lambda: result.append({"index": 0, **loop.run(until_end)}), daemon=True)
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            loop.run(until_end, finish=False)
+            if store is not None:
+                checkpoint()  # the final checkpoint, before the end-of-input flush
+            result.append({"index": 0, **loop.finish(until_end and loop.done and not stop.is_set())})
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    runner = threading.Thread(target=body, daemon=True)
     runner.start()
+    last = time.monotonic()
     while runner.is_alive():
-        runner.join(every)
-        on_status([{"index": 0, **loop.status()}])
-    if not result:
-        raise RuntimeError("the inline pipeline loop failed; see the log above")
+        runner.join(min(every, 0.5))
+        if store is not None and runner.is_alive() and not loop.drained and time.monotonic() - last >= spec.checkpoint.interval / 1000.0:
+            last = time.monotonic()
+            try:
+                checkpoint()
+            except Exception as exc:  # a failed checkpoint is retried at the next interval
+                print(f"checkpoint failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        if on_status is not None:
+            on_status([{"index": 0, **loop.status()}])
+    if errors:
+        raise errors[0]
     return result
 
 
@@ -127,7 +169,10 @@ def _run_on_ray(spec, until_end, address, on_status, every, stop, handle_signals
     ensure_ray(address)
     if handle_signals:
         _stop_on_signals(stop)  # ray.init installs its own SIGTERM handler: take it back
+    from actors.control import forget_pipeline, record_pipeline
+
     name = actor_name(spec.name, "coordinator")
+    record_pipeline(spec.name, address or ray.get_runtime_context().gcs_address)
     kill_pipeline_actors(spec.name, spec.workers)
     coord = Coordinator.options(name=name, namespace=NAMESPACE, lifetime="detached").remote(spec, until_end)
     try:
@@ -157,3 +202,4 @@ def _run_on_ray(spec, until_end, address, on_status, every, stop, handle_signals
             pass
         ray.kill(coord, no_restart=True)
         kill_pipeline_actors(spec.name, spec.workers)
+        forget_pipeline(spec.name)

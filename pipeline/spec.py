@@ -155,6 +155,7 @@ class KafkaSource(_Model):
     )
     group_id: str | None = Field(default=None, description="consumer group for offset commits; default raystream-<name>")
     max_batch_records: int = Field(default=100_000, ge=1, le=5_000_000, description="records per poll")
+    max_rate: float | None = Field(default=None, gt=0, description="records/s cap per worker (throttled backfills, drills); none by default")
     poll_timeout: Duration = Field(default=200, description="how long one poll waits for records")
     connect_timeout: Duration = Field(default=10_000, description="how long to wait for the broker before failing")
     config: dict[str, str | int | float | bool] = Field(

@@ -14,13 +14,14 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 
 from pipeline.io.broker import EmbeddedBroker, free_port, stop_process
 
-__all__ = ["Service", "start_broker", "start_moto", "start_postgres", "start_redis", "start_victoria_metrics"]
+__all__ = ["Service", "TcpProxy", "start_broker", "start_moto", "start_postgres", "start_redis", "start_victoria_metrics"]
 
 
 @dataclass
@@ -171,3 +172,74 @@ def start_moto() -> Service:
     server.start()
     _wait_port(port, None, "", "moto")
     return Service("moto", "127.0.0.1", port, None, "", {"endpoint": f"http://127.0.0.1:{port}"}, server.stop)
+
+
+class TcpProxy:
+    """A loopback TCP proxy that can be broken (connections refused/reset) to drill store failures."""
+
+    def __init__(self, target_port: int):
+        import socket
+
+        self.target = target_port
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.broken = False
+        self.refused = 0
+        self.conns: list = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self._closed:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.broken:
+                self.refused += 1
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, a, b) -> None:
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data or self.broken:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def set_broken(self, broken: bool) -> None:
+        self.broken = broken
+        if broken:
+            for c in self.conns:
+                try:
+                    c.close()
+                except OSError:
+                    pass
+            self.conns = []
+
+    def close(self) -> None:
+        self._closed = True
+        self.sock.close()
+        self.set_broken(True)

@@ -145,6 +145,11 @@ class PartitionLoop:
         self.stats.busy_s += time.perf_counter() - t0 if len(batch) else 0.0
         if self.stats.batches % 16 == 1:
             self.max_rss = max(self.max_rss, _rss_bytes())
+        if kafka.max_rate and len(batch):
+            # throttle: this batch may take no less than len / max_rate seconds
+            rest = len(batch) / kafka.max_rate - (time.perf_counter() - tp)
+            if rest > 0:
+                self._stop.wait(rest)
         return result
 
     def _finish_reached(self) -> None:
