@@ -315,14 +315,29 @@ class Coordinator:
         refs = {i: (s["handle"].checkpoint.remote(cid, s["epoch"], timeout), s["epoch"])
                 for i, s in self.slots.items() if not s["given_up"]}
         entries: dict[int, dict] = {}
-        for i, (ref, epoch) in refs.items():
-            try:
-                got = ray.get(ref, timeout=timeout + 5)
-            except Exception as exc:  # a failed snapshot only means this round keeps the previous entries
-                self._event(f"checkpoint {cid}: worker {i} failed: {type(exc).__name__}: {str(exc)[:300]}", worker=i)
-                continue
-            if self.slots[i]["epoch"] == epoch:
-                entries.update({int(p): e for p, e in got.items()})
+        pending = {ref: (i, epoch) for i, (ref, epoch) in refs.items()}
+        deadline = time.monotonic() + timeout + 5
+        hb = self.spec.health.heartbeat_timeout / 1000.0
+        while pending and time.monotonic() < deadline:
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=min(hb, max(0.0, deadline - time.monotonic())))
+            for ref in ready:
+                i, epoch = pending.pop(ref)
+                try:
+                    got = ray.get(ref)
+                except Exception as exc:  # a failed snapshot only means this round keeps the previous entries
+                    self._event(f"checkpoint {cid}: worker {i} failed: {type(exc).__name__}: {str(exc)[:300]}", worker=i)
+                    continue
+                if self.slots[i]["epoch"] == epoch:
+                    entries.update({int(p): e for p, e in got.items()})
+            # a worker that stopped answering is not waited for: the monitor restarts it
+            for ref, (i, _) in list(pending.items()):
+                try:
+                    ray.get(self.slots[i]["handle"].status.remote(), timeout=2.0)
+                except Exception:
+                    pending.pop(ref)
+                    self._event(f"checkpoint {cid}: worker {i} does not answer; checkpointed without it", worker=i)
+        for ref, (i, _) in pending.items():
+            self._event(f"checkpoint {cid}: worker {i} timed out", worker=i)
         if not entries:
             self.checkpoints_failed += 1
             return None

@@ -205,7 +205,7 @@ def status(
 
         typer.echo(json.dumps(st, indent=2, default=str))
         return
-    Console().print(pipeline_table(st))
+    Console(width=None if sys.stdout.isatty() else 200).print(pipeline_table(st))
     if st.get("degraded"):
         console.print(f"[red]degraded:[/] {st['degraded']}")
     for e in st.get("events", [])[-5:]:

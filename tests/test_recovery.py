@@ -324,3 +324,55 @@ def test_whole_run_killed_and_restarted_resumes(env, ray_local, tmp_path):
     assert report.records < N  # it resumed from the checkpoint instead of starting over
     assert resumed is not None
     _check(env, d)
+
+
+def test_stalled_worker_is_replaced_and_fenced(env):
+    d = _dict(env)
+    run = Runner(parse_spec(d))
+    st = run.wait_for(_mid_stream, what="a checkpoint mid-stream")
+    victim = st["workers"][1]
+    os.kill(victim["pid"], signal.SIGSTOP)  # alive but silent: no heartbeat
+    try:
+        st2 = run.wait_for(lambda s: any("worker 1 restarted" in e["event"] for e in s["events"]),
+                           timeout_s=30, what="the stalled worker replaced")
+    finally:
+        try:
+            os.kill(victim["pid"], signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert any("no heartbeat" in e["event"] for e in st2["events"])
+    assert next(w for w in st2["workers"] if w["index"] == 1)["epoch"] > victim["epoch"]
+    run.join()
+    _check(env, d)
+
+
+def test_scale_and_status_from_another_process(env):
+    d = _dict(env)
+    run = Runner(parse_spec(d))
+    run.wait_for(_mid_stream, what="a checkpoint mid-stream")
+    cli = [sys.executable, "-m", "pipeline.cli"]
+    out = subprocess.run([*cli, "status", env["name"], "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    st = json.loads(out.stdout)
+    assert st["pipeline"] == env["name"] and len(st["workers"]) == 2
+    assert sorted(p for w in st["workers"] for p in w["partitions"]) == [0, 1, 2, 3]
+    assert all(w["lag"] is not None and w["health"] == "running" for w in st["workers"])
+    table = subprocess.run([*cli, "status", env["name"]], capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0 and "checkpointed" in table.stdout and "running" in table.stdout
+    out = subprocess.run([*cli, "scale", env["name"], "1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    st = run.wait_for(lambda s: len(s["workers"]) == 1, what="one worker")
+    assert st["workers"][0]["partitions"] == [0, 1, 2, 3] and st["workers"][0]["restored_slots"] > 0
+    run.join()
+    _check(env, d)
+
+
+def test_crash_loop_marks_pipeline_degraded(env):
+    from actors.coordinator import PipelineDegraded
+
+    d = _dict(env)
+    d["sinks"] = [{"postgres": {"dsn": "postgresql://postgres@127.0.0.1:1/none", "connect_timeout": "1s"}, "retries": 0}]
+    d["health"] = {"max_restarts": 2, "restart_window": "5m", "heartbeat_timeout": "4s"}
+    d["source"]["kafka"].pop("max_rate")
+    with pytest.raises(PipelineDegraded, match=r"restarted 2 times within 300s, last because failed: SinkError"):
+        run_pipeline(parse_spec(d), until_end=True)

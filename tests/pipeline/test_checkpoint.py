@@ -100,3 +100,24 @@ def test_changed_window_refuses_restore():
     changed = make_spec([{**WINDOWS[0], "size": "2s"}])
     with pytest.raises(ValueError, match="window 't' changed since checkpoint 1"):
         restore_partition(PipelineState(changed, []), decode_partition(blob))
+
+
+def test_a_fenced_loop_writes_nothing(tmp_path, broker, topic_name):
+    from pipeline.io.kafka import produce_all
+    from pipeline.io.loop import Fenced, PartitionLoop
+
+    broker.extra["broker"].create_topic(topic_name, 1)
+    df = _events(2, 300)
+    df["partition"] = 0
+    produce_all(broker.address, topic_name, encode(df), None, [0] * len(df))
+    spec = make_spec(WINDOWS[:1], ooo="100ms")
+    spec = spec.model_copy(update={
+        "source": spec.source.model_copy(update={"kafka": spec.source.kafka.model_copy(update={"bootstrap_servers": broker.address, "topic": topic_name})}),
+        "sinks": [spec.sinks[0].model_copy(update={"parquet": spec.sinks[0].parquet.model_copy(update={"uri": f"file://{tmp_path}"})})],
+    })
+    asked = []
+    loop = PartitionLoop(spec, [0], {0: 0}, {0: len(df)}, epoch=3, fence=lambda: asked.append(1) or False)
+    with pytest.raises(Fenced, match="epoch 3 is stale"):
+        loop.run(until_end=True)
+    assert asked and loop.fenced
+    assert not any(tmp_path.rglob("*.parquet"))
