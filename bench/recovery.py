@@ -56,10 +56,10 @@ def main() -> None:
         values, keys, cols = events(args.events, 1_765_000_000_000, rate_per_s=5000, tenants=100, seed=1)
         parts = [int(k.decode().split("-")[1]) % 4 for k in keys]
         broker.create_topic("events", 4)
-        produce_all(broker.address, "events", values, keys, parts)
+        produce_all(broker.bootstrap, "events", values, keys, parts)
         spec = parse_spec({
             "name": "recovery-bench",
-            "source": {"kafka": {"bootstrap_servers": broker.address, "topic": "events", "max_batch_records": 5000,
+            "source": {"kafka": {"bootstrap_servers": broker.bootstrap, "topic": "events", "max_batch_records": 5000,
                                  "max_rate": 10_000}},
             "event_time": {"field": "ts", "max_out_of_orderness": "2s", "allowed_lateness": "1s"},
             "windows": [{"name": "tumble", "type": "tumbling", "size": "10s", "group_by": ["tenant_id", "event_type"],
