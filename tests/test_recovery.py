@@ -320,9 +320,10 @@ def test_whole_run_killed_and_restarted_resumes(env, ray_local, tmp_path):
         if proc.poll() is None:
             proc.kill()
     resumed = st["last_checkpoint"]["id"]
-    report = run_pipeline(parse_spec(d), until_end=True)
+    # started again with another number of workers: partitions and their state move (state is per partition)
+    report = run_pipeline(parse_spec({**d, "workers": 1}), until_end=True)
     assert report.records < N  # it resumed from the checkpoint instead of starting over
-    assert resumed is not None
+    assert resumed is not None and len(report.workers) == 1 and report.workers[0]["restored_slots"] > 0
     _check(env, d)
 
 
