@@ -377,3 +377,34 @@ def test_crash_loop_marks_pipeline_degraded(env):
     d["source"]["kafka"].pop("max_rate")
     with pytest.raises(PipelineDegraded, match=r"restarted 2 times within 300s, last because failed: SinkError"):
         run_pipeline(parse_spec(d), until_end=True)
+
+
+def test_inline_run_checkpoints_and_resumes(broker, tmp_path, topic_name, pipeline_name, dataset):
+    from pipeline.io.checkpoints import CheckpointStore
+
+    values, keys, df = dataset
+    half = df.index[df["offset"] < df.groupby("partition")["offset"].transform("max") // 2]
+    first = sorted(half)
+    broker.extra["broker"].create_topic(topic_name, PARTITIONS)
+    produce_all(broker.address, topic_name, [values[i] for i in first], [keys[i] for i in first], df["partition"].iloc[first].tolist())
+    d = {
+        "name": pipeline_name,
+        "source": {"kafka": {"bootstrap_servers": broker.address, "topic": topic_name}},
+        "event_time": {"field": "ts", "max_out_of_orderness": "1s", "idle_timeout": "30s"},
+        "windows": WINDOWS[:1],
+        "sinks": [{"parquet": {"uri": f"file://{tmp_path}/out"}}],
+        "checkpoint": {"uri": f"file://{tmp_path}/chk", "interval": "1h"},
+    }
+    r1 = run_pipeline(parse_spec(d), until_end=True, inline=True)
+    assert r1.records == len(first)
+    store = CheckpointStore(parse_spec(d).checkpoint, pipeline_name)
+    m = store.latest()
+    assert m is not None and sum(e["offset"] for e in m["partitions"].values()) == len(first)
+    rest = sorted(set(range(len(df))) - set(first))
+    produce_all(broker.address, topic_name, [values[i] for i in rest], [keys[i] for i in rest], df["partition"].iloc[rest].tolist())
+    r2 = run_pipeline(parse_spec(d), until_end=True, inline=True)
+    assert r2.records == len(rest)  # resumed where the first run's final checkpoint left off
+    w = parse_spec(d).windows[0]
+    got = read_windows(f"file://{tmp_path}/out", pipeline_name, w.name).to_pandas()
+    want, _ = reference.windows(df, w.type, w.group_by, 1000, 0, size=w.size)
+    reference.compare(got, want, w.group_by)
