@@ -263,6 +263,113 @@ def chaos_kill_coordinator(
     console.print(f"killed the coordinator (pid {k['pid']})")
 
 
+schema_app = typer.Typer(help="the schema registry (PostgreSQL; --dsn or $RAYSTREAM_REGISTRY_DSN)")
+app.add_typer(schema_app, name="schema")
+
+_DSN = typer.Option(None, "--dsn", envvar="RAYSTREAM_REGISTRY_DSN", help="PostgreSQL holding the registry")
+
+
+def _registry(dsn: Optional[str]):
+    from pipeline.io.registry import Registry
+
+    if not dsn:
+        console.print("[red]error:[/] give --dsn or set RAYSTREAM_REGISTRY_DSN")
+        raise typer.Exit(EXIT_SPEC)
+    return Registry(dsn)
+
+
+def _load_schema(path: Path, kind: Optional[str], message: Optional[str]):
+    import base64
+
+    from pipeline.schemas import Schema
+
+    kind = kind or ("protobuf" if path.suffix in (".pb", ".desc", ".protoset") else "json")
+    try:
+        if kind == "protobuf":
+            return Schema("protobuf", base64.b64encode(path.read_bytes()).decode(), message)
+        return Schema("json", path.read_text())
+    except (OSError, ValueError) as exc:
+        console.print(f"[red]error:[/] {path}: {exc}")
+        raise typer.Exit(EXIT_SPEC)
+
+
+@schema_app.command("register")
+def schema_register(
+    subject: str = typer.Argument(..., help="subject (topic or event type)"),
+    file: Path = typer.Argument(..., help="JSON Schema file, or a protobuf FileDescriptorSet (protoc --descriptor_set_out)"),
+    kind: Optional[str] = typer.Option(None, "--type", help="json | protobuf (default: by file suffix)"),
+    message: Optional[str] = typer.Option(None, "--message", help="protobuf: the record message, e.g. acme.Event"),
+    compatibility: Optional[str] = typer.Option(None, "--compatibility", help="set the subject's mode first"),
+    dsn: Optional[str] = _DSN,
+) -> None:
+    """Register a new version (refused, with the offending fields, when incompatible)."""
+    from pipeline.io.registry import Incompatible
+
+    reg = _registry(dsn)
+    schema = _load_schema(file, kind, message)
+    try:
+        if compatibility:
+            reg.set_compatibility(subject, compatibility)
+        version = reg.register(subject, schema)
+    except Incompatible as exc:
+        console.print(f"[red]incompatible ({exc.mode}):[/]")
+        for p in exc.problems:
+            console.print(f"  - {p}")
+        raise typer.Exit(EXIT_SPEC)
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_SPEC)
+    typer.echo(f"{subject} version {version}")
+
+
+@schema_app.command("check")
+def schema_check(
+    subject: str = typer.Argument(...), file: Path = typer.Argument(...),
+    kind: Optional[str] = typer.Option(None, "--type"), message: Optional[str] = typer.Option(None, "--message"),
+    compatibility: Optional[str] = typer.Option(None, "--compatibility", help="check against this mode instead"),
+    dsn: Optional[str] = _DSN,
+) -> None:
+    """Would this schema be accepted? Exit 0 if compatible, 2 with the problems if not."""
+    problems = _registry(dsn).check(subject, _load_schema(file, kind, message), compatibility)
+    if problems:
+        for p in problems:
+            console.print(f"  - {p}")
+        raise typer.Exit(EXIT_SPEC)
+    typer.echo("compatible")
+
+
+@schema_app.command("list")
+def schema_list(dsn: Optional[str] = _DSN) -> None:
+    """Subjects with their compatibility mode and latest version."""
+    t = Table(title="schema subjects")
+    for c in ("subject", "compatibility", "versions", "latest"):
+        t.add_column(c)
+    for s in _registry(dsn).subjects():
+        t.add_row(s["subject"], s["compatibility"], str(s["versions"]), str(s["latest"] or "-"))
+    Console(width=None if sys.stdout.isatty() else 200).print(t)
+
+
+@schema_app.command("show")
+def schema_show(subject: str = typer.Argument(...), version: str = typer.Argument("latest"), dsn: Optional[str] = _DSN) -> None:
+    """Print one version (JSON Schema text, or the protobuf message's fields)."""
+    from pipeline.io.registry import UnknownVersion
+
+    try:
+        v, schema = _registry(dsn).get(subject, version)
+    except UnknownVersion as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_RUNTIME)
+    typer.echo(f"# {subject} version {v} ({schema.kind})")
+    if schema.kind == "json":
+        import json
+
+        typer.echo(json.dumps(schema.doc, indent=2))
+    else:
+        d = schema.descriptor()
+        for f in d.fields:
+            typer.echo(f"{f.number}: {f.name}")
+
+
 def main() -> None:
     app()
 

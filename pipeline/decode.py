@@ -73,10 +73,16 @@ class Decoded:
 class JsonDecoder:
     """Decodes JSON object values into the pipeline's input schema."""
 
-    def __init__(self, spec: PipelineSpec):
+    def __init__(self, spec: PipelineSpec, schema_fields: dict[str, str] | None = None, keep_unexpected: bool = False):
         self.time_field = spec.event_time.field
         self.time_format = spec.event_time.format
         self.fields = input_schema(spec)
+        # fields a validation schema checks are read too (the spec's own types win)
+        for name, kind in (schema_fields or {}).items():
+            if name != self.time_field:
+                self.fields.setdefault(name, _TYPES[kind])
+        self.keep_unexpected = keep_unexpected
+        self.schema_names = {self.time_field, *self.fields}
         self._schema: pa.Schema | None = None
         if self.time_format != "auto":
             self._schema = self._make_schema(self.time_format)
@@ -99,7 +105,8 @@ class JsonDecoder:
                 return
 
     def _read(self, data: bytes, n: int) -> pa.Table:
-        opts = pj.ParseOptions(explicit_schema=self._schema, unexpected_field_behavior="ignore")
+        opts = pj.ParseOptions(explicit_schema=self._schema,
+                               unexpected_field_behavior="infer" if self.keep_unexpected else "ignore")
         block = max(1 << 20, min(len(data) // 4 + 1, 1 << 26))
         try:
             t = pj.read_json(io.BytesIO(data), read_options=pj.ReadOptions(block_size=block), parse_options=opts)
@@ -181,7 +188,7 @@ class JsonDecoder:
 
         for s in range(0, len(clean), _BLOCK):
             parse(clean[s : s + _BLOCK])
-        table = pa.concat_tables(tables) if tables else self._schema.empty_table()
+        table = pa.concat_tables(tables, promote_options="permissive") if tables else self._schema.empty_table()
         return table, np.array(rows, dtype=np.int64), rejects
 
     def _times(self, table: pa.Table) -> tuple[np.ndarray, list | None]:

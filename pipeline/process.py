@@ -38,6 +38,7 @@ REJECT_SCHEMA = pa.schema(
         ("value", pa.binary()),
         ("reason", pa.string()),
         ("detail", pa.string()),
+        ("schema", pa.string()),  # subject/version a record was validated against, when it was
     ]
 )
 
@@ -67,6 +68,7 @@ class Batch:
     offsets: np.ndarray
     timestamps: np.ndarray  # broker timestamps, ms (-1 when unknown)
     keys: list | None = None
+    schema_versions: np.ndarray | None = None  # from the version header: -1 none, -2 unreadable
 
     def __len__(self) -> int:
         return len(self.values)
@@ -102,9 +104,10 @@ class BatchResult:
 class PipelineState:
     """Everything a worker keeps between batches: decoder, watermarks, open windows."""
 
-    def __init__(self, spec: PipelineSpec, partitions: Iterable[int], clock: Callable[[], float] = time.monotonic):
+    def __init__(self, spec: PipelineSpec, partitions: Iterable[int], clock: Callable[[], float] = time.monotonic,
+                 schema_fields: dict[str, str] | None = None, keep_unexpected: bool = False):
         self.spec = spec
-        self.decoder = JsonDecoder(spec)
+        self.decoder = JsonDecoder(spec, schema_fields, keep_unexpected)
         self.tracker = WatermarkTracker(
             partitions, spec.event_time.max_out_of_orderness, spec.event_time.idle_timeout, clock
         )
@@ -155,11 +158,17 @@ def _close(state: PipelineState) -> list[pa.Table]:
     return closed
 
 
-def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich: Enrich | None = None) -> BatchResult:
+def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich: Enrich | None = None,
+                  validate=None) -> BatchResult:
     """Decode, window and close one batch.
 
     Steps, in order:
+    0. values over ``max_message_bytes`` become rejects (``oversized``);
     1. decode values to Arrow; undecodable records become rejects;
+    1b. ``validate`` (a source of JSON Schema validators, see
+       ``pipeline.io.validation``) checks each record against its schema
+       version (the header's, else the spec's); violations become rejects
+       ``schema_violation:<rule>``, an unknown version ``unknown_schema_version``;
     2. reject records whose event time is more than ``max_future`` past their
        broker timestamp (they must not move the watermark);
     2b. ``enrich`` (I/O supplied by the caller) adds fields; records it rejects
@@ -174,17 +183,36 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich
         result.closed = _close(state)
         result.watermark = state.tracker.watermark
         return result
-    decoded = state.decoder.decode(batch.values)
-    rejects = list(decoded.rejects)
+    limit = spec.source.kafka.max_message_bytes
+    sizes = np.fromiter((len(v) if v is not None else 0 for v in batch.values), dtype=np.int64, count=len(batch))
+    big = sizes > limit
+    pre: list[tuple[int, str, str, str | None]] = []
+    if big.any():
+        for i in np.flatnonzero(big).tolist():
+            pre.append((i, "oversized", f"value of {int(sizes[i])} bytes is over max_message_bytes {limit}", None))
+        kept = np.flatnonzero(~big)
+        decoded = state.decoder.decode([batch.values[i] for i in kept.tolist()])
+        decoded.rows = kept[decoded.rows]
+        decoded.rejects = [(int(kept[i]), r, d) for i, r, d in decoded.rejects]
+    else:
+        decoded = state.decoder.decode(batch.values)
+    rejects = [(i, r, d, None) for i, r, d in decoded.rejects] + pre
     times, rows = decoded.times, decoded.rows
     table = decoded.table
+    if validate is not None and len(rows):
+        table, times, rows, vrejects = _validate(validate, state, batch, table, times, rows)
+        rejects += vrejects
+    extra = [c for c in table.column_names if c not in state.decoder.schema_names]
+    if extra:
+        table = table.drop_columns(extra)
     ts = batch.timestamps[rows]
     future = (ts >= 0) & (times > ts + spec.event_time.max_future)
     if future.any():
         for pos in np.flatnonzero(future).tolist():
             rejects.append(
                 (int(rows[pos]), "timestamp_out_of_range",
-                 f"event time {int(times[pos])} ms is more than {spec.event_time.max_future} ms after the broker timestamp {int(ts[pos])} ms")
+                 f"event time {int(times[pos])} ms is more than {spec.event_time.max_future} ms after the broker timestamp {int(ts[pos])} ms",
+                 None)
             )
         keep = ~future
         table, times, rows = table.filter(pa.array(keep)), times[keep], rows[keep]
@@ -193,7 +221,7 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich
         if erejects:
             keep = np.ones(len(rows), bool)
             for pos, reason, detail in erejects:
-                rejects.append((int(rows[pos]), reason, detail))
+                rejects.append((int(rows[pos]), reason, detail, None))
                 keep[pos] = False
             table, times, rows = table.filter(pa.array(keep)), times[keep], rows[keep]
     parts = batch.partitions[rows]
@@ -221,11 +249,12 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich
         result.late = pa.table(cols, schema=LATE_SCHEMA)
         result.late_records = len(np.unique(li))
     if rejects:
-        rejects.sort()
-        idx = np.array([i for i, _, _ in rejects], dtype=np.int64)
+        rejects.sort(key=lambda r: r[0])
+        idx = np.array([r[0] for r in rejects], dtype=np.int64)
         cols = _records(batch, idx)
-        cols["reason"] = pa.array([r for _, r, _ in rejects], pa.string())
-        cols["detail"] = pa.array([d for _, _, d in rejects], pa.string())
+        cols["reason"] = pa.array([r[1] for r in rejects], pa.string())
+        cols["detail"] = pa.array([r[2] for r in rejects], pa.string())
+        cols["schema"] = pa.array([r[3] for r in rejects], pa.string())
         result.rejects = pa.table(cols, schema=REJECT_SCHEMA)
         result.rejected = len(rejects)
     if len(times):
@@ -233,6 +262,37 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich
     result.closed = _close(state)
     result.watermark = state.tracker.watermark
     return result
+
+
+def _validate(validate, state, batch, table, times, rows):
+    """Split the decoded rows by schema version and validate each group."""
+    versions = batch.schema_versions[rows] if batch.schema_versions is not None else np.full(len(rows), -1, np.int64)
+    keep = np.ones(len(rows), bool)
+    out = []
+    extra = [c for c in table.column_names if c not in state.decoder.schema_names]
+    for v in np.unique(versions).tolist():
+        pos = np.flatnonzero(versions == v)
+        if v == -2:
+            for p in pos.tolist():
+                out.append((int(rows[p]), "unknown_schema_version", "the schema version header is not a number", None))
+            keep[pos] = False
+            continue
+        try:
+            validator, label = validate.default() if v == -1 else validate.get(v)
+        except LookupError as exc:
+            for p in pos.tolist():
+                out.append((int(rows[p]), "unknown_schema_version", str(exc), None))
+            keep[pos] = False
+            continue
+        sub = table if len(pos) == len(rows) else table.take(pa.array(pos))
+        raw = [batch.values[int(rows[p])] for p in pos.tolist()]
+        for viol in validator.validate(sub, raw, extra):
+            p = int(pos[viol.row])
+            out.append((int(rows[p]), f"schema_violation:{viol.rule}", viol.detail, label))
+            keep[p] = False
+    if not keep.all():
+        table, times, rows = table.filter(pa.array(keep)), times[keep], rows[keep]
+    return table, times, rows, out
 
 
 def advance(state: PipelineState, to_end: bool = False) -> BatchResult:

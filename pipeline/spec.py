@@ -155,6 +155,7 @@ class KafkaSource(_Model):
     )
     group_id: str | None = Field(default=None, description="consumer group for offset commits; default raystream-<name>")
     max_batch_records: int = Field(default=100_000, ge=1, le=5_000_000, description="records per poll")
+    max_message_bytes: int = Field(default=1_048_576, ge=16, description="larger record values are dead-lettered as 'oversized'")
     max_rate: float | None = Field(default=None, gt=0, description="records/s cap per worker (throttled backfills, drills); none by default")
     poll_timeout: Duration = Field(default=200, description="how long one poll waits for records")
     connect_timeout: Duration = Field(default=10_000, description="how long to wait for the broker before failing")
@@ -294,6 +295,29 @@ class SinkSpec(_Model):
         return next(k for k in ("parquet", "postgres", "redis", "influxdb", "kafka") if getattr(self, k) is not None)
 
 
+class RegistryRef(_Model):
+    dsn: SecretStr = Field(description="PostgreSQL holding the schema registry")
+
+
+class ValidateSpec(_Model):
+    """Validation of every record against a JSON Schema, from the registry or a file."""
+
+    subject: str | None = Field(default=None, description="registry subject")
+    version: int | Literal["latest"] = Field(default="latest", description="pinned version, or latest (followed as it changes)")
+    registry: RegistryRef | None = Field(default=None, description="where the registry lives (with subject)")
+    schema_file: str | None = Field(default=None, description="a JSON Schema file, for a run without a registry")
+    cache_ttl: Duration = Field(default=30_000, description="how long a worker trusts its copy of the subject's versions")
+    version_header: str = Field(default="raystream.schema_version", description="Kafka header carrying a record's schema version")
+
+    @model_validator(mode="after")
+    def _one(self) -> "ValidateSpec":
+        if (self.subject is None) == (self.schema_file is None):
+            raise ValueError("give exactly one of 'subject' (with 'registry') or 'schema_file'")
+        if self.subject is not None and self.registry is None:
+            raise ValueError("'subject' needs 'registry: {dsn: ...}'")
+        return self
+
+
 class CheckpointSpec(_Model):
     uri: str = Field(description="file://path or s3://bucket/prefix; checkpoints go under <uri>/<pipeline>/chk-<id>/")
     interval: Duration = Field(default=10_000, description="time between checkpoints")
@@ -401,6 +425,8 @@ class Enricher(_Model):
 class PipelineSpec(_Model):
     """A whole pipeline: source, event time, windows, sinks and late output."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", description="pipeline name (lower case, digits, - and _)")
     source: Source = Field(description="where records come from")
     event_time: EventTime = Field(default_factory=EventTime, description="event-time and watermark settings")
@@ -411,6 +437,7 @@ class PipelineSpec(_Model):
     windows: list[WindowSpec] = Field(min_length=1, description="window definitions")
     sinks: list[SinkSpec] = Field(min_length=1, description="where closed windows are written")
     late_output: SinkSpec | None = Field(default=None, description="where records for freed windows go (parquet)")
+    validate_: ValidateSpec | None = Field(default=None, alias="validate", description="JSON Schema validation of every record")
     checkpoint: CheckpointSpec | None = Field(default=None, description="periodic snapshots of state and offsets; enables recovery")
     health: HealthSpec = Field(default_factory=HealthSpec, description="worker health checks and restart limits")
     dead_letter: DeadLetter = Field(default_factory=DeadLetter, description="where rejected records go")

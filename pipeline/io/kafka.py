@@ -149,6 +149,7 @@ class ConfluentSource:
         conf.update({k: v for k, v in cfg.config.items()})
         self.topic = cfg.topic
         self.consumer = Consumer(conf)
+        self.version_header: str | None = None
 
     def assign(self, positions: dict[int, int]) -> None:
         from confluent_kafka import TopicPartition
@@ -172,7 +173,10 @@ class ConfluentSource:
         offsets = np.fromiter(map(Message.offset, msgs), dtype=np.int64, count=len(msgs))
         stamps = np.fromiter((t[1] for t in map(Message.timestamp, msgs)), dtype=np.int64, count=len(msgs))
         keys = list(map(Message.key, msgs))
-        return Batch(self.topic, values, partitions, offsets, stamps, keys)
+        batch = Batch(self.topic, values, partitions, offsets, stamps, keys)
+        if self.version_header:
+            batch.schema_versions = header_versions(map(Message.headers, msgs), self.version_header, len(msgs))
+        return batch
 
     def commit(self, positions: dict[int, int]) -> None:
         from confluent_kafka import TopicPartition
@@ -192,6 +196,7 @@ class KafkaPythonSource:
 
         extra = {k: v for k, v in cfg.config.items()}
         self.topic = cfg.topic
+        self.version_header: str | None = None
         self.consumer = KafkaConsumer(
             bootstrap_servers=cfg.bootstrap_servers.split(","),
             group_id=group_id,
@@ -214,7 +219,7 @@ class KafkaPythonSource:
     def poll(self, max_records: int, timeout_s: float) -> Batch:
         got = self.consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         recs = [r for tp in sorted(got, key=lambda tp: tp.partition) for r in got[tp]]
-        return Batch(
+        batch = Batch(
             self.topic,
             [r.value for r in recs],
             np.fromiter((r.partition for r in recs), dtype=np.int32, count=len(recs)),
@@ -222,6 +227,9 @@ class KafkaPythonSource:
             np.fromiter((r.timestamp if r.timestamp is not None else -1 for r in recs), dtype=np.int64, count=len(recs)),
             [r.key for r in recs],
         )
+        if self.version_header:
+            batch.schema_versions = header_versions((r.headers for r in recs), self.version_header, len(recs))
+        return batch
 
     def commit(self, positions: dict[int, int]) -> None:
         from kafka import TopicPartition
@@ -232,6 +240,22 @@ class KafkaPythonSource:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def header_versions(headers, name: str, n: int) -> np.ndarray:
+    """Schema version per record from header ``name``: -1 without it, -2 when it is not a number."""
+    out = np.full(n, -1, np.int64)
+    key = name.encode()
+    for i, hs in enumerate(headers):
+        if not hs:
+            continue
+        for k, v in hs:
+            if k == name or k == key:
+                try:
+                    out[i] = int(v)
+                except (TypeError, ValueError):
+                    out[i] = -2
+    return out
 
 
 def make_source(cfg: KafkaSource, group_id: str) -> Source:
@@ -269,6 +293,8 @@ class DeadLetterProducer:
                 ("raystream.pipeline", self.pipeline.encode()),
                 ("raystream.time", now),
             ]
+            if row.get("schema"):
+                headers.append(("raystream.schema", row["schema"].encode()))
             self.producer.produce(self.topic, value=row["value"], key=row["key"], headers=headers, on_delivery=self._delivered)
             self.producer.poll(0)
         remaining = self.producer.flush(30)

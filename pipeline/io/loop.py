@@ -81,7 +81,16 @@ class PartitionLoop:
         self.end_offsets = {int(p): int(o) for p, o in end_offsets.items()} if end_offsets is not None else None
         self.fence = fence
         self.fenced = False
-        self.state = PipelineState(spec, [p for p in self.partitions if p not in (snapshots or {})])
+        self.validation = None
+        schema_fields, keep_unexpected = None, False
+        if spec.validate_ is not None:
+            from pipeline.io.validation import SchemaSource
+
+            self.validation = SchemaSource(spec)
+            default = self.validation.default()[0]
+            schema_fields, keep_unexpected = default.decoder_fields(), default.closed
+        self.state = PipelineState(spec, [p for p in self.partitions if p not in (snapshots or {})],
+                                   schema_fields=schema_fields, keep_unexpected=keep_unexpected)
         self.restored_slots = 0
         for p, data in (snapshots or {}).items():
             snap = decode_partition(data)
@@ -100,6 +109,8 @@ class PartitionLoop:
             self.enrichment = Enrichment(spec)
             self.enrichment.warm()
         self.source = make_source(kafka, spec.group_id)
+        if self.validation is not None:
+            self.source.version_header = spec.validate_.version_header
         self.source.assign(self.positions)
         self.stats = LoopStats()
         self._stop = threading.Event()
@@ -121,7 +132,7 @@ class PartitionLoop:
         tp = time.perf_counter()
         batch = self.source.poll(kafka.max_batch_records, kafka.poll_timeout / 1000.0)
         t0 = time.perf_counter()
-        result = process_batch(self.spec, self.state, batch, self.enrichment)
+        result = process_batch(self.spec, self.state, batch, self.enrichment, self.validation)
         t1 = time.perf_counter()
         self._write(result)
         if len(batch) and self.first_batch_at is None:
@@ -320,6 +331,7 @@ def _late_as_rejects(late):
     n = late.num_rows
     cols = {name: late.column(name) for name in ("topic", "partition", "offset", "timestamp", "key", "value")}
     cols["reason"] = pa.array(["late"] * n, pa.string())
+    cols["schema"] = pa.nulls(n, pa.string())
     cols["detail"] = pa.array(
         [f"window {w} starting {s} closed (watermark {m})" for w, s, m in zip(
             late.column("window").to_pylist(), late.column("window_start").to_pylist(), late.column("watermark").to_pylist())],
