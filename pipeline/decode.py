@@ -118,6 +118,12 @@ class JsonDecoder:
             )
         if t.num_rows != n:
             raise pa.ArrowInvalid(f"expected {n} JSON objects, found {t.num_rows}")
+        if self.keep_unexpected:
+            # fields outside the schema only matter as present or not (additionalProperties:
+            # false); a boolean keeps blocks whose values differ in type concatenable
+            for i, name in enumerate(t.column_names):
+                if name not in self.schema_names:
+                    t = t.set_column(i, name, pc.is_valid(t.column(i)))
         return t
 
     def decode(self, values: list) -> Decoded:
@@ -133,8 +139,9 @@ class JsonDecoder:
         try:
             data = b"\n".join(values)
             if data.count(b"\n") == n - 1 and n:
+                data.decode("utf-8")  # pyarrow.json passes invalid UTF-8 through; one C pass finds it
                 table = self._read(data, n)
-        except (TypeError, pa.ArrowInvalid):
+        except (TypeError, pa.ArrowInvalid, UnicodeDecodeError):
             table = None
         if table is None and n:
             table, rows, rejects = self._slow(values)
@@ -162,6 +169,8 @@ class JsonDecoder:
                 rejects.append((i, "decode_error", f"value is {type(v).__name__}, not bytes"))
             elif not v.strip():
                 rejects.append((i, "decode_error", "empty value"))
+            elif not _utf8(v):
+                rejects.append((i, "decode_error", "value is not valid UTF-8"))
             elif b"\n" in v or b"\r" in v:
                 # newlines are legal whitespace between JSON tokens; raw ones inside strings are not
                 try:
@@ -180,7 +189,11 @@ class JsonDecoder:
                 rows.extend(i for i, _ in part)
             except pa.ArrowInvalid as exc:
                 if len(part) == 1:
-                    rejects.append((part[0][0], _reason(str(exc)), _detail(str(exc))))
+                    reason, detail = _reason(str(exc)), _detail(str(exc))
+                    if reason == "decode_error":
+                        # pyarrow does not always name the column: find it (one record, rare path)
+                        reason, detail = self._which_field(part[0][1]) or (reason, detail)
+                    rejects.append((part[0][0], reason, detail))
                 else:
                     mid = len(part) // 2
                     parse(part[:mid])
@@ -190,6 +203,24 @@ class JsonDecoder:
             parse(clean[s : s + _BLOCK])
         table = pa.concat_tables(tables, promote_options="permissive") if tables else self._schema.empty_table()
         return table, np.array(rows, dtype=np.int64), rejects
+
+    def _which_field(self, value: bytes) -> tuple[str, str] | None:
+        try:
+            obj = json.loads(value)
+        except ValueError:
+            return None
+        if not isinstance(obj, dict):
+            return None
+        for f, t in [(self.time_field, self._schema.field(self.time_field).type), *self.fields.items()]:
+            v = obj.get(f)
+            if v is None:
+                continue
+            ok = {pa.int64(): isinstance(v, int) and not isinstance(v, bool),
+                  pa.float64(): isinstance(v, (int, float)) and not isinstance(v, bool),
+                  pa.string(): isinstance(v, str), pa.bool_(): isinstance(v, bool)}.get(t, True)
+            if not ok:
+                return f"type_mismatch:{f}", f"field {f!r} is {json.dumps(v)[:80]}, not {t}"
+        return None
 
     def _times(self, table: pa.Table) -> tuple[np.ndarray, list | None]:
         col = table.column(self.time_field)
@@ -231,6 +262,14 @@ class JsonDecoder:
                 seen.add(b[0])
                 uniq.append(b)
         return times, uniq
+
+
+def _utf8(v: bytes) -> bool:
+    try:
+        v.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def _reason(message: str) -> str:

@@ -92,7 +92,8 @@ class Validator:
         if self.closed:
             for c in extra_columns:
                 col = table.column(c)
-                flag(col.is_valid().to_numpy(zero_copy_only=False), "additionalProperties",
+                present = col.fill_null(False) if pa.types.is_boolean(col.type) else col.is_valid()
+                flag(present.to_numpy(zero_copy_only=False), "additionalProperties",
                      lambda i, c=c: f"field {c!r} is not allowed (additionalProperties: false)")
         for k, p in self.props.items():
             col = cols.get(k)
