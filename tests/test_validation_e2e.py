@@ -1,0 +1,108 @@
+"""Validation end to end: registry in PostgreSQL, records through the broker and
+Ray, dead letters with their headers, and counts that add up exactly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from pipeline.driver import run_pipeline
+from pipeline.io.registry import Registry
+from pipeline.io.sinks.parquet import read_windows
+from pipeline.schemas import schema_of
+from pipeline.spec import parse_spec
+
+T0 = 1_766_000_000_000
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["tenant_id", "ts", "value"],
+          "properties": {"tenant_id": {"type": "string", "minLength": 2}, "ts": {"type": "integer"},
+                         "value": {"type": "number", "minimum": 0}, "kind": {"type": "string", "enum": ["a", "b"]}}}
+
+
+def _records():
+    good, bad = [], []
+    out = []
+    for i in range(3000):
+        p = i % 3
+        rec = {"tenant_id": f"t{p}x", "ts": T0 + i * 10, "value": float(i % 50), "kind": "a"}
+        why = None
+        if i % 97 == 5:
+            rec["value"] = -1.0
+            why = "schema_violation:minimum"
+        elif i % 101 == 7:
+            rec["extra"] = 1
+            why = "schema_violation:additionalProperties"
+        elif i % 103 == 11:
+            rec["kind"] = "zzz"
+            why = "schema_violation:enum"
+        value = json.dumps(rec).encode()
+        headers = None
+        if i % 211 == 13:
+            headers, why = [("raystream.schema_version", b"9")], "unknown_schema_version"
+        elif i % 223 == 17:
+            value, why = b"{not json", "decode_error"
+        out.append((p, value, headers, why))
+        (bad if why else good).append((p, rec, why))
+    return out, good, bad
+
+
+def test_registry_validation_through_broker_and_ray(broker, postgres, ray_local, tmp_path, topic_name, pipeline_name):
+    dsn = postgres.extra["dsn"]
+    subject = f"{topic_name}-value"
+    reg = Registry(dsn)
+    assert reg.register(subject, schema_of(SCHEMA)) == 1
+    # the CLI sees the same registry, and refuses an incompatible version naming the field
+    cli = [sys.executable, "-m", "pipeline.cli", "schema"]
+    incompatible = tmp_path / "v2.json"
+    incompatible.write_text(json.dumps({**SCHEMA, "properties": {**SCHEMA["properties"], "value": {"type": "string"}}}))
+    out = subprocess.run([*cli, "register", subject, str(incompatible), "--dsn", dsn], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "field 'value'" in out.stderr and "BACKWARD" in out.stderr
+    out = subprocess.run([*cli, "list", "--dsn", dsn], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and subject in out.stdout
+
+    broker.extra["broker"].create_topic(topic_name, 3)
+    recs, good, bad = _records()
+    prod = Producer({"bootstrap.servers": broker.address})
+    for p, value, headers, _ in recs:
+        prod.produce(topic_name, value=value, partition=p, headers=headers)
+    prod.flush(30)
+    spec = parse_spec({
+        "name": pipeline_name,
+        "source": {"kafka": {"bootstrap_servers": broker.address, "topic": topic_name}},
+        "event_time": {"field": "ts", "format": "epoch_ms", "max_out_of_orderness": "0s"},
+        "windows": [{"name": "w", "type": "tumbling", "size": "5s", "group_by": ["tenant_id"], "aggregations": ["count", "sum(value)"]}],
+        "sinks": [{"parquet": {"uri": f"file://{tmp_path}/out"}}],
+        "validate": {"subject": subject, "registry": {"dsn": dsn}},
+        "dead_letter": {"topic": f"{topic_name}.bad"},
+        "workers": 2,
+    })
+    report = run_pipeline(spec, until_end=True)
+    assert report.records == len(recs) and report.rejected == len(bad) and report.late == 0
+    # every good record is in a window, every bad one in the dead-letter topic with its reason
+    rows = read_windows(f"file://{tmp_path}/out", pipeline_name, "w").to_pandas()
+    assert int(rows["count"].sum()) == len(good)
+    assert abs(rows["sum_value"].sum() - sum(r["value"] for _, r, _ in good)) < 1e-6
+    c = Consumer({"bootstrap.servers": broker.address, "group.id": "dlq-e2e", "enable.auto.commit": False})
+    c.assign([TopicPartition(f"{topic_name}.bad", 0, 0)])
+    got, deadline = [], time.monotonic() + 20
+    while len(got) < len(bad) and time.monotonic() < deadline:
+        got += [m for m in c.consume(1000, 0.5) if m.error() is None]
+    got += [m for m in c.consume(1000, 1.0) if m.error() is None]
+    c.close()
+    assert len(got) == len(bad)
+    want = {}
+    for p, value, _, why in recs:
+        if why:
+            want.setdefault(why, 0)
+            want[why] += 1
+    reasons = {}
+    for m in got:
+        h = dict(m.headers())
+        reasons[h["raystream.reason"].decode()] = reasons.get(h["raystream.reason"].decode(), 0) + 1
+        assert h["raystream.pipeline"].decode() == pipeline_name and h["raystream.source"].decode().startswith(topic_name)
+        if h["raystream.reason"].startswith(b"schema_violation"):
+            assert h["raystream.schema"].decode() == f"{subject}/1" and b"field" in h["raystream.detail"]
+    assert reasons == want
