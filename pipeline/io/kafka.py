@@ -273,36 +273,67 @@ class DeadLetterProducer:
 
         self.topic = topic
         self.pipeline = pipeline
-        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": False, "logger": _quiet_logger()})
-        self.failed: list[str] = []
+        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": False,
+                                  "message.timeout.ms": 60_000, "logger": _quiet_logger()})
+        self.retried = 0
 
-    def _delivered(self, err, msg) -> None:
-        if err is not None:
-            self.failed.append(str(err))
+    def write(self, rejects, retries: int = 8, backoff_s: float = 0.2, max_total_s: float = 120.0) -> int:
+        """Produce every row of a reject table; returns how many.
 
-    def write(self, rejects) -> int:
-        """Produce every row of a reject table; returns how many; raises if any delivery failed."""
+        Rows whose delivery failed are produced again with exponential backoff
+        and jitter (bounded in attempts and time); the loop waits meanwhile
+        (backpressure). Raises ``KafkaFailure`` when rows are still undelivered.
+        """
         if rejects is None or rejects.num_rows == 0:
             return 0
+        import random
+
         now = str(int(time.time() * 1000)).encode()
-        for row in rejects.to_pylist():  # rejects are rare; headers are per record
-            headers = [
-                ("raystream.reason", row["reason"].encode()),
-                ("raystream.detail", row["detail"].encode("utf-8", "replace")),
-                ("raystream.source", f"{row['topic']}/{row['partition']}/{row['offset']}".encode()),
-                ("raystream.pipeline", self.pipeline.encode()),
-                ("raystream.time", now),
-            ]
-            if row.get("schema"):
-                headers.append(("raystream.schema", row["schema"].encode()))
-            self.producer.produce(self.topic, value=row["value"], key=row["key"], headers=headers, on_delivery=self._delivered)
-            self.producer.poll(0)
-        remaining = self.producer.flush(30)
-        if remaining or self.failed:
-            err = self.failed[0] if self.failed else f"{remaining} records not delivered in 30s"
-            self.failed.clear()
-            raise KafkaFailure(f"dead-letter topic {self.topic}: {err}")
-        return rejects.num_rows
+        rows = rejects.to_pylist()  # rejects are rare; headers are per record
+        pending = list(range(len(rows)))
+        t0 = time.monotonic()
+        attempt = 0
+        # one list for the whole call: a message still queued after a flush reports here later
+        failed: list[int] = []
+        errors: list[str] = []
+        while True:
+
+            def ack(i):
+                return lambda err, _msg: (failed.append(i), errors.append(str(err))) if err is not None else None
+
+            for i in pending:
+                row = rows[i]
+                headers = [
+                    ("raystream.reason", row["reason"].encode()),
+                    ("raystream.detail", row["detail"].encode("utf-8", "replace")),
+                    ("raystream.source", f"{row['topic']}/{row['partition']}/{row['offset']}".encode()),
+                    ("raystream.pipeline", self.pipeline.encode()),
+                    ("raystream.time", now),
+                ]
+                if row.get("schema"):
+                    headers.append(("raystream.schema", row["schema"].encode()))
+                while True:
+                    try:
+                        self.producer.produce(self.topic, value=row["value"], key=row["key"], headers=headers, on_delivery=ack(i))
+                        break
+                    except BufferError:
+                        self.producer.poll(0.1)
+                self.producer.poll(0)
+            remaining = self.producer.flush(30)
+            while remaining and time.monotonic() - t0 < max_total_s:
+                remaining = self.producer.flush(5)  # queued messages end delivered or failed (message.timeout.ms)
+            if not remaining and not failed:
+                return rejects.num_rows
+            attempt += 1
+            self.retried += 1
+            delay = random.uniform(0, min(10.0, backoff_s * 2 ** (attempt - 1)))
+            if attempt > retries or time.monotonic() - t0 + delay > max_total_s:
+                err = errors[0] if errors else f"{remaining} records not delivered in 30s"
+                raise KafkaFailure(f"dead-letter topic {self.topic}: {err} (after {attempt} attempts)")
+            time.sleep(delay)
+            # undelivered after flush's timeout are still queued in the client: only resend the failed ones
+            pending = sorted(set(failed))
+            failed.clear()
 
     def close(self) -> None:
         self.producer.flush(10)
