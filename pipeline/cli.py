@@ -370,6 +370,68 @@ def schema_show(subject: str = typer.Argument(...), version: str = typer.Argumen
             typer.echo(f"{f.number}: {f.name}")
 
 
+dlq_app = typer.Typer(help="dead-letter topics: inspect, replay after a fix")
+app.add_typer(dlq_app, name="dlq")
+
+
+@dlq_app.command("inspect")
+def dlq_inspect(
+    topic: str = typer.Argument(..., help="dead-letter topic"),
+    bootstrap: str = typer.Option("127.0.0.1:9092", "--bootstrap", envvar="RAYSTREAM_BOOTSTRAP", help="Kafka bootstrap servers"),
+    as_json: bool = typer.Option(False, "--json", help="print the groups as JSON"),
+) -> None:
+    """Dead-lettered records grouped by reason, with an example of each."""
+    from pipeline.io.dlq import inspect, read_topic
+
+    try:
+        groups = inspect(read_topic(bootstrap, topic))
+    except KafkaFailure as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_RUNTIME)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(groups, indent=2))
+        return
+    t = Table(title=f"{topic}: {sum(g['count'] for g in groups):,} records")
+    for c in ("reason", "count", "example detail", "example source", "schemas"):
+        t.add_column(c)
+    for g in groups:
+        t.add_row(g["reason"], f"{g['count']:,}", g["example_detail"][:80], g["example_source"],
+                  ", ".join(f"{k}: {v}" for k, v in g["schemas"].items()))
+    Console(width=None if sys.stdout.isatty() else 200).print(t)
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    topic: str = typer.Argument(..., help="dead-letter topic"),
+    spec: Path = typer.Option(..., "--spec", help="pipeline spec whose decoder and schema decide what passes now"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="only count what would pass"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Re-check dead letters after a fix; re-feed those that pass to the source topic (once)."""
+    from pipeline.io.dlq import replay
+
+    try:
+        s = load_spec(spec)
+    except SpecError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(EXIT_SPEC)
+    try:
+        report = replay(s, topic, dry_run=dry_run)
+    except (KafkaFailure, RuntimeError, LookupError, ValueError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(EXIT_RUNTIME)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(report.as_dict()))
+        return
+    verb = "would pass" if dry_run else "replayed"
+    console.print(f"{report.total:,} dead letters: {report.replayed:,} {verb}, {report.already_replayed:,} replayed before, "
+                  f"{report.not_replayable:,} not replayable (late), still failing: {report.still_failing or 0}")
+
+
 def main() -> None:
     app()
 

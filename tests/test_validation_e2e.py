@@ -106,3 +106,55 @@ def test_registry_validation_through_broker_and_ray(broker, postgres, ray_local,
         if h["raystream.reason"].startswith(b"schema_violation"):
             assert h["raystream.schema"].decode() == f"{subject}/1" and b"field" in h["raystream.detail"]
     assert reasons == want
+
+
+def test_dlq_inspect_and_replay_after_a_schema_fix(broker, postgres, tmp_path, topic_name, pipeline_name):
+    import yaml
+
+    dsn = postgres.extra["dsn"]
+    subject = f"{topic_name}-v"
+    reg = Registry(dsn)
+    strict = {**SCHEMA, "properties": {**SCHEMA["properties"], "kind": {"type": "string", "enum": ["a"]}}}
+    reg.register(subject, schema_of(strict))
+    broker.extra["broker"].create_topic(topic_name, 1)
+    prod = Producer({"bootstrap.servers": broker.address})
+    kinds = ["a", "b", "a", "b", "c"] * 20  # 'b' and 'c' break the strict enum
+    for i, k in enumerate(kinds):
+        prod.produce(topic_name, value=json.dumps({"tenant_id": "t1", "ts": T0 + i, "value": 1.0, "kind": k}).encode(), partition=0)
+    prod.produce(topic_name, value=b"{broken", partition=0)
+    prod.flush(30)
+    d = {
+        "name": pipeline_name,
+        "source": {"kafka": {"bootstrap_servers": broker.address, "topic": topic_name}},
+        "event_time": {"field": "ts", "format": "epoch_ms"},
+        "windows": [{"name": "w", "type": "tumbling", "size": "5s", "group_by": ["tenant_id"], "aggregations": ["count"]}],
+        "sinks": [{"parquet": {"uri": f"file://{tmp_path}/out"}}],
+        "validate": {"subject": subject, "registry": {"dsn": dsn}},
+    }
+    report = run_pipeline(parse_spec(d), until_end=True, inline=True)
+    assert report.rejected == 61
+    cli = [sys.executable, "-m", "pipeline.cli", "dlq"]
+    dlq = f"{topic_name}.dlq"
+    out = subprocess.run([*cli, "inspect", dlq, "--bootstrap", broker.address, "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    groups = {g["reason"]: g for g in json.loads(out.stdout)}
+    assert groups["schema_violation:enum"]["count"] == 60 and groups["decode_error"]["count"] == 1
+    assert groups["schema_violation:enum"]["schemas"] == {f"{subject}/1": 60}
+    # the fix: a new (backward compatible) version accepts 'b'
+    reg.register(subject, schema_of({**SCHEMA, "properties": {**SCHEMA["properties"], "kind": {"type": "string", "enum": ["a", "b"]}}}))
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(d))
+    first = subprocess.run([*cli, "replay", dlq, "--spec", str(spec_file), "--json"], capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    r1 = json.loads(first.stdout)
+    assert r1["total"] == 61 and r1["replayed"] == 40
+    assert r1["still_failing"] == {"schema_violation:enum": 20, "decode_error": 1}
+    second = subprocess.run([*cli, "replay", dlq, "--spec", str(spec_file), "--json"], capture_output=True, text=True, timeout=120)
+    r2 = json.loads(second.stdout)
+    assert r2["already_replayed"] == 40 and r2["replayed"] == 0  # not counted (nor re-fed) twice
+    # the replayed records are back in the source topic, once each, marked with where they came from
+    from pipeline.io.dlq import read_topic
+
+    back = [r for r in read_topic(broker.address, topic_name) if "raystream.replay_of" in r.headers]
+    assert len(back) == 40 and len({r.headers["raystream.replay_of"] for r in back}) == 40
+    assert all(json.loads(r.value)["kind"] == "b" for r in back)
