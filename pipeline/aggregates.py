@@ -43,6 +43,7 @@ class FoldInput:
     times: np.ndarray
     numeric: dict[str, tuple[np.ndarray, np.ndarray]]
     arrays: dict[str, pa.Array]
+    offsets: np.ndarray | None = None
 
 
 def load_udf(ref: str) -> Callable[[pa.Array], Any]:
@@ -88,7 +89,10 @@ class _RowStore:
             counts = np.concatenate(self.counts) if len(self.counts) > 1 else self.counts[0]
         else:
             values = pa.concat_arrays([v.cast(self.values[0].type) for v in self.values]) if len(self.values) > 1 else self.values[0]
+            # "values" rows may carry their source offsets (user functions name failed records)
             counts = None
+            if self.kind == "values" and self.counts and sum(len(c) for c in self.counts) == len(slots):
+                counts = np.concatenate(self.counts) if len(self.counts) > 1 else self.counts[0]
         return slots, values, counts
 
     def compact(self, alive: np.ndarray) -> None:
@@ -105,10 +109,11 @@ class _RowStore:
             self.slots, self.values, self.counts = [slots], [values], [counts]
         else:
             values = values.filter(pa.array(keep)) if len(keep) else values
+            kept_counts = [counts[keep]] if counts is not None else []
             if self.kind == "distinct" and len(slots):
                 t = pa.table({"s": slots, "v": values}).group_by(["s", "v"], use_threads=False).aggregate([])
                 slots, values = t["s"].to_numpy(), t["v"].combine_chunks()
-            self.slots, self.values, self.counts = [slots], [values], []
+            self.slots, self.values, self.counts = [slots], [values], kept_counts
         self.length = self.compacted_length = len(slots)
 
     def maybe_compact(self, alive: np.ndarray) -> None:
@@ -127,7 +132,7 @@ class _RowStore:
         sel = mask[slots] if len(slots) else np.zeros(0, bool)
         if self.kind == "sketch":
             return slots[sel], values[sel], counts[sel]
-        return slots[sel], values.filter(pa.array(sel)) if len(sel) else values, None
+        return slots[sel], values.filter(pa.array(sel)) if len(sel) else values, counts[sel] if counts is not None else None
 
 
 class AggregateStore:
@@ -154,6 +159,7 @@ class AggregateStore:
         self.distinct = {a.field: _RowStore("distinct") for a in aggregations if a.fn == "count_distinct"}
         self.udf_values = {a.field: _RowStore("values") for a in aggregations if a.is_udf}
         self.udfs = {a.fn: load_udf(a.fn) for a in aggregations if a.is_udf}
+        self.failures: list[dict] = []
         self.value_types: dict[str, pa.DataType] = {}
         self.array_fields = sorted({*self.order_fields, *self.distinct, *self.udf_values})
         self._grow(capacity)
@@ -250,7 +256,7 @@ class AggregateStore:
         for f, store in self.udf_values.items():
             arr = inp.arrays[f]
             self.value_types.setdefault(f, arr.type)
-            store.add(slots.copy(), arr)
+            store.add(slots.copy(), arr, inp.offsets.copy() if inp.offsets is not None else None)
 
     # -- merge ------------------------------------------------------------
     def merge(self, dst: np.ndarray, src: np.ndarray) -> None:
@@ -330,10 +336,15 @@ class AggregateStore:
                 out[a.column] = self._udf(a, slots, pos, n)
         return out
 
+    def take_failures(self) -> list[dict]:
+        out, self.failures = self.failures, []
+        return out
+
     def _udf(self, a: Aggregation, slots: np.ndarray, pos: np.ndarray, n: int) -> pa.Array:
-        s, v, _ = self.udf_values[a.field].rows_for(slots, self.capacity)
+        s, v, offs = self.udf_values[a.field].rows_for(slots, self.capacity)
         order = np.argsort(pos[s], kind="stable")
         v = v.take(pa.array(order))
+        offs = offs[order] if offs is not None else None
         counts = np.bincount(pos[s], minlength=n)
         offsets = np.concatenate(([0], np.cumsum(counts)))
         fn = self.udfs[a.fn]
@@ -343,21 +354,23 @@ class AggregateStore:
             piece = v.slice(offsets[i], counts[i])
             try:
                 res = fn(piece)
-            except Exception as exc:
-                raise UdfError(a.fn, exc) from exc
-            if isinstance(res, pa.Scalar):
-                res = res.as_py()
+                if isinstance(res, pa.Scalar):
+                    res = res.as_py()
+                pa.array([res])  # a result Arrow cannot hold fails this group, not the batch
+            except Exception as exc:  # user code raises anything: the group's records are dead-lettered
+                import traceback
+
+                self.failures.append({
+                    "position": i, "function": a.fn, "field": a.field,
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": "".join(traceback.format_exception(exc, limit=-3)),
+                    "offsets": offs[offsets[i]:offsets[i] + counts[i]].tolist() if offs is not None else [],
+                    "values": piece.to_pylist(),
+                })
+                res = None
             results.append(res)
         try:
             return pa.array(results)
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise UdfError(a.fn, TypeError(f"results are not one scalar type: {exc}")) from exc
-
-
-class UdfError(RuntimeError):
-    """A user aggregation function failed while finalizing a window."""
-
-    def __init__(self, ref: str, exc: BaseException):
-        self.ref = ref
-        self.original = exc
-        super().__init__(f"aggregation {ref} raised {type(exc).__name__}: {exc}")
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            # results of different types: every group's result as text, so nothing is lost
+            return pa.array([None if r is None else str(r) for r in results], pa.string())

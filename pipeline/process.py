@@ -93,6 +93,7 @@ class BatchResult:
     closed: list[pa.Table] = field(default_factory=list)
     late: pa.Table | None = None
     rejects: pa.Table | None = None
+    udf_failures: pa.Table | None = None  # records of window groups whose user function raised (also in the windows)
     records: int = 0
     rejected: int = 0
     late_records: int = 0
@@ -145,17 +146,46 @@ def _records(batch: Batch, idx: np.ndarray) -> dict[str, pa.Array]:
     }
 
 
-def _close(state: PipelineState) -> list[pa.Table]:
-    """Emit and free windows by their partition's effective watermark."""
+def _close(state: PipelineState) -> tuple[list[pa.Table], pa.Table | None]:
+    """Emit and free windows by their partition's effective watermark.
+
+    Returns the closed windows and, when a user function raised for some
+    window groups, their records as dead letters (``udf_error:<function>``,
+    the exception and traceback in the detail; the group's column is null).
+    """
     watermarks = state.tracker.partition_watermarks()
-    closed = []
+    closed, failures = [], []
     for w in state.windows.values():
         t = w.close(watermarks)
         if t is not None:
             closed.append(t)
             state.windows_emitted += t.num_rows
+        failures += w.failures
+        w.failures = []
         w.expire(watermarks)
-    return closed
+    return closed, _udf_rejects(state.spec, failures)
+
+
+def _udf_rejects(spec: PipelineSpec, failures: list[dict]) -> pa.Table | None:
+    if not failures:
+        return None
+    import json
+
+    cols: dict[str, list] = {n: [] for n in REJECT_SCHEMA.names}
+    for f in failures:
+        detail = f"window {f['window']} starting {f['window_start']}: {f['function']}({f['field']}) raised {f['error']}\n{f['traceback']}"
+        for off, value in zip(f["offsets"], f["values"]):
+            cols["topic"].append(spec.source.kafka.topic)
+            cols["partition"].append(f["partition"])
+            cols["offset"].append(off)
+            cols["timestamp"].append(-1)
+            cols["key"].append(None)
+            cols["value"].append(json.dumps({"window": f["window"], "window_start": f["window_start"], f["field"]: value},
+                                            default=str).encode())
+            cols["reason"].append(f"udf_error:{f['function']}")
+            cols["detail"].append(detail[:4000])
+            cols["schema"].append(None)
+    return pa.table(cols, schema=REJECT_SCHEMA)
 
 
 def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich: Enrich | None = None,
@@ -180,7 +210,7 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich
     """
     result = BatchResult(records=len(batch))
     if len(batch) == 0:
-        result.closed = _close(state)
+        result.closed, result.udf_failures = _close(state)
         result.watermark = state.tracker.watermark
         return result
     limit = spec.source.kafka.max_message_bytes
@@ -230,7 +260,7 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich
     prefix = np.maximum(state.tracker.prefix(parts, times, np.ones(len(times), bool)), seen_before)
     numeric_fields = sorted({f for w in state.windows.values() for f in w.store.numeric_fields})
     columns = {name: table.column(name).combine_chunks() for name in table.column_names}
-    r = Rows(times, parts, prefix, columns, _numeric(table, numeric_fields))
+    r = Rows(times, parts, prefix, columns, _numeric(table, numeric_fields), batch.offsets[rows])
     late_idx, late_window, late_start = [], [], []
     for name, w in state.windows.items():
         lrows, lstarts = w.add(r)
@@ -259,7 +289,7 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich
         result.rejected = len(rejects)
     if len(times):
         result.min_event_time, result.max_event_time = int(times.min()), int(times.max())
-    result.closed = _close(state)
+    result.closed, result.udf_failures = _close(state)
     result.watermark = state.tracker.watermark
     return result
 
@@ -299,8 +329,8 @@ def advance(state: PipelineState, to_end: bool = False) -> BatchResult:
     """Re-evaluate the watermark without input (idle partitions) or, at end of input, pass every window."""
     if to_end:
         state.tracker.advance_to_end()
-    closed = _close(state)
-    return BatchResult(closed=closed, watermark=state.tracker.watermark)
+    closed, failures = _close(state)
+    return BatchResult(closed=closed, udf_failures=failures, watermark=state.tracker.watermark)
 
 
 def describe_watermark(wm: int) -> str:

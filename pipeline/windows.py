@@ -53,6 +53,7 @@ class Rows:
     watermarks: np.ndarray  # int64 prefix watermark seen by each record
     columns: dict[str, pa.Array]  # decoded fields
     numeric: dict[str, tuple[np.ndarray, np.ndarray]]  # float fields: values, valid
+    offsets: np.ndarray | None = None  # source offsets (user functions report the records they failed on)
 
     def __len__(self) -> int:
         return len(self.times)
@@ -129,6 +130,7 @@ class WindowState:
         self.sessions: dict[tuple, list[int]] = {}  # keys -> open session slots
         self.key_types: list[pa.DataType] = []
         self.value_fields = sorted({a.field for a in spec.aggregations if a.field})
+        self.failures: list[dict] = []  # user-function failures of emitted windows, taken by process_batch
         self._grow(capacity)
 
     # -- slots ------------------------------------------------------------
@@ -288,7 +290,10 @@ class WindowState:
             arr = rows.columns[f]
             arrays[f] = arr if identity else arr.take(take)
         times = rows.times if identity else rows.times[pair_rows]
-        self.store.fold(FoldInput(pair_slots, times, numeric, arrays))
+        offsets = None
+        if rows.offsets is not None and self.store.udf_values:
+            offsets = rows.offsets if identity else rows.offsets[pair_rows]
+        self.store.fold(FoldInput(pair_slots, times, numeric, arrays, offsets))
 
     def _add_sessions(self, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
         gap = self.spec.gap
@@ -450,6 +455,10 @@ class WindowState:
         for i, k in enumerate(self.spec.group_by):
             cols[k] = pa.array([self.keys[s][i] for s in slots.tolist()], self.key_types[i] if self.key_types else None)
         cols.update(self.store.finalize(slots))
+        for f in self.store.take_failures():
+            slot = int(slots[f["position"]])
+            self.failures.append({**f, "window": self.spec.name, "window_start": int(self.start[slot]),
+                                  "partition": int(self.partition[slot])})
         cols["revision"] = pa.array(self.revision[slots])
         cols["partition"] = pa.array(self.partition[slots])
         return pa.table(cols)
@@ -492,6 +501,8 @@ def snapshot_window(w: WindowState, partition: int) -> dict[str, pa.Table]:
             t = {"slot": pa.array(pos[s]), "value": pa.array(v) if kind == "sketch" else v}
             if kind == "sketch":
                 t["count"] = pa.array(c)
+            elif kind == "values" and c is not None and len(c) == len(s):
+                t["offset"] = pa.array(c)
             out[f"rows.{kind}.{f}"] = pa.table(t)
     return out
 
@@ -554,5 +565,6 @@ def restore_window(w: WindowState, partition: int, tables: dict[str, pa.Table]) 
         else:
             vals = rt.column("value").combine_chunks()
             st.value_types.setdefault(f, vals.type)
-            store.add(slots, vals)
+            offs = rt.column("offset").to_numpy() if "offset" in rt.column_names else None
+            store.add(slots, vals, offs)
     return n

@@ -37,6 +37,7 @@ class LoopStats:
     records: int = 0
     rejected: int = 0
     late: int = 0
+    udf_errors: int = 0  # records of window groups whose user function raised (dead-lettered, still in the windows)
     windows_emitted: int = 0
     files_written: int = 0
     batches: int = 0
@@ -171,7 +172,8 @@ class PartitionLoop:
                 self.state.tracker.finish(p)
 
     def _write(self, result: BatchResult) -> None:
-        if self.fence is not None and (result.closed or result.late is not None or result.rejects is not None):
+        if self.fence is not None and (result.closed or result.late is not None or result.rejects is not None
+                                       or result.udf_failures is not None):
             if not self.fence():
                 # this loop's partitions were given to another worker (a newer epoch):
                 # it must not write anything any more
@@ -189,6 +191,9 @@ class PartitionLoop:
                 self.dlq.write(_late_as_rejects(result.late))
         if result.rejects is not None:
             self.dlq.write(result.rejects)
+        if result.udf_failures is not None:
+            self.stats.udf_errors += result.udf_failures.num_rows
+            self.dlq.write(result.udf_failures)
 
     # -- whole runs -----------------------------------------------------------
     @property

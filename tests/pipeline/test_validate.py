@@ -173,3 +173,29 @@ def test_vectorized_verdict_equals_fastjsonschema(records):
     rejected = set(r.rejects["offset"].to_pylist()) if r.rejects is not None else set()
     for i, ok in enumerate(expect):
         assert (i not in rejected) == ok, f"record {values[i]!r}: fastjsonschema says {'valid' if ok else 'invalid'}"
+
+
+def test_a_raising_user_function_dead_letters_only_its_windows_records():
+    from tests.pipeline.harness import run_core
+    import pandas as pd
+
+    df = pd.DataFrame({"tenant_id": ["a", "a", "b", "b", "a", "b"], "ts": [T0, T0 + 10, T0 + 20, T0 + 30, T0 + 2000, T0 + 2001],
+                       "value": [1.0, 13.0, 2.0, 3.0, 4.0, 5.0], "partition": [0] * 6, "offset": range(6)})
+    spec = make_spec([{"name": "w", "type": "tumbling", "size": "1s", "group_by": ["tenant_id"],
+                       "aggregations": ["count", "tests.pipeline.udfs:fragile(value) as total"]}])
+    emitted, _, results, _ = run_core(spec, df, cuts=[3])
+    rows = {(r["tenant_id"], r["window_start"].timestamp() * 1000 - T0): r for r in pa_rows(emitted["w"])}
+    assert rows[("a", 0)]["total"] is None and rows[("a", 0)]["count"] == 2  # the window is still emitted, counted
+    assert rows[("b", 0)]["total"] == 5.0 and rows[("a", 2000)]["total"] == 4.0
+    failed = [r.udf_failures for r in results if r.udf_failures is not None]
+    assert len(failed) == 1
+    f = failed[0]
+    assert f["offset"].to_pylist() == [0, 1] and set(f["reason"].to_pylist()) == {"udf_error:tests.pipeline.udfs:fragile"}
+    assert "ValueError: unlucky window" in f["detail"][0].as_py() and "Traceback" in f["detail"][0].as_py()
+    assert sum(r.rejected for r in results) == 0  # the records are in their window and in the dead-letter topic
+
+
+def pa_rows(tables):
+    import pyarrow as pa
+
+    return pa.concat_tables(tables).to_pylist()
