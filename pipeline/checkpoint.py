@@ -65,6 +65,12 @@ def encode_partition(state: PipelineState, partition: int, offset: int, epoch: i
         for tname, t in snapshot_window(w, partition).items():
             names.append(f"{name}/{tname}")
             blobs.append(_ipc(t))
+    seen = state.seen.get(int(partition))
+    if seen:
+        items = list(seen.items())
+        names.append("dedup")
+        blobs.append(_ipc(pa.table({"id": pa.array([str(k) for k, _ in items]), "time": pa.array([v[0] for _, v in items], pa.int64()),
+                                    "offset": pa.array([v[1] for _, v in items], pa.int64())})))
     return _ipc(pa.table([pa.array(names, pa.string()), pa.array(blobs, pa.large_binary())], schema=_OUTER))
 
 
@@ -75,6 +81,8 @@ def decode_partition(data: bytes) -> PartitionSnapshot:
     for name, blob in zip(outer.column("name").to_pylist(), outer.column("ipc").to_pylist()):
         if name == "meta":
             meta = json.loads(blob)
+        elif name == "dedup":
+            tables.setdefault("", {})["dedup"] = _table(blob)
         else:
             window, _, tname = name.partition("/")
             tables.setdefault(window, {})[tname] = _table(blob)
@@ -96,7 +104,12 @@ def restore_partition(state: PipelineState, snap: PartitionSnapshot) -> int:
     state.tracker.add_partition(p)
     state.tracker.restore(p, snap.meta["watermark"])
     restored = 0
+    dedup = snap.tables.get("", {}).get("dedup")
+    if dedup is not None:
+        state.seen[p] = {k: (t, o) for k, t, o in zip(dedup["id"].to_pylist(), dedup["time"].to_pylist(), dedup["offset"].to_pylist())}
     for name, tables in snap.tables.items():
+        if name == "":
+            continue
         w = state.windows.get(name)
         if w is None:
             continue  # a window removed from the spec: its state is dropped (a new one starts empty)

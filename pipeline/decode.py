@@ -43,6 +43,8 @@ def input_schema(spec: PipelineSpec) -> dict[str, pa.DataType]:
     for e in spec.enrich:
         for k in e.key:
             out.setdefault(k, _TYPES[spec.fields.get(k, "string")])
+    if spec.dedup is not None:
+        out.setdefault(spec.dedup.field, _TYPES[spec.fields.get(spec.dedup.field, "string")])
     for e in spec.enrich:
         for f, kind in e.fields.items():
             out.pop(f, None)

@@ -114,6 +114,9 @@ class PipelineState:
         )
         self.windows = {w.name: WindowState(w, spec.event_time.allowed_lateness) for w in spec.windows}
         self.windows_emitted = 0
+        # dedup: per partition, event id -> (event time, offset) of its first delivery
+        self.seen: dict[int, dict] = {}
+        self._dedup_batches = 0
 
     @property
     def open_windows(self) -> int:
@@ -235,6 +238,9 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich
     extra = [c for c in table.column_names if c not in state.decoder.schema_names]
     if extra:
         table = table.drop_columns(extra)
+    if spec.dedup is not None and len(rows):
+        table, times, rows, drejects = _dedup(spec, state, batch, table, times, rows)
+        rejects += drejects
     ts = batch.timestamps[rows]
     future = (ts >= 0) & (times > ts + spec.event_time.max_future)
     if future.any():
@@ -292,6 +298,37 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich
     result.closed, result.udf_failures = _close(state)
     result.watermark = state.tracker.watermark
     return result
+
+
+def _dedup(spec, state, batch, table, times, rows):
+    """Reject records whose event id their partition already delivered (within the horizon)."""
+    field = spec.dedup.field
+    ids = table.column(field).to_pylist()
+    parts = batch.partitions[rows].tolist()
+    offs = batch.offsets[rows].tolist()
+    keep = np.ones(len(rows), bool)
+    out = []
+    for i, (eid, p) in enumerate(zip(ids, parts)):
+        if eid is None:
+            continue  # no id: nothing to compare (a schema can require it)
+        eid = str(eid)  # ids are kept as text (checkpoints store them so)
+        seen = state.seen.setdefault(p, {})
+        first = seen.get(eid)
+        if first is not None:
+            keep[i] = False
+            out.append((int(rows[i]), "duplicate", f"{field} {eid!r} was first delivered at offset {first[1]}", None))
+        else:
+            seen[eid] = (int(times[i]), offs[i])
+    state._dedup_batches += 1
+    if state._dedup_batches % 32 == 0:
+        horizon = spec.dedup.horizon
+        for p, seen in state.seen.items():
+            floor = state.tracker.effective.get(p, NEG_INF) - horizon
+            if floor > NEG_INF:
+                state.seen[p] = {k: v for k, v in seen.items() if v[0] >= floor}
+    if not keep.all():
+        table, times, rows = table.filter(pa.array(keep)), times[keep], rows[keep]
+    return table, times, rows, out
 
 
 def _validate(validate, state, batch, table, times, rows):

@@ -318,6 +318,11 @@ class ValidateSpec(_Model):
         return self
 
 
+class DedupSpec(_Model):
+    field: str = Field(description="event id field: a record whose id its partition already delivered is dead-lettered as 'duplicate'")
+    horizon: Duration = Field(default=3_600_000, description="ids are remembered until the partition's watermark is this far past them")
+
+
 class CheckpointSpec(_Model):
     uri: str = Field(description="file://path or s3://bucket/prefix; checkpoints go under <uri>/<pipeline>/chk-<id>/")
     interval: Duration = Field(default=10_000, description="time between checkpoints")
@@ -438,6 +443,7 @@ class PipelineSpec(_Model):
     sinks: list[SinkSpec] = Field(min_length=1, description="where closed windows are written")
     late_output: SinkSpec | None = Field(default=None, description="where records for freed windows go (parquet)")
     validate_: ValidateSpec | None = Field(default=None, alias="validate", description="JSON Schema validation of every record")
+    dedup: DedupSpec | None = Field(default=None, description="drop records whose event id was already seen (per partition)")
     checkpoint: CheckpointSpec | None = Field(default=None, description="periodic snapshots of state and offsets; enables recovery")
     health: HealthSpec = Field(default_factory=HealthSpec, description="worker health checks and restart limits")
     dead_letter: DeadLetter = Field(default_factory=DeadLetter, description="where rejected records go")

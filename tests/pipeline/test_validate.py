@@ -199,3 +199,23 @@ def pa_rows(tables):
     import pyarrow as pa
 
     return pa.concat_tables(tables).to_pylist()
+
+
+def test_duplicate_event_ids_are_dead_lettered_across_batches_and_checkpoints():
+    from pipeline.checkpoint import decode_partition, encode_partition, restore_partition
+
+    spec = make_spec(WINDOW, dedup={"field": "event_id", "horizon": "1h"})
+    recs = [_ok(event_id=f"e{i % 7}", ts=T0 + i) for i in range(10)]  # e0..e2 come twice
+    values = [_enc(r) for r in recs]
+    state = PipelineState(spec, [0, 1])
+    r1 = process_batch(spec, state, Batch.of("events", values[:5], [0] * 5, range(5), timestamps=[T0] * 5))
+    # the state moves through a checkpoint between the batches
+    moved = PipelineState(spec, [])
+    restore_partition(moved, decode_partition(encode_partition(state, 0, 5, 1, 1)))
+    r2 = process_batch(spec, moved, Batch.of("events", values[5:], [0] * 5, range(5, 10), timestamps=[T0] * 5))
+    assert r1.rejects is None
+    assert r2.rejects["offset"].to_pylist() == [7, 8, 9] and set(r2.rejects["reason"].to_pylist()) == {"duplicate"}
+    assert "first delivered at offset 0" in r2.rejects["detail"][0].as_py()
+    # the same id on another partition is not a duplicate (ids are per partition)
+    r3 = process_batch(spec, moved, Batch.of("events", [values[0]], [1], [0], timestamps=[T0]))
+    assert r3.rejects is None
