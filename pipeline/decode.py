@@ -85,9 +85,40 @@ class JsonDecoder:
                 self.fields.setdefault(name, _TYPES[kind])
         self.keep_unexpected = keep_unexpected
         self.schema_names = {self.time_field, *self.fields}
+        self.proto_class = None  # format: protobuf: values are parsed as this message first
         self._schema: pa.Schema | None = None
         if self.time_format != "auto":
             self._schema = self._make_schema(self.time_format)
+
+    def _from_protobuf(self, values: list) -> tuple[list, list[tuple[int, str, str]]]:
+        """Protobuf values -> JSON object values; unparseable ones become rejects (kept as None)."""
+        from google.protobuf.json_format import MessageToDict
+
+        fields = self.proto_class.DESCRIPTOR.fields
+        out, rejects = [], []
+        for i, v in enumerate(values):
+            msg = self.proto_class()
+            try:
+                if v is None:
+                    raise ValueError("empty value (tombstone)")
+                msg.ParseFromString(v)
+            except Exception as exc:  # google.protobuf.message.DecodeError and friends
+                rejects.append((i, "decode_error", f"not a {self.proto_class.DESCRIPTOR.full_name}: {exc}"))
+                out.append(None)
+                continue
+            obj = {}
+            for f in fields:
+                val = getattr(msg, f.name)
+                if f.message_type is not None:
+                    val = MessageToDict(val, preserving_proto_field_name=True) if not f.is_repeated else \
+                        [MessageToDict(x, preserving_proto_field_name=True) for x in val]
+                elif f.is_repeated:
+                    val = list(val)
+                elif isinstance(val, bytes):
+                    val = val.decode("latin-1")
+                obj[f.name] = val
+            out.append(json.dumps(obj).encode())
+        return out, rejects
 
     def _make_schema(self, fmt: str) -> pa.Schema:
         self.time_format = fmt
@@ -130,6 +161,18 @@ class JsonDecoder:
 
     def decode(self, values: list) -> Decoded:
         """Decode a list of record values (bytes or None)."""
+        if self.proto_class is not None:
+            values, proto_rejects = self._from_protobuf(values)
+            if proto_rejects:
+                keep = [i for i, v in enumerate(values) if v is not None]
+                inner = self._decode_json([values[i] for i in keep])
+                idx = np.array(keep, np.int64)
+                inner.rows = idx[inner.rows] if len(idx) else inner.rows
+                inner.rejects = sorted(proto_rejects + [(int(idx[i]), r, d) for i, r, d in inner.rejects])
+                return inner
+        return self._decode_json(values)
+
+    def _decode_json(self, values: list) -> Decoded:
         if self._schema is None:
             self._detect(values)
             if self._schema is None:

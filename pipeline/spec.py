@@ -149,7 +149,8 @@ def _parse_aggregations(value: Any) -> Any:
 class KafkaSource(_Model):
     bootstrap_servers: str = Field(description="host:port[,host:port] of the Kafka brokers")
     topic: str = Field(min_length=1, description="topic to read")
-    format: Literal["json"] = Field(default="json", description="record value encoding")
+    format: Literal["json", "protobuf"] = Field(
+        default="json", description="record value encoding; protobuf decodes with the registered descriptor of validate.subject")
     client: Literal["confluent", "kafka-python"] = Field(
         default="confluent", description="Kafka client library (confluent-kafka is the fast path)"
     )
@@ -459,6 +460,8 @@ class PipelineSpec(_Model):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"window names must be unique, repeated: {sorted(dup)}")
+        if self.source.kafka.format == "protobuf" and (self.validate_ is None or self.validate_.subject is None):
+            raise ValueError("format: protobuf needs validate: {subject: ..., registry: ...} naming the message's schema")
         if self.late_output is not None and self.late_output.parquet is None:
             raise ValueError("late_output takes a parquet sink")
         enames = [e.name for e in self.enrich]

@@ -158,3 +158,38 @@ def test_dlq_inspect_and_replay_after_a_schema_fix(broker, postgres, tmp_path, t
     back = [r for r in read_topic(broker.address, topic_name) if "raystream.replay_of" in r.headers]
     assert len(back) == 40 and len({r.headers["raystream.replay_of"] for r in back}) == 40
     assert all(json.loads(r.value)["kind"] == "b" for r in back)
+
+
+def test_protobuf_topic_decodes_with_the_registered_descriptor(broker, postgres, tmp_path, topic_name, pipeline_name):
+    from google.protobuf import message_factory
+    from google.protobuf.descriptor_pb2 import FieldDescriptorProto as F
+
+    from tests.pipeline.test_schemas import _proto
+
+    schema = _proto([("tenant_id", 1, F.TYPE_STRING, F.LABEL_OPTIONAL), ("ts", 2, F.TYPE_INT64, F.LABEL_OPTIONAL),
+                     ("value", 3, F.TYPE_DOUBLE, F.LABEL_OPTIONAL)])
+    subject = f"{topic_name}-proto"
+    Registry(postgres.extra["dsn"]).register(subject, schema)
+    Event = message_factory.GetMessageClass(schema.descriptor())
+    broker.extra["broker"].create_topic(topic_name, 1)
+    prod = Producer({"bootstrap.servers": broker.address})
+    total = {}
+    for i in range(300):
+        tenant = f"t{i % 3}"
+        prod.produce(topic_name, value=Event(tenant_id=tenant, ts=T0 + i * 10, value=float(i)).SerializeToString(), partition=0)
+        total[tenant] = total.get(tenant, 0.0) + i
+    for junk in (b"\xff\xff\xff", b"\x0a\x05ab"):  # not a message; a truncated field
+        prod.produce(topic_name, value=junk, partition=0)
+    prod.flush(30)
+    spec = parse_spec({
+        "name": pipeline_name,
+        "source": {"kafka": {"bootstrap_servers": broker.address, "topic": topic_name, "format": "protobuf"}},
+        "event_time": {"field": "ts", "format": "epoch_ms"},
+        "windows": [{"name": "w", "type": "tumbling", "size": "1h", "group_by": ["tenant_id"], "aggregations": ["count", "sum(value)"]}],
+        "sinks": [{"parquet": {"uri": f"file://{tmp_path}/out"}}],
+        "validate": {"subject": subject, "registry": {"dsn": postgres.extra["dsn"]}},
+    })
+    report = run_pipeline(spec, until_end=True, inline=True)
+    assert report.records == 302 and report.rejected == 2
+    rows = read_windows(f"file://{tmp_path}/out", pipeline_name, "w").to_pandas().groupby("tenant_id")["sum_value"].sum()
+    assert rows.to_dict() == total

@@ -92,6 +92,8 @@ class PartitionLoop:
             schema_fields, keep_unexpected = default.decoder_fields(), default.closed
         self.state = PipelineState(spec, [p for p in self.partitions if p not in (snapshots or {})],
                                    schema_fields=schema_fields, keep_unexpected=keep_unexpected)
+        if spec.source.kafka.format == "protobuf":
+            self.state.decoder.proto_class = self.validation.message_class()
         self.restored_slots = 0
         for p, data in (snapshots or {}).items():
             snap = decode_partition(data)

@@ -36,10 +36,21 @@ class SchemaSource:
     def _for(self, version: int | str) -> tuple[Validator, str]:
         v, schema = self.cache.get(version)
         if v not in self._validators:
-            if schema.kind != "json":
-                raise ValueError(f"{self.cfg.subject} v{v} is a {schema.kind} schema; JSON records are validated with JSON Schema")
-            self._validators[v] = (Validator(schema.doc, f"{self.cfg.subject} v{v}"), f"{self.cfg.subject}/{v}")
+            if schema.kind == "protobuf":
+                # the descriptor is the contract: a record that parses as the message is valid
+                self._validators[v] = (Validator({"type": "object"}, f"{self.cfg.subject} v{v}"), f"{self.cfg.subject}/{v}")
+            else:
+                self._validators[v] = (Validator(schema.doc, f"{self.cfg.subject} v{v}"), f"{self.cfg.subject}/{v}")
         return self._validators[v]
+
+    def message_class(self):
+        """The protobuf message class of the spec's version (``format: protobuf``)."""
+        from google.protobuf import message_factory
+
+        v, schema = self.cache.get(self.cfg.version)
+        if schema.kind != "protobuf":
+            raise ValueError(f"{self.cfg.subject} v{v} is a {schema.kind} schema, not protobuf")
+        return message_factory.GetMessageClass(schema.descriptor())
 
     def default(self) -> tuple[Validator, str]:
         if self._file is not None:
