@@ -193,3 +193,56 @@ def test_protobuf_topic_decodes_with_the_registered_descriptor(broker, postgres,
     assert report.records == 302 and report.rejected == 2
     rows = read_windows(f"file://{tmp_path}/out", pipeline_name, "w").to_pandas().groupby("tenant_id")["sum_value"].sum()
     assert rows.to_dict() == total
+
+
+def test_bad_input_matrix_through_the_broker(broker, tmp_path, topic_name, pipeline_name):
+    """Every row of the matrix, produced to a real topic: each record ends where the matrix says, with its reason."""
+    import pyarrow.parquet as pq  # noqa: F401  (late output is Parquet)
+
+    from pipeline.io.dlq import read_topic
+    from pipeline.io.storage import open_location
+    from tests.pipeline.test_validate import MATRIX, SCHEMA as MSCHEMA, T0 as MT0, _enc, _ok
+
+    rows = []
+    for i, (name, value, want) in enumerate(MATRIX):
+        # a distinct event id per record (the matrix reuses one), so only the duplicate row is a duplicate
+        if value.startswith(b"{") and b'"event_id": "e1"' in value:
+            value = value.replace(b'"event_id": "e1"', f'"event_id": "e{100 + i}"'.encode())
+        rows.append((name, value, want))
+    rows += [("udf raises (its own group)", _enc(_ok(event_id="e900", tenant_id="unlucky", value=13.0, ts=MT0 + 20)),
+              "udf_error:tests.pipeline.udfs:fragile"),
+             ("duplicate id", _enc(_ok(event_id="e100", ts=MT0 + 30)), "duplicate")]
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(MSCHEMA))
+    broker.extra["broker"].create_topic(topic_name, 1)
+    prod = Producer({"bootstrap.servers": broker.address})
+    for _, value, _ in rows:
+        prod.produce(topic_name, value=value, partition=0, timestamp=MT0)
+    prod.flush(30)
+    spec = parse_spec({
+        "name": pipeline_name,
+        "source": {"kafka": {"bootstrap_servers": broker.address, "topic": topic_name, "max_message_bytes": 4096}},
+        "event_time": {"field": "ts", "format": "epoch_ms"},
+        "windows": [{"name": "w", "type": "tumbling", "size": "1h", "group_by": ["tenant_id"],
+                     "aggregations": ["count", "tests.pipeline.udfs:fragile(value) as total"]}],
+        "sinks": [{"parquet": {"uri": f"file://{tmp_path}/out"}}],
+        "late_output": {"parquet": {"uri": f"file://{tmp_path}/late"}},
+        "validate": {"schema_file": str(schema_file)},
+        "dedup": {"field": "event_id"},
+    })
+    report = run_pipeline(spec, until_end=True, inline=True)
+    where: dict[int, list[str]] = {}
+    for r in read_topic(broker.address, f"{topic_name}.dlq"):
+        offset = int(r.source.rsplit("/", 1)[1])
+        where.setdefault(offset, []).append(r.reason)
+    late = open_location(f"file://{tmp_path}/late").read_parquet(f"{pipeline_name}/late")
+    for off in (late["offset"].to_pylist() if late is not None else []):
+        where.setdefault(off, []).append("late")
+    for i, (name, _, want) in enumerate(rows):
+        if want is None:
+            assert i not in where, f"{name}: {where.get(i)}"
+        else:
+            assert where.get(i) == [want], f"{name}: got {where.get(i)}, want {want}"
+    n_dead = sum(1 for _, _, w in rows if w not in (None, "late", "udf_error:tests.pipeline.udfs:fragile"))
+    assert report.records == len(rows) and report.rejected == n_dead and report.late == 1
+    assert report.workers[0]["udf_errors"] >= 1

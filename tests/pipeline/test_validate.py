@@ -85,6 +85,7 @@ MATRIX = [
     ("infinity", b'{"event_id": "e1", "tenant_id": "acme", "ts": 1700000000010, "value": 1e999}', "non_finite"),
     ("exotic unicode (valid)", _enc(_ok(tenant_id="𝔞𝔠𝔪𝔢-🦄")), None),
     ("event time far in the future", _enc(_ok(ts=T0 + 10 * 86_400_000)), "timestamp_out_of_range"),
+    ("event time far in the past", _enc(_ok(ts=T0 - 30 * 86_400_000)), "late"),
     ("oversized", _enc(_ok(pad="x" * 5000)), "oversized"),
     ("missing event time", _enc({k: v for k, v in _ok().items() if k != "ts"}), "missing_field:ts"),
 ]
@@ -107,6 +108,9 @@ def test_bad_input_matrix_every_record_accounted_for():
     values = [v for _, v, _ in MATRIX]
     r = _run(values)
     got = {}
+    if r.late is not None:
+        for off in r.late["offset"].to_pylist():
+            got[off] = ("late", "window closed", None)
     if r.rejects is not None:
         for off, reason, detail, schema in zip(r.rejects["offset"].to_pylist(), r.rejects["reason"].to_pylist(),
                                                r.rejects["detail"].to_pylist(), r.rejects["schema"].to_pylist()):
@@ -121,7 +125,9 @@ def test_bad_input_matrix_every_record_accounted_for():
             if want.startswith("schema_violation"):
                 assert got[i][2] == "events/1" and "field" in got[i][1] or "required" in got[i][1]
     accepted = sum(1 for _, _, w in MATRIX if w is None)
-    assert r.records == len(MATRIX) and r.rejected == len(MATRIX) - accepted
+    late = sum(1 for _, _, w in MATRIX if w == "late")
+    # input = valid + dead-lettered + late
+    assert r.records == len(MATRIX) and r.rejected == len(MATRIX) - accepted - late and r.late_records == late
     assert int(sum(t["count"].to_numpy().sum() for t in r.closed)) in (0, accepted)
 
 
