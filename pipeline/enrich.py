@@ -95,14 +95,16 @@ def join_rows(table: pa.Table, codes: np.ndarray, distinct: list, found: dict[st
     """Append the enrichment fields to ``table``; returns (table, matched mask).
 
     ``codes``/``distinct`` come from ``encode_keys``; ``found`` maps a key to its
-    row (a dict of field values) or MISSING. Values are built once per distinct
-    key and spread to the rows with one ``take``.
+    row (a tuple of field values in ``types`` order) or MISSING. Values are
+    built once per distinct key and spread to the rows with one ``take``.
     """
+    none = (None,) * len(types)
     rows = [found.get(k, MISSING) for k in distinct]
     hit = np.array([r is not MISSING for r in rows], dtype=bool)
     take = pa.array(codes, mask=codes < 0)
-    for f, t in types.items():
-        values = pa.array([r.get(f) if r is not MISSING else None for r in rows], t)
+    columns = list(zip(*[none if r is MISSING else r for r in rows])) if rows else [()] * len(types)
+    for (f, t), vals in zip(types.items(), columns):
+        values = pa.array(vals, t)
         col = values.take(take) if len(values) else pa.nulls(len(codes), t)
         table = table.append_column(f, col)
     matched = (codes >= 0) & hit[np.maximum(codes, 0)] if len(hit) else np.zeros(len(codes), bool)

@@ -33,6 +33,7 @@ __all__ = ["EnricherRuntime", "Enrichment", "EnrichStats"]
 
 _NEG = "\x00missing"  # the L2 value of a key known to have no row
 _US = "\x1f"
+_PY = {"string": str, "float64": float, "int64": int, "bool": bool}
 _L2_COOLDOWN_S = 5.0  # after a Redis error, skip L2 this long instead of timing out on every batch
 # SET with expiry for every key of a write-back, in one round trip
 _SET_MANY = "for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[1]) end return #KEYS"
@@ -122,9 +123,13 @@ class EnricherRuntime:
             cols = ", ".join(f'"{c}"' for c in [*self.key_columns, *fields])
             if n == 1:
                 # no cast on the column: the key column's index must stay usable
-                sql = f'select {cols} from {pg.table} where "{self.key_columns[0]}" = ANY(%(keys)s)'
+                # the keys travel as one text parameter split by the server: dumping a
+                # Python list element by element costs more than the query itself
                 kind = self.key_types.get(self.cfg.key[0])
-                params = {"keys": [int(k) for k in keys] if kind == pa.int64() else keys}
+                cast = "::bigint[]" if kind == pa.int64() else ""
+                sql = (f'select {cols} from {pg.table} '
+                       f'where "{self.key_columns[0]}" = ANY(string_to_array(%(keys)s, chr(31)){cast})')
+                params = {"keys": _US.join(keys)}
             else:
                 tuple_expr = "(" + ", ".join(f'"{c}"::text' for c in self.key_columns) + ")"
                 sql = f"select {cols} from {pg.table} where {tuple_expr} in (select * from unnest({', '.join(['%(k' + str(i) + ')s::text[]' for i in range(n)])}))"
@@ -137,7 +142,7 @@ class EnricherRuntime:
                     cur.execute(sql, params)
                     rows = cur.fetchall()
                 self.stats.l3_queries += 1
-                return {"\x1f".join(str(v) for v in row[:n]): self._coerce(row[n:]) for row in rows}
+                return self._rows_by_key(rows, n)
             except Exception:
                 self.stats.l3_errors += 1
                 if self._pg is not None:
@@ -152,28 +157,44 @@ class EnricherRuntime:
                 delay *= 2
         return {}
 
-    def _coerce(self, values) -> dict:
+    def _rows_by_key(self, rows: list[tuple], n: int) -> dict[str, tuple]:
+        """key -> field values (a tuple in ``fields`` order) for PostgreSQL rows ``(keys..., fields...)``."""
+        if not rows:
+            return {}
+        # rows whose columns already have the declared Python types (the usual case) are kept as they are
+        want = [_PY.get(kind) for kind in self.cfg.fields.values()]
+        exact = all(v is None or type(v) is t for row in rows[:64] for v, t in zip(row[n:], want))
+        if n == 1:
+            if exact:
+                return {str(row[0]): row[1:] for row in rows}
+            return {str(row[0]): self._coerce(row[1:]) for row in rows}
+        return {"\x1f".join(str(v) for v in row[:n]): (row[n:] if exact else self._coerce(row[n:])) for row in rows}
+
+    def _coerce(self, values) -> tuple:
         """Values (from PostgreSQL, or strings from L2) as the declared Python types, in field order."""
-        out = {}
-        for (f, kind), v in zip(self.cfg.fields.items(), values):
+        out = []
+        for kind, v in zip(self.cfg.fields.values(), values):
             if v is None:
-                out[f] = None
+                out.append(None)
             elif kind == "float64":
-                out[f] = float(v)
+                out.append(float(v))
             elif kind == "int64":
-                out[f] = int(v)
+                out.append(int(v))
             elif kind == "bool":
-                out[f] = v if isinstance(v, bool) else v in ("True", "true", "t", "1")
+                out.append(v if isinstance(v, bool) else v in ("True", "true", "t", "1"))
             else:
-                out[f] = str(v)
-        return out
+                out.append(str(v))
+        return tuple(out)
 
     # L2 values: the fields in spec order joined by U+001F, U+0000 for null. Cheaper
     # than JSON both ways (the write-back runs beside the batch and shares its GIL).
-    def _encode(self, row: dict) -> str:
-        return _US.join("\x00" if row.get(f) is None else str(row[f]) for f in self.cfg.fields)
+    def _encode(self, row: tuple) -> str:
+        try:
+            return _US.join(row)  # all fields present and text: the common case, one C call
+        except TypeError:
+            return _US.join("\x00" if v is None else str(v) for v in row)
 
-    def _decode(self, raw: bytes) -> dict:
+    def _decode(self, raw: bytes) -> tuple:
         parts = raw.decode().split(_US)
         if len(parts) != len(self.cfg.fields):
             raise ValueError("L2 value does not match the enricher's fields")
@@ -264,7 +285,7 @@ class EnricherRuntime:
         with self._conn().cursor() as cur:
             cur.execute(q)
             rows = cur.fetchall()
-        items = {"\x1f".join(str(v) for v in r[:n]): self._coerce(r[n:]) for r in rows}
+        items = self._rows_by_key(rows, n)
         self.l1.put_many(items)
         return len(items)
 
