@@ -1,0 +1,57 @@
+"""Configuration of the serving layer (``raystream serve --config serve.yaml``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from pipeline.spec import PipelineSpec, SpecError, load_spec
+
+__all__ = ["ServeConfig", "load_config"]
+
+
+class _M(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AuthConfig(_M):
+    jwks_file: str = Field(description="JWKS document with the RS256/ES256 verification keys")
+    issuer: str = Field(description="required 'iss'")
+    audience: str = Field(description="required 'aud'")
+    tenant_claim: str = Field(default="tenant", description="claim naming the caller's tenant")
+    hs256_secret: SecretStr | None = Field(default=None, description="development only: also accept HS256 tokens signed with this")
+
+
+class Autoscaling(_M):
+    min_replicas: int = Field(default=1, ge=1)
+    max_replicas: int = Field(default=2, ge=1)
+    target_ongoing_requests: float = Field(default=8.0, gt=0)
+
+
+class ServeConfig(_M):
+    host: str = Field(default="127.0.0.1", description="HTTP listen address of the Serve proxy")
+    port: int = Field(default=8000, ge=0, le=65535)
+    postgres_dsn: SecretStr = Field(description="the PostgreSQL sink's database (closed windows) and the schema registry")
+    table_prefix: str = Field(default="raystream_", description="as the pipelines' postgres sinks")
+    pipelines: list[str] = Field(default_factory=list, description="pipeline spec files whose windows are served")
+    tenant_key: str = Field(default="tenant_id", description="group key holding the tenant; every read is scoped by it")
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="larger request bodies get 413")
+    max_page_size: int = Field(default=1000, ge=1, le=100_000)
+    auth: AuthConfig
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+
+    def specs(self) -> dict[str, PipelineSpec]:
+        out = {}
+        for p in self.pipelines:
+            s = load_spec(p)
+            out[s.name] = s
+        return out
+
+
+def load_config(path: str | Path) -> ServeConfig:
+    try:
+        return ServeConfig.model_validate(yaml.safe_load(Path(path).read_text()))
+    except (OSError, yaml.YAMLError) as exc:
+        raise SpecError([f"{path}: {exc}"]) from None

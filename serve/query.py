@@ -1,0 +1,130 @@
+"""Closed windows read from the PostgreSQL sink: tenant-scoped, filtered, paged.
+
+Nothing from a request reaches SQL as text: column names are checked against
+the window's allow-list (group keys, ``partition``, bounds, aggregations,
+``revision``) and quoted as identifiers; values are parameters. Pages are
+keyset-paginated on (window_start, group keys, partition) with an opaque
+cursor.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from pipeline.io.sinks.postgres import table_name
+from pipeline.spec import PipelineSpec
+
+__all__ = ["BadQuery", "WindowInfo", "catalog", "query_windows"]
+
+
+class BadQuery(ValueError):
+    """A request naming something not allowed (400), or a window that cannot be tenant-scoped (403)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class WindowInfo:
+    pipeline: str
+    window: str
+    keys: tuple[str, ...]
+    values: tuple[str, ...]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return ("window_start", "window_end", *self.keys, "partition", *self.values, "revision")
+
+
+def catalog(specs: dict[str, PipelineSpec]) -> dict[tuple[str, str], WindowInfo]:
+    return {(s.name, w.name): WindowInfo(s.name, w.name, tuple(w.group_by), tuple(a.column for a in w.aggregations))
+            for s in specs.values() for w in s.windows}
+
+
+def _encode_cursor(values: list) -> str:
+    return base64.urlsafe_b64encode(json.dumps(values, default=str).encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> list:
+    try:
+        out = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except ValueError:
+        raise BadQuery("cursor is not one this API gave out") from None
+    if not isinstance(out, list):
+        raise BadQuery("cursor is not one this API gave out")
+    return out
+
+
+def _ms(v) -> int:
+    return int(v.timestamp() * 1000) if isinstance(v, dt.datetime) else int(v)
+
+
+def query_windows(conn, prefix: str, info: WindowInfo, tenant_key: str, tenant: str, filters: dict[str, str],
+                  start_ms: int | None = None, end_ms: int | None = None, order: str = "asc", fields: list[str] | None = None,
+                  limit: int = 100, cursor: str | None = None) -> tuple[list[dict], str | None]:
+    """One page of closed windows of ``tenant``; returns (rows, next cursor or None)."""
+    if tenant_key not in info.keys:
+        raise BadQuery(f"window {info.window} is not grouped by {tenant_key!r}: it cannot be served per tenant", 403)
+    allowed_filters = set(info.keys) | {"partition"}
+    for name in filters:
+        if name not in allowed_filters:
+            raise BadQuery(f"cannot filter on {name!r}; allowed: {sorted(allowed_filters)}")
+    if tenant_key in filters and filters[tenant_key] != tenant:
+        raise BadQuery("a token may only read its own tenant", 403)
+    if order not in ("asc", "desc"):
+        raise BadQuery("order is asc or desc")
+    cols = list(info.columns)
+    if fields:
+        bad = [f for f in fields if f not in cols]
+        if bad:
+            raise BadQuery(f"unknown fields {bad}; allowed: {cols}")
+    sort_cols = ["window_start", *info.keys, "partition"]
+    where = [sql.SQL("{} = %s").format(sql.Identifier(tenant_key))]
+    params: list = [tenant]
+    for name, value in filters.items():
+        if name == tenant_key:
+            continue
+        where.append(sql.SQL("{}::text = %s").format(sql.Identifier(name)))
+        params.append(str(value))
+    if start_ms is not None:
+        where.append(sql.SQL("window_start >= to_timestamp(%s / 1000.0)"))
+        params.append(start_ms)
+    if end_ms is not None:
+        where.append(sql.SQL("window_start < to_timestamp(%s / 1000.0)"))
+        params.append(end_ms)
+    if cursor:
+        last = _decode_cursor(cursor)
+        if len(last) != len(sort_cols):
+            raise BadQuery("cursor is not one this API gave out")
+        # row comparison on the sort key; window_start travels as epoch ms
+        op = sql.SQL(">") if order == "asc" else sql.SQL("<")
+        where.append(sql.SQL("({}) {} (to_timestamp(%s / 1000.0), {})").format(
+            sql.SQL(", ").join(map(sql.Identifier, sort_cols)), op,
+            sql.SQL(", ").join(sql.Placeholder() for _ in sort_cols[1:])))
+        params += last
+    direction = sql.SQL("ASC") if order == "asc" else sql.SQL("DESC")
+    q = sql.SQL("SELECT {cols} FROM {t} WHERE {where} ORDER BY {order} LIMIT %s").format(
+        cols=sql.SQL(", ").join(map(sql.Identifier, cols)),
+        t=sql.Identifier(table_name(prefix, info.pipeline, info.window)),
+        where=sql.SQL(" AND ").join(where),
+        order=sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), direction) for c in sort_cols),
+    )
+    params.append(limit + 1)
+    with conn.cursor() as cur:
+        cur.execute(q, params)
+        names = [d.name for d in cur.description]
+        rows = [dict(zip(names, r)) for r in cur.fetchall()]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    for r in rows:
+        r["window_start"], r["window_end"] = _ms(r["window_start"]), _ms(r["window_end"])
+    nxt = _encode_cursor([rows[-1][c] for c in sort_cols]) if more and rows else None
+    if fields:
+        rows = [{k: r[k] for k in fields} for r in rows]
+    return rows, nxt
