@@ -432,6 +432,31 @@ def dlq_replay(
                   f"{report.not_replayable:,} not replayable (late), still failing: {report.still_failing or 0}")
 
 
+@app.command("serve")
+def serve_cmd(
+    config: Path = typer.Option(..., "--config", help="serving configuration (YAML), see README"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: a local one on 127.0.0.1)"),
+) -> None:
+    """Start the REST API on Ray Serve and keep it up until Ctrl-C."""
+    from serve.config import load_config
+    from serve.runner import start_serve, stop_serve
+
+    try:
+        cfg = load_config(config)
+    except (SpecError, ValueError) as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(EXIT_SPEC)
+    url = start_serve(cfg, address)
+    console.print(f"[green]serving[/] {url}  (OpenAPI: {url}/docs, health: {url}/healthz)")
+    stop = threading.Event()
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    stop_serve()
+
+
 def main() -> None:
     app()
 

@@ -44,17 +44,32 @@ class Authenticator:
                  hs256_secret: str | None = None, leeway_s: int = 0):
         if isinstance(jwks, (str, Path)):
             jwks = json.loads(Path(jwks).read_text())
-        self.keys: dict[str, tuple[object, str]] = {}
-        for k in jwks.get("keys", []):
-            jwk = jwt.PyJWK.from_dict(k)
-            alg = k.get("alg") or {"RSA": "RS256", "EC": "ES256"}.get(k.get("kty"))
-            if alg not in _ASYMMETRIC:
-                raise ValueError(f"JWKS key {k.get('kid')!r}: algorithm {alg!r} is not RS256/ES256")
-            self.keys[k.get("kid", "")] = (jwk.key, alg)
+        self._jwks = jwks
+        self._keys: dict[str, tuple[object, str]] | None = None
+        self._load()  # refuse a bad JWKS at once
         self.issuer, self.audience = issuer, audience
         self.tenant_claim = tenant_claim
         self.hs256_secret = hs256_secret
         self.leeway_s = leeway_s
+
+    def _load(self) -> dict[str, tuple[object, str]]:
+        keys = {}
+        for k in self._jwks.get("keys", []):
+            jwk = jwt.PyJWK.from_dict(k)
+            alg = k.get("alg") or {"RSA": "RS256", "EC": "ES256"}.get(k.get("kty"))
+            if alg not in _ASYMMETRIC:
+                raise ValueError(f"JWKS key {k.get('kid')!r}: algorithm {alg!r} is not RS256/ES256")
+            keys[k.get("kid", "")] = (jwk.key, alg)
+        self._keys = keys
+        return keys
+
+    @property
+    def keys(self) -> dict[str, tuple[object, str]]:
+        return self._keys if self._keys is not None else self._load()
+
+    def __getstate__(self) -> dict:
+        # key objects do not pickle: a Serve replica rebuilds them from the JWKS
+        return {**self.__dict__, "_keys": None}
 
     def verify(self, authorization: str | None) -> Principal:
         """``Authorization`` header value -> Principal; raises AuthError (401) on anything wrong."""

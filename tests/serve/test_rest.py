@@ -142,3 +142,23 @@ def test_openapi_document(served):
     client, _, _ = served
     doc = client.get("/openapi.json").json()
     assert "/v1/aggregates/{pipeline}/{window}" in doc["paths"] and client.get("/docs").status_code == 200
+
+
+def test_real_serve_deployment(served, keys, ray_local):
+    import httpx
+
+    from pipeline.io.broker import free_port
+    from serve.runner import start_serve, stop_serve
+
+    _, latest, cfg = served
+    cfg = cfg.model_copy(update={"port": free_port()})
+    url = start_serve(cfg)  # the session's Ray is already connected
+    try:
+        assert httpx.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}
+        r = httpx.get(f"{url}/v1/aggregates/restp/w", params={"limit": 1000},
+                      headers={"Authorization": f"Bearer {keys.token('acme')}"}, timeout=30)
+        assert r.status_code == 200
+        assert len(r.json()["items"]) == int((latest.tenant_id == "acme").sum())
+        assert httpx.get(f"{url}/v1/aggregates/restp/w", timeout=30).status_code == 401
+    finally:
+        stop_serve()
