@@ -32,6 +32,12 @@ def build_app(cfg: ServeConfig) -> FastAPI:
                          cfg.auth.hs256_secret.get_secret_value() if cfg.auth.hs256_secret else None)
     windows = catalog(cfg.specs())
     dsn = cfg.postgres_dsn.get_secret_value()
+    limiter = None
+    if cfg.rate_limit is not None:
+        from serve.ratelimit import RateLimiter
+
+        rl = cfg.rate_limit
+        limiter = RateLimiter(rl.redis_url.get_secret_value(), rl.capacity, rl.per_second, endpoints=dict(rl.endpoints))
 
     @app.middleware("http")
     async def body_limit(request: Request, call_next):
@@ -40,11 +46,18 @@ def build_app(cfg: ServeConfig) -> FastAPI:
             return JSONResponse({"detail": f"request body over {cfg.max_body_bytes} bytes"}, status_code=413)
         return await call_next(request)
 
-    def principal(authorization: Optional[str] = Header(default=None)) -> Principal:
+    def principal(request: Request, authorization: Optional[str] = Header(default=None)) -> Principal:
         try:
-            return auth.verify(authorization)
+            who = auth.verify(authorization)
         except AuthError as exc:
             raise HTTPException(exc.status, str(exc), headers={"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+        if limiter is not None:
+            route = request.scope.get("route")
+            endpoint = getattr(route, "name", None) or request.url.path
+            ok, retry = limiter.check(who.tenant, endpoint)
+            if not ok:
+                raise HTTPException(429, f"rate limit of {endpoint} reached for this tenant", headers={"Retry-After": str(int(retry) or 1)})
+        return who
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict:

@@ -30,6 +30,13 @@ class Autoscaling(_M):
     target_ongoing_requests: float = Field(default=8.0, gt=0)
 
 
+class RateLimitConfig(_M):
+    redis_url: SecretStr = Field(description="Redis holding the token buckets (shared by all replicas)")
+    capacity: int = Field(default=100, ge=1, description="burst size per tenant and endpoint")
+    per_second: float = Field(default=50.0, gt=0, description="refill rate per tenant and endpoint")
+    endpoints: dict[str, tuple[int, float]] = Field(default_factory=dict, description="endpoint name -> (capacity, per_second)")
+
+
 class ServeConfig(_M):
     host: str = Field(default="127.0.0.1", description="HTTP listen address of the Serve proxy")
     port: int = Field(default=8000, ge=0, le=65535)
@@ -40,6 +47,7 @@ class ServeConfig(_M):
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="larger request bodies get 413")
     max_page_size: int = Field(default=1000, ge=1, le=100_000)
     auth: AuthConfig
+    rate_limit: RateLimitConfig | None = Field(default=None, description="token buckets per tenant and endpoint (429 + Retry-After)")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
 
     def specs(self) -> dict[str, PipelineSpec]:

@@ -162,3 +162,17 @@ def test_real_serve_deployment(served, keys, ray_local):
         assert httpx.get(f"{url}/v1/aggregates/restp/w", timeout=30).status_code == 401
     finally:
         stop_serve()
+
+
+def test_rate_limit_answers_429_with_retry_after(served, keys, redis_server):
+    _, _, cfg = served
+    from serve.config import RateLimitConfig
+
+    limited = cfg.model_copy(update={"rate_limit": RateLimitConfig(redis_url=redis_server.extra["url"], capacity=3, per_second=0.01)})
+    client = TestClient(build_app(limited))
+    codes = [_get(client, "/v1/aggregates/restp/w", keys.token("ratelimited-tenant"), params={"kind": "a"}).status_code
+             for _ in range(5)]
+    assert codes == [200, 200, 200, 429, 429]
+    r = _get(client, "/v1/aggregates/restp/w", keys.token("ratelimited-tenant"))
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+    assert _get(client, "/v1/aggregates/restp/w", keys.token("acme")).status_code == 200  # another tenant's bucket
