@@ -119,7 +119,135 @@ def build_app(cfg: ServeConfig) -> FastAPI:
         except Exception as exc:  # not running here, or Ray unreachable
             raise HTTPException(503, f"pipeline {name!r} is not running: {type(exc).__name__}")
 
+    # -- schemas ---------------------------------------------------------------
+    from pipeline.io.registry import Incompatible, Registry, UnknownVersion
+    from pipeline.schemas import Schema
+
+    registry = Registry(dsn)
+
+    @app.get("/v1/schemas", tags=["schemas"])
+    def subjects(who: Principal = Depends(principal)) -> dict:
+        return {"subjects": [{**s, "latest": s["latest"]} for s in registry.subjects()]}
+
+    @app.get("/v1/schemas/{subject}/versions/{version}", tags=["schemas"])
+    def schema_version(subject: str, version: str, who: Principal = Depends(principal)) -> dict:
+        if version != "latest" and not version.isdigit():
+            raise HTTPException(400, "version is a number or 'latest'")
+        try:
+            v, schema = registry.get(subject, version)
+        except UnknownVersion as exc:
+            raise HTTPException(404, str(exc))
+        return {"subject": subject, "version": v, "type": schema.kind, "schema": schema.doc if schema.kind == "json" else schema.text,
+                "message": schema.message}
+
+    @app.post("/v1/schemas/{subject}", tags=["schemas"], status_code=201)
+    def register_schema(subject: str, body: dict, who: Principal = Depends(principal)) -> dict:
+        """Register a version (needs the ``schemas:write`` scope); 409 with the problems when incompatible."""
+        if "schemas:write" not in who.scopes:
+            raise HTTPException(403, "registering schemas needs the schemas:write scope")
+        kind = body.get("type", "json")
+        try:
+            text = json.dumps(body["schema"]) if kind == "json" else str(body["schema"])
+            schema = Schema(kind, text, body.get("message"))
+            version = registry.register(subject, schema, actor=f"api:{who.subject}@{who.tenant}")
+        except Incompatible as exc:
+            return JSONResponse({"detail": str(exc), "problems": exc.problems, "compatibility": exc.mode}, status_code=409)
+        except (KeyError, ValueError) as exc:
+            raise HTTPException(400, f"bad schema: {exc}")
+        return {"subject": subject, "version": version}
+
+    if cfg.ingest is not None:
+        _ingest_routes(app, cfg, principal, registry)
     return app
+
+
+def _ingest_routes(app: FastAPI, cfg: ServeConfig, principal, registry) -> None:
+    """POST /v1/events: JSON array or NDJSON; each record validated, tenant-checked, produced keyed by tenant."""
+    import threading
+
+    import fastjsonschema
+
+    ing = cfg.ingest
+    state: dict = {"producer": None, "validators": {}}
+    lock = threading.Lock()
+
+    def validator():
+        if ing.schema_file:
+            key = "file"
+            if key not in state["validators"]:
+                with open(ing.schema_file) as f:
+                    state["validators"][key] = (fastjsonschema.compile(json.load(f)), ing.schema_file)
+            return state["validators"][key]
+        if "cache" not in state:
+            from pipeline.io.registry import SchemaCache
+
+            state["cache"] = SchemaCache(registry, ing.subject, ttl_s=5.0)  # a new version is followed within 5 s
+        v, schema = state["cache"].get("latest")
+        if v not in state["validators"]:
+            state["validators"][v] = (fastjsonschema.compile(schema.doc), f"{ing.subject}/{v}")
+        return state["validators"][v]
+
+    def producer():
+        with lock:
+            if state["producer"] is None:
+                from confluent_kafka import Producer
+
+                state["producer"] = Producer({"bootstrap.servers": ing.bootstrap_servers, "enable.idempotence": True,
+                                              "acks": "all", "linger.ms": 2, "message.timeout.ms": 10_000})
+            return state["producer"]
+
+    @app.post("/v1/events", tags=["ingest"])
+    async def ingest(request: Request, who: Principal = Depends(principal)) -> Response:
+        raw = await request.body()
+        ctype = request.headers.get("content-type", "")
+        try:
+            if "ndjson" in ctype or "jsonlines" in ctype:
+                records = [json.loads(line) for line in raw.splitlines() if line.strip()]
+            else:
+                records = json.loads(raw)
+                if isinstance(records, dict):
+                    records = [records]
+        except ValueError as exc:
+            raise HTTPException(400, f"body is not JSON or NDJSON: {exc}")
+        if not isinstance(records, list):
+            raise HTTPException(400, "body is a JSON array of records, one record, or NDJSON")
+        if len(records) > ing.max_records:
+            raise HTTPException(413, f"more than {ing.max_records} records")
+        check, label = validator()
+        results: list[dict] = []
+        to_send: list[tuple[int, bytes]] = []
+        for i, rec in enumerate(records):
+            if not isinstance(rec, dict):
+                results.append({"index": i, "status": "rejected", "reason": "not_an_object"})
+                continue
+            tenant = rec.setdefault(ing.tenant_field, who.tenant)
+            if tenant != who.tenant:
+                results.append({"index": i, "status": "rejected", "reason": "tenant_mismatch",
+                                "detail": f"{ing.tenant_field} names another tenant than the token"})
+                continue
+            try:
+                check(rec)
+            except fastjsonschema.JsonSchemaValueException as exc:
+                results.append({"index": i, "status": "rejected", "reason": f"schema_violation:{exc.rule}",
+                                "detail": f"{exc.name}: {exc.message}", "schema": label})
+                continue
+            results.append({"index": i, "status": "accepted"})
+            to_send.append((i, json.dumps(rec, separators=(",", ":")).encode()))
+        if to_send:
+            p = producer()
+            failed: dict[int, str] = {}
+            for i, value in to_send:
+                p.produce(ing.topic, value=value, key=who.tenant.encode(), headers=[("raystream.schema", label.encode())],
+                          on_delivery=lambda err, _m, i=i: failed.__setitem__(i, str(err)) if err is not None else None)
+            import asyncio
+
+            left = await asyncio.get_running_loop().run_in_executor(None, p.flush, 15)
+            for r in results:
+                if r["status"] == "accepted" and (r["index"] in failed or left):
+                    r.update(status="rejected", reason="broker_unavailable", detail=failed.get(r["index"], "not acknowledged"))
+        accepted = sum(1 for r in results if r["status"] == "accepted")
+        status = 200 if accepted == len(results) else 207 if accepted else 422
+        return JSONResponse({"accepted": accepted, "rejected": len(results) - accepted, "results": results}, status_code=status)
 
 
 def deployment(cfg: ServeConfig):

@@ -37,6 +37,15 @@ class RateLimitConfig(_M):
     endpoints: dict[str, tuple[int, float]] = Field(default_factory=dict, description="endpoint name -> (capacity, per_second)")
 
 
+class IngestConfig(_M):
+    bootstrap_servers: str = Field(description="Kafka bootstrap servers")
+    topic: str = Field(description="topic records are produced to, keyed by tenant")
+    subject: str | None = Field(default=None, description="registry subject records are validated against (latest version)")
+    schema_file: str | None = Field(default=None, description="or a JSON Schema file")
+    tenant_field: str = Field(default="tenant_id", description="record field naming the tenant (filled in from the token when absent)")
+    max_records: int = Field(default=10_000, ge=1, description="records per request")
+
+
 class ServeConfig(_M):
     host: str = Field(default="127.0.0.1", description="HTTP listen address of the Serve proxy")
     port: int = Field(default=8000, ge=0, le=65535)
@@ -47,6 +56,7 @@ class ServeConfig(_M):
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="larger request bodies get 413")
     max_page_size: int = Field(default=1000, ge=1, le=100_000)
     auth: AuthConfig
+    ingest: IngestConfig | None = Field(default=None, description="POST /v1/events")
     rate_limit: RateLimitConfig | None = Field(default=None, description="token buckets per tenant and endpoint (429 + Retry-After)")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
 
