@@ -158,6 +158,10 @@ def build_app(cfg: ServeConfig) -> FastAPI:
 
     if cfg.ingest is not None:
         _ingest_routes(app, cfg, principal, registry)
+    if cfg.stream is not None:
+        from serve.stream import add_stream_route
+
+        add_stream_route(app, cfg, auth, windows)
     return app
 
 

@@ -46,6 +46,14 @@ class IngestConfig(_M):
     max_records: int = Field(default=10_000, ge=1, description="records per request")
 
 
+class StreamConfig(_M):
+    redis_url: SecretStr = Field(description="Redis of the pipelines' redis sinks (their pub/sub channels and hashes)")
+    prefixes: dict[str, str] = Field(default_factory=dict, description="pipeline -> its redis sink prefix (default raystream:<pipeline>:)")
+    heartbeat: float = Field(default=15.0, gt=0, description="seconds between pings; two missed pongs close the socket")
+    max_pending: int = Field(default=256, ge=1, description="updates buffered per client; beyond, a slow client gets the latest state and a notice")
+    session_ttl: float = Field(default=3600.0, gt=0, description="seconds a resumable session is kept in Redis")
+
+
 class ServeConfig(_M):
     host: str = Field(default="127.0.0.1", description="HTTP listen address of the Serve proxy")
     port: int = Field(default=8000, ge=0, le=65535)
@@ -56,6 +64,7 @@ class ServeConfig(_M):
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="larger request bodies get 413")
     max_page_size: int = Field(default=1000, ge=1, le=100_000)
     auth: AuthConfig
+    stream: StreamConfig | None = Field(default=None, description="WebSocket /v1/stream")
     ingest: IngestConfig | None = Field(default=None, description="POST /v1/events")
     rate_limit: RateLimitConfig | None = Field(default=None, description="token buckets per tenant and endpoint (429 + Retry-After)")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
