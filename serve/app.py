@@ -200,6 +200,13 @@ def _ingest_routes(app: FastAPI, cfg: ServeConfig, principal, registry) -> None:
                                               "acks": "all", "linger.ms": 2, "message.timeout.ms": 10_000})
             return state["producer"]
 
+    def close_producer() -> None:
+        if state["producer"] is not None:
+            state["producer"].flush(5)
+            state["producer"] = None
+
+    app.router.on_shutdown.append(close_producer)
+
     @app.post("/v1/events", tags=["ingest"])
     async def ingest(request: Request, who: Principal = Depends(principal)) -> Response:
         raw = await request.body()

@@ -173,17 +173,25 @@ def add_stream_route(app: FastAPI, cfg, auth, windows: dict) -> None:
                     await r.hset(skey, ident, int(row.get("revision", 0)))
                     await r.expire(skey, int(sc.session_ttl))
 
-        tasks = [asyncio.create_task(t()) for t in (listen, receive, heartbeat, send)]
+        import anyio
+
+        async def until_first_ends(fn, tg):
+            try:
+                await fn()
+            except (WebSocketDisconnect, RuntimeError):
+                pass  # the client went away (or the socket closed under a send)
+            finally:
+                tg.cancel_scope.cancel()
+
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                exc = t.exception()
-                if exc is not None and not isinstance(exc, WebSocketDisconnect):
-                    raise exc
-        except WebSocketDisconnect:
-            pass
+            # anyio, as the server runs the app: when one side ends, the others are cancelled
+            async with anyio.create_task_group() as tg:
+                for fn in (listen, receive, heartbeat, send):
+                    tg.start_soon(until_first_ends, fn, tg)
         finally:
-            for t in tasks:
-                t.cancel()
-            await pubsub.aclose()
-            await r.aclose()
+            with anyio.CancelScope(shield=True):
+                try:
+                    await pubsub.aclose()
+                    await r.aclose()
+                except Exception:  # Redis went away with the client: nothing left to release
+                    pass

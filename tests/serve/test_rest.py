@@ -191,8 +191,14 @@ def test_schemas_and_ingest(served, keys, broker, postgres, topic_name):
     broker.extra["broker"].create_topic(topic_name, 2)
     from serve.config import IngestConfig
 
-    client = TestClient(build_app(cfg.model_copy(update={"ingest": IngestConfig(
-        bootstrap_servers=broker.address, topic=topic_name, subject=subject)})))
+    with TestClient(build_app(cfg.model_copy(update={"ingest": IngestConfig(
+            bootstrap_servers=broker.address, topic=topic_name, subject=subject)}))) as client:
+        _ingest_and_schemas(client, keys, broker, postgres, topic_name, subject, schema)
+
+
+def _ingest_and_schemas(client, keys, broker, postgres, topic_name, subject, schema):
+    from pipeline.io.dlq import read_topic
+
     token = keys.token("acme")
     body = [{"ts": 1, "value": 1.5}, {"tenant_id": "acme", "ts": 2, "value": 2.0}, {"tenant_id": "globex", "ts": 3, "value": 1.0},
             {"ts": 4, "value": -1}, {"ts": 5, "value": 1, "extra": True}, "nope"]
