@@ -440,6 +440,17 @@ class Coordinator:
                         f"{manifest['id'] if manifest else '?'}")
             return self._plan_info()
 
+    def open_windows(self, window: str, filters: dict[str, str]) -> list[dict]:
+        """Open windows of every live worker (the serving layer's ``include_open``)."""
+        refs = [s["handle"].open_windows.remote(window, filters) for s in self.slots.values() if not s["given_up"]]
+        out: list[dict] = []
+        for ref in refs:
+            try:
+                out += ray.get(ref, timeout=15)
+            except Exception:  # a worker restarting has no open windows to show yet
+                continue
+        return out
+
     def status(self) -> dict:
         """Per worker: partitions, offsets, lag, watermark, last checkpoint, restarts, health."""
         workers = []

@@ -105,6 +105,12 @@ class PartitionWorker:
 
         return self.loop.call_between_batches(snap, timeout_s)
 
+    def open_windows(self, window: str, filters: dict[str, str]) -> list[dict]:
+        """Windows still open here (queryable state)."""
+        if self.loop is None or self.state not in ("running", "drained"):
+            return []
+        return self.loop.open_windows_rows(window, filters)
+
     def finish(self, to_end: bool) -> dict:
         """After the loop drained: flush (at the end of input) and close."""
         if self.state != "drained":

@@ -568,3 +568,39 @@ def restore_window(w: WindowState, partition: int, tables: dict[str, pa.Table]) 
             offs = rt.column("offset").to_numpy() if "offset" in rt.column_names else None
             store.add(slots, vals, offs)
     return n
+
+
+def open_rows(w: WindowState, filters: dict[str, str]) -> pa.Table | None:
+    """Windows of ``w`` not emitted yet (still open), as rows with ``revision`` 0; read-only.
+
+    ``filters`` compare group keys (and ``partition``) as text. This is the
+    queryable state the serving layer exposes with ``include_open=true``.
+    """
+    slots = np.flatnonzero(w.active & (w.revision == 0))
+    if len(slots) == 0:
+        return None
+    keys = list(w.spec.group_by)
+    if filters:
+        keep = []
+        for s in slots.tolist():
+            key = w.keys[s]
+            ok = all(str(key[keys.index(k)]) == str(v) if k in keys else (k == "partition" and str(w.partition[s]) == str(v))
+                     for k, v in filters.items())
+            if ok:
+                keep.append(s)
+        slots = np.array(keep, dtype=np.int64)
+        if len(slots) == 0:
+            return None
+    before = len(w.store.failures)
+    cols: dict[str, pa.Array] = {
+        "window": pa.array([w.spec.name] * len(slots), pa.string()),
+        "window_start": pa.array(w.start[slots], _TS),
+        "window_end": pa.array(w.end[slots], _TS),
+    }
+    for i, k in enumerate(keys):
+        cols[k] = pa.array([w.keys[s][i] for s in slots.tolist()], w.key_types[i] if w.key_types else None)
+    cols.update(w.store.finalize(slots))
+    del w.store.failures[before:]  # a preview is not an emission: user-function errors are reported when it closes
+    cols["revision"] = pa.array(np.zeros(len(slots), np.int64))
+    cols["partition"] = pa.array(w.partition[slots])
+    return pa.table(cols)

@@ -81,6 +81,7 @@ def build_app(cfg: ServeConfig) -> FastAPI:
         fields: Optional[str] = Query(None, description="comma-separated columns"),
         limit: int = Query(100, ge=1, le=cfg.max_page_size),
         cursor: Optional[str] = Query(None, max_length=4096),
+        include_open: bool = Query(False, description="also the windows still open, read live from the workers"),
         if_none_match: Optional[str] = Header(default=None),
         who: Principal = Depends(principal),
     ) -> Response:
@@ -88,7 +89,7 @@ def build_app(cfg: ServeConfig) -> FastAPI:
         info = windows.get((pipeline, window))
         if info is None:
             raise HTTPException(404, f"no window {window!r} in pipeline {pipeline!r}")
-        reserved = {"start", "end", "order", "fields", "limit", "cursor"}
+        reserved = {"start", "end", "order", "fields", "limit", "cursor", "include_open"}
         filters = {k: v for k, v in request.query_params.items() if k not in reserved}
         try:
             with psycopg.connect(dsn, connect_timeout=5) as conn:
@@ -98,7 +99,10 @@ def build_app(cfg: ServeConfig) -> FastAPI:
             raise HTTPException(exc.status, str(exc))
         except psycopg.errors.UndefinedTable:
             rows, nxt = [], None  # nothing emitted yet
-        body = json.dumps({"items": rows, "next_cursor": nxt}, default=str, separators=(",", ":")).encode()
+        result: dict = {"items": rows, "next_cursor": nxt}
+        if include_open:
+            result["open"] = _open_windows(info, cfg.tenant_key, who.tenant, filters, start, end, fields)
+        body = json.dumps(result, default=str, separators=(",", ":")).encode()
         etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
         if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
             return Response(status_code=304, headers={"ETag": etag})
@@ -259,6 +263,27 @@ def _ingest_routes(app: FastAPI, cfg: ServeConfig, principal, registry) -> None:
         accepted = sum(1 for r in results if r["status"] == "accepted")
         status = 200 if accepted == len(results) else 207 if accepted else 422
         return JSONResponse({"accepted": accepted, "rejected": len(results) - accepted, "results": results}, status_code=status)
+
+
+def _open_windows(info, tenant_key: str, tenant: str, filters: dict, start, end, fields) -> list[dict]:
+    """Open windows of the tenant from the running pipeline's workers (queryable state)."""
+    import ray
+
+    from actors.runtime import NAMESPACE, actor_name
+
+    if not ray.is_initialized():
+        raise HTTPException(503, "include_open needs the serving layer to run on the pipeline's Ray cluster")
+    try:
+        coord = ray.get_actor(actor_name(info.pipeline, "coordinator"), namespace=NAMESPACE)
+        rows = ray.get(coord.open_windows.remote(info.window, {**filters, tenant_key: tenant}), timeout=20)
+    except ValueError:
+        raise HTTPException(503, f"pipeline {info.pipeline!r} is not running: no open windows to read")
+    rows = [r for r in rows if str(r.get(tenant_key)) == tenant
+            and (start is None or r["window_start"] >= start) and (end is None or r["window_start"] < end)]
+    rows.sort(key=lambda r: (r["window_start"], str([r.get(k) for k in info.keys]), r["partition"]))
+    if fields:
+        rows = [{k: r.get(k) for k in fields.split(",")} for r in rows]
+    return rows
 
 
 def deployment(cfg: ServeConfig):

@@ -254,6 +254,17 @@ class PartitionLoop:
     def stop(self) -> None:
         self._stop.set()
 
+    def open_windows_rows(self, window: str, filters: dict[str, str], timeout_s: float = 10.0) -> list[dict]:
+        """Rows of the windows still open in this loop (queryable state), read between batches."""
+        from pipeline.io.sinks.common import row_dicts
+        from pipeline.windows import open_rows
+
+        w = self.state.windows.get(window)
+        if w is None:
+            raise KeyError(f"no window {window!r}")
+        table = self.call_between_batches(lambda: open_rows(w, filters), timeout_s)
+        return row_dicts(table) if table is not None else []
+
     # -- checkpoints --------------------------------------------------------
     def snapshot(self, checkpoint_id: int, write: Callable[[int, bytes], str]) -> dict[int, dict]:
         """Snapshot every partition (between batches) and store it with ``write(partition, data) -> path``."""

@@ -232,3 +232,55 @@ def _ingest_and_schemas(client, keys, broker, postgres, topic_name, subject, sch
         actors = [a for (a,) in conn.execute("select actor from raystream_audit where target = %s and action = 'register_schema'",
                                              (subject,)).fetchall()]
     assert "api:user-1@acme" in actors
+
+
+def test_include_open_reads_live_worker_state(keys, broker, postgres, ray_local, tmp_path, topic_name, pipeline_name):
+    """Closed windows from PostgreSQL plus open ones from the workers add up to every record of the tenant."""
+    import threading
+    import time as _time
+
+    from actors import control
+    from pipeline.driver import run_pipeline
+    from pipeline.io.kafka import produce_all
+    from serve.config import ServeConfig
+    from tests.serve_keys import AUDIENCE, ISSUER
+
+    n = 2000
+    t0 = 1_700_000_000_000
+    recs = [{"tenant_id": ["acme", "globex"][i % 2], "kind": "a", "ts": t0 + i * 10, "value": 1.0} for i in range(n)]
+    broker.extra["broker"].create_topic(topic_name, 2)
+    produce_all(broker.address, topic_name, [json.dumps(r).encode() for r in recs], None, [i % 2 for i in range(n)])
+    spec_d = {"name": pipeline_name, "source": {"kafka": {"bootstrap_servers": broker.address, "topic": topic_name}},
+              "event_time": {"field": "ts", "format": "epoch_ms", "idle_timeout": "1h"},
+              "windows": [{"name": "w", "type": "tumbling", "size": "1s", "group_by": ["tenant_id", "kind"], "aggregations": ["count"]}],
+              "sinks": [{"postgres": {"dsn": postgres.extra["dsn"]}}], "workers": 2}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec_d))
+    (tmp_path / "jwks.json").write_text(json.dumps(keys.jwks()))
+    stop = threading.Event()
+    th = threading.Thread(target=lambda: run_pipeline(parse_spec(spec_d), stop=stop), daemon=True)
+    th.start()
+    try:
+        deadline = _time.monotonic() + 60
+        while _time.monotonic() < deadline:
+            try:
+                st = control.pipeline_status(pipeline_name, timeout_s=5)
+                if sum(sum(w["positions"].values()) for w in st["workers"]) >= n and all(w["state"] == "running" for w in st["workers"]):
+                    break
+            except Exception:  # not started yet
+                pass
+            _time.sleep(0.3)
+        cfg = ServeConfig.model_validate({"postgres_dsn": postgres.extra["dsn"], "pipelines": [str(tmp_path / "p.yaml")],
+                                          "auth": {"jwks_file": str(tmp_path / "jwks.json"), "issuer": ISSUER, "audience": AUDIENCE}})
+        client = TestClient(build_app(cfg))
+        r = client.get(f"/v1/aggregates/{pipeline_name}/w", params={"include_open": "true", "limit": 1000},
+                       headers={"Authorization": f"Bearer {keys.token('acme')}"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["open"], "the last windows of each partition are still open"
+        assert all(x["tenant_id"] == "acme" and x["revision"] == 0 for x in body["open"])
+        closed_starts = {x["window_start"] for x in body["items"]}
+        assert not closed_starts & {x["window_start"] for x in body["open"]}
+        assert sum(x["count"] for x in body["items"]) + sum(x["count"] for x in body["open"]) == n // 2
+    finally:
+        stop.set()
+        th.join(60)
