@@ -184,6 +184,13 @@ class ConfluentSource:
         if positions:
             self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in positions.items()], asynchronous=False)
 
+    def pause(self) -> None:
+        """Stop fetching (the client's prefetch queue stops growing) while a sink is failing."""
+        self.consumer.pause(self.consumer.assignment())
+
+    def resume(self) -> None:
+        self.consumer.resume(self.consumer.assignment())
+
     def close(self) -> None:
         self.consumer.close()
 
@@ -237,6 +244,12 @@ class KafkaPythonSource:
 
         if positions:
             self.consumer.commit({TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in positions.items()})
+
+    def pause(self) -> None:
+        self.consumer.pause(*self.consumer.assignment())
+
+    def resume(self) -> None:
+        self.consumer.resume(*self.consumer.assignment())
 
     def close(self) -> None:
         self.consumer.close()

@@ -37,7 +37,8 @@ class LoopStats:
     records: int = 0
     rejected: int = 0
     late: int = 0
-    udf_errors: int = 0  # records of window groups whose user function raised (dead-lettered, still in the windows)
+    udf_errors: int = 0
+    backpressure_pauses: int = 0  # times a failing sink paused fetching  # records of window groups whose user function raised (dead-lettered, still in the windows)
     windows_emitted: int = 0
     files_written: int = 0
     batches: int = 0
@@ -112,6 +113,9 @@ class PartitionLoop:
             self.enrichment = Enrichment(spec)
             self.enrichment.warm()
         self.source = make_source(kafka, spec.group_id)
+        self.paused = False
+        for sink in self.sinks:
+            sink.on_retry = self._backpressure  # a failing sink pauses fetching until its write went through
         if self.validation is not None:
             self.source.version_header = spec.validate_.version_header
         self.source.assign(self.positions)
@@ -173,7 +177,27 @@ class PartitionLoop:
             if p not in self.state.tracker.finished and self.positions[p] >= self.end_offsets.get(p, 0):
                 self.state.tracker.finish(p)
 
+    def _backpressure(self, sink: str, attempt: int, exc: BaseException) -> None:
+        if not self.paused:
+            try:
+                self.source.pause()
+                self.paused = True
+                self.stats.backpressure_pauses += 1
+            except Exception:  # a client that cannot pause still does not poll while we wait
+                pass
+
     def _write(self, result: BatchResult) -> None:
+        try:
+            self._write_all(result)
+        finally:
+            if self.paused:
+                try:
+                    self.source.resume()
+                except Exception:  # the next poll reports a broken client
+                    pass
+                self.paused = False
+
+    def _write_all(self, result: BatchResult) -> None:
         if self.fence is not None and (result.closed or result.late is not None or result.rejects is not None
                                        or result.udf_failures is not None):
             if not self.fence():

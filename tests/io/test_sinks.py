@@ -175,3 +175,44 @@ def test_failing_sink_retries_then_raises(postgres):
     with pytest.raises(SinkError, match="after 3 attempts"):
         sink.write(tables[0])
     assert sink.retried == 2
+
+
+def test_a_failing_sink_pauses_consumption_and_nothing_is_lost(broker, postgres, tmp_path, topic_name, pipeline_name):
+    """PostgreSQL unreachable for 2 s mid-run: the sink retries, fetching pauses, the table ends exact."""
+    import threading
+
+    from pipeline.driver import run_pipeline
+    from pipeline.io.kafka import produce_all
+    from pipeline.io.sinks.postgres import read_table
+    from tests.services import TcpProxy
+
+    port = int(postgres.extra["dsn"].rsplit(":", 1)[1].split("/")[0])
+    proxy = TcpProxy(port)
+    dsn = postgres.extra["dsn"].replace(f":{port}/", f":{proxy.port}/")
+    n = 6000
+    t0 = 1_700_000_000_000
+    values = [json.dumps({"tenant_id": "t1", "ts": t0 + i * 5, "value": 1.0}).encode() for i in range(n)]
+    broker.extra["broker"].create_topic(topic_name, 1)
+    produce_all(broker.address, topic_name, values, None, [0] * n)
+    spec = parse_spec({
+        "name": pipeline_name,
+        "source": {"kafka": {"bootstrap_servers": broker.address, "topic": topic_name, "max_batch_records": 200, "max_rate": 2000}},
+        "event_time": {"field": "ts", "format": "epoch_ms"},
+        "windows": [{"name": "w", "type": "tumbling", "size": "1s", "group_by": ["tenant_id"], "aggregations": ["count"]}],
+        "sinks": [{"postgres": {"dsn": dsn, "connect_timeout": "1s"}, "retries": 30, "retry_backoff": "100ms"}],
+    })
+
+    def outage():
+        proxy.set_broken(True)
+        time.sleep(2.0)
+        proxy.set_broken(False)
+
+    threading.Timer(1.0, outage).start()
+    try:
+        report = run_pipeline(spec, until_end=True, inline=True)
+    finally:
+        proxy.close()
+    w = report.workers[0]
+    assert proxy.refused > 0 and w["sink_retries"] > 0 and w["backpressure_pauses"] > 0
+    rows = read_table(postgres.extra["dsn"], "raystream_", pipeline_name, "w")
+    assert sum(r["count"] for r in rows) == n and len(rows) == n * 5 // 1000
