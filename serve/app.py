@@ -32,6 +32,15 @@ def build_app(cfg: ServeConfig) -> FastAPI:
                          cfg.auth.hs256_secret.get_secret_value() if cfg.auth.hs256_secret else None)
     windows = catalog(cfg.specs())
     dsn = cfg.postgres_dsn.get_secret_value()
+    pools: dict = {}
+
+    def pg():
+        """A pooled connection (the pool is made in the process that serves: it does not pickle)."""
+        if "pool" not in pools:
+            from psycopg_pool import ConnectionPool
+
+            pools["pool"] = ConnectionPool(dsn, min_size=1, max_size=16, kwargs={"connect_timeout": 5}, open=True)
+        return pools["pool"].connection(timeout=10)
     limiter = None
     if cfg.rate_limit is not None:
         from serve.ratelimit import RateLimiter
@@ -92,13 +101,15 @@ def build_app(cfg: ServeConfig) -> FastAPI:
         reserved = {"start", "end", "order", "fields", "limit", "cursor", "include_open"}
         filters = {k: v for k, v in request.query_params.items() if k not in reserved}
         try:
-            with psycopg.connect(dsn, connect_timeout=5) as conn:
+            with pg() as conn:
                 rows, nxt = query_windows(conn, cfg.table_prefix, info, cfg.tenant_key, who.tenant, filters, start, end, order,
                                           fields.split(",") if fields else None, limit, cursor)
         except BadQuery as exc:
             raise HTTPException(exc.status, str(exc))
         except psycopg.errors.UndefinedTable:
             rows, nxt = [], None  # nothing emitted yet
+        except psycopg.OperationalError as exc:
+            raise HTTPException(503, f"store unavailable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
         result: dict = {"items": rows, "next_cursor": nxt}
         if include_open:
             result["open"] = _open_windows(info, cfg.tenant_key, who.tenant, filters, start, end, fields)
@@ -297,6 +308,7 @@ def deployment(cfg: ServeConfig):
         autoscaling_config={"min_replicas": cfg.autoscaling.min_replicas, "max_replicas": cfg.autoscaling.max_replicas,
                             "target_ongoing_requests": cfg.autoscaling.target_ongoing_requests},
         ray_actor_options={"num_cpus": 0.1},
+        max_ongoing_requests=64,  # requests mostly wait on PostgreSQL: one replica overlaps many
     )
     @serve.ingress(app)
     class Api:
