@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.io.kafka import end_offsets, ensure_topic, topic_partitions
+from pipeline.io.kafka import ensure_topic, read_to_end
 from pipeline.spec import PipelineSpec
 
 __all__ = ["DeadLetter", "ReplayReport", "inspect", "read_topic", "replay"]
@@ -43,26 +43,10 @@ class DeadLetter:
 
 def read_topic(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[DeadLetter]:
     """Every record of ``topic`` up to its current end."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    parts = topic_partitions(bootstrap, topic, timeout_s)
-    ends = end_offsets(bootstrap, topic, parts, timeout_s)
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "raystream-dlq-tool", "enable.auto.commit": False})
-    out: list[DeadLetter] = []
-    try:
-        c.assign([TopicPartition(topic, p, 0) for p in parts])
-        remaining = {p for p in parts if ends.get(p, 0) > 0}
-        deadline = time.monotonic() + 120
-        while remaining and time.monotonic() < deadline:
-            for m in c.consume(10_000, 1.0):
-                if m.error() is not None:
-                    continue
-                hs = {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)) for k, v in (m.headers() or [])}
-                out.append(DeadLetter(m.partition(), m.offset(), m.key(), m.value(), hs))
-                if m.offset() + 1 >= ends[m.partition()]:
-                    remaining.discard(m.partition())
-    finally:
-        c.close()
+    out = []
+    for m in read_to_end(bootstrap, topic, timeout_s):
+        hs = {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)) for k, v in (m.headers() or [])}
+        out.append(DeadLetter(m.partition(), m.offset(), m.key(), m.value(), hs))
     return out
 
 

@@ -441,3 +441,27 @@ def committed_offsets(bootstrap: str, group_id: str, topic: str, partitions: lis
         return {tp.partition: tp.offset for tp in got}
     finally:
         c.close()
+
+
+def read_to_end(bootstrap: str, topic: str, timeout_s: float = 10.0, deadline_s: float = 120.0) -> list:
+    """Every message of ``topic`` up to its end offsets at the call (confluent ``Message`` objects)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    parts = topic_partitions(bootstrap, topic, timeout_s)
+    ends = end_offsets(bootstrap, topic, parts, timeout_s)
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "raystream-reader", "enable.auto.commit": False})
+    out = []
+    try:
+        c.assign([TopicPartition(topic, p, 0) for p in parts])
+        remaining = {p for p in parts if ends.get(p, 0) > 0}
+        deadline = time.monotonic() + deadline_s
+        while remaining and time.monotonic() < deadline:
+            for m in c.consume(10_000, 1.0):
+                if m.error() is not None:
+                    continue
+                out.append(m)
+                if m.offset() + 1 >= ends[m.partition()]:
+                    remaining.discard(m.partition())
+    finally:
+        c.close()
+    return out

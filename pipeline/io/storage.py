@@ -34,28 +34,10 @@ class Location:
         return "/".join([self.root.rstrip("/"), *parts])
 
     def write_parquet(self, relative: str, table: pa.Table) -> str:
-        """Write ``table`` to ``relative`` atomically; returns the full path."""
-        target = self.path(relative)
-        if self.local:
-            folder = os.path.dirname(target)
-            os.makedirs(folder, exist_ok=True)
-            tmp = os.path.join(folder, f".{os.path.basename(target)}.{uuid.uuid4().hex}.tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    pq.write_table(table, f, compression="zstd")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        else:
-            # one PUT with boto3: atomic, and no multipart upload to leave half-done
-            buf = io.BytesIO()
-            pq.write_table(table, buf, compression="zstd")
-            bucket, _, key = target.partition("/")
-            self.s3_client.put_object(Bucket=bucket, Key=key, Body=buf.getvalue())
-        return target
+        """Write ``table`` to ``relative`` atomically (see ``write_bytes``); returns the full path."""
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        return self.write_bytes(relative, buf.getvalue())
 
     def write_bytes(self, relative: str, data: bytes) -> str:
         """Write ``data`` to ``relative`` atomically (temp + fsync + rename, or one PUT)."""

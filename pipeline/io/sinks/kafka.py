@@ -73,29 +73,11 @@ class KafkaSink:
 
 def read_changelog(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[dict]:
     """The topic read to its end, keeping the highest revision per key (the compacted view)."""
-    from confluent_kafka import Consumer, TopicPartition
+    from pipeline.io.kafka import read_to_end
 
-    from pipeline.io.kafka import end_offsets
-
-    parts = topic_partitions(bootstrap, topic, timeout_s)
-    ends = end_offsets(bootstrap, topic, parts, timeout_s)
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "raystream-reader", "enable.auto.commit": False})
     latest: dict[bytes, dict] = {}
-    try:
-        c.assign([TopicPartition(topic, p, 0) for p in parts])
-        remaining = {p for p in parts if ends.get(p, 0) > 0}
-        import time
-
-        deadline = time.monotonic() + 60
-        while remaining and time.monotonic() < deadline:
-            for m in c.consume(10_000, 1.0):
-                if m.error():
-                    continue
-                row = json.loads(m.value())
-                if m.key() not in latest or latest[m.key()]["revision"] < row["revision"]:
-                    latest[m.key()] = row
-                if m.offset() + 1 >= ends[m.partition()]:
-                    remaining.discard(m.partition())
-    finally:
-        c.close()
+    for m in read_to_end(bootstrap, topic, timeout_s, deadline_s=60):
+        row = json.loads(m.value())
+        if m.key() not in latest or latest[m.key()]["revision"] < row["revision"]:
+            latest[m.key()] = row
     return list(latest.values())
