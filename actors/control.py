@@ -29,10 +29,7 @@ def record_pipeline(name: str, address: str) -> None:
 
 
 def forget_pipeline(name: str) -> None:
-    try:
-        (_home() / f"{name}.json").unlink()
-    except FileNotFoundError:
-        pass
+    (_home() / f"{name}.json").unlink(missing_ok=True)
 
 
 def connect(pipeline: str, address: str | None = None) -> None:
@@ -110,6 +107,6 @@ def _kill(pid: int, st: dict) -> None:
     try:
         os.kill(int(pid), signal.SIGKILL)
     except ProcessLookupError:
-        pass
+        pass  # already gone: the drill's effect is there
     except PermissionError as exc:
         raise RuntimeError(f"cannot signal pid {pid}: run the drill on the node that hosts it ({exc})") from None

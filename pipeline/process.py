@@ -175,6 +175,7 @@ def _udf_rejects(spec: PipelineSpec, failures: list[dict]) -> pa.Table | None:
     import json
 
     cols: dict[str, list] = {n: [] for n in REJECT_SCHEMA.names}
+    # per record of a failed window group: user-function failures are rare by nature
     for f in failures:
         detail = f"window {f['window']} starting {f['window_start']}: {f['function']}({f['field']}) raised {f['error']}\n{f['traceback']}"
         for off, value in zip(f["offsets"], f["values"]):
@@ -308,6 +309,8 @@ def _dedup(spec, state, batch, table, times, rows):
     offs = batch.offsets[rows].tolist()
     keep = np.ones(len(rows), bool)
     out = []
+    # per record: the first occurrence in offset order wins, within the batch and across
+    # batches; one dict probe each (~0.1 us), and only when dedup is configured
     for i, (eid, p) in enumerate(zip(ids, parts)):
         if eid is None:
             continue  # no id: nothing to compare (a schema can require it)

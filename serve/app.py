@@ -312,6 +312,6 @@ def deployment(cfg: ServeConfig):
     )
     @serve.ingress(app)
     class Api:
-        pass
+        """The FastAPI app above, one instance per Serve replica."""
 
     return Api.bind()
