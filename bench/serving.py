@@ -119,7 +119,7 @@ def main() -> None:
         cfg = ServeConfig.model_validate({"port": free_port(), "postgres_dsn": pg.extra["dsn"], "pipelines": [str(work / "p.yaml")],
                                           "auth": {"jwks_file": str(work / "jwks.json"), "issuer": ISSUER, "audience": AUDIENCE},
                                           "autoscaling": {"min_replicas": 1, "max_replicas": 1}})
-        url = start_serve(cfg)
+        url = start_serve(cfg)["http"]
         tokens = [keys.token(f"tenant-{t:03d}", exp=int(time.time()) + 3600) for t in range(100)]
         asyncio.run(drive(url, tokens, 50, 3))  # warm-up
         results = []

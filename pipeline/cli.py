@@ -437,7 +437,7 @@ def serve_cmd(
     config: Path = typer.Option(..., "--config", help="serving configuration (YAML), see README"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: a local one on 127.0.0.1)"),
 ) -> None:
-    """Start the REST API on Ray Serve and keep it up until Ctrl-C."""
+    """Start the serving layer (REST, WebSocket, gRPC) on Ray Serve and keep it up until Ctrl-C."""
     from serve.config import load_config
     from serve.runner import start_serve, stop_serve
 
@@ -446,8 +446,9 @@ def serve_cmd(
     except (SpecError, ValueError) as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(EXIT_SPEC)
-    url = start_serve(cfg, address)
-    console.print(f"[green]serving[/] {url}  (OpenAPI: {url}/docs, health: {url}/healthz)")
+    urls = start_serve(cfg, address)
+    console.print(f"[green]serving[/] REST {urls['http']}  OpenAPI {urls['docs']}  WebSocket {urls['ws']}"
+                  + (f"  gRPC {urls['grpc']}" if "grpc" in urls else ""))
     stop = threading.Event()
     import signal
 

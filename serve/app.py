@@ -18,35 +18,28 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Res
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse
 
-from serve.auth import AuthError, Authenticator, Principal
+from serve.auth import Principal
 from serve.config import ServeConfig
-from serve.query import BadQuery, catalog, query_windows
+from serve.core import ApiError, Core, shared_core
 
 __all__ = ["build_app", "deployment"]
 
 
-def build_app(cfg: ServeConfig) -> FastAPI:
+def build_app(cfg: ServeConfig, core: Core | None = None) -> FastAPI:
+    """The FastAPI app over ``core`` (a new one for ``cfg`` when not given)."""
+    core = core or Core(cfg)
     app = FastAPI(title="raystream", version="1", description="Closed windows, pipelines and schemas of raystream")
     app.add_middleware(GZipMiddleware, minimum_size=1024)
-    auth = Authenticator(cfg.auth.jwks_file, cfg.auth.issuer, cfg.auth.audience, cfg.auth.tenant_claim,
-                         cfg.auth.hs256_secret.get_secret_value() if cfg.auth.hs256_secret else None)
-    windows = catalog(cfg.specs())
-    dsn = cfg.postgres_dsn.get_secret_value()
-    pools: dict = {}
+    app.state.core = core
+    windows = core.windows
+    dsn = core.dsn
 
-    def pg():
-        """A pooled connection (the pool is made in the process that serves: it does not pickle)."""
-        if "pool" not in pools:
-            from psycopg_pool import ConnectionPool
-
-            pools["pool"] = ConnectionPool(dsn, min_size=1, max_size=16, kwargs={"connect_timeout": 5}, open=True)
-        return pools["pool"].connection(timeout=10)
-    limiter = None
-    if cfg.rate_limit is not None:
-        from serve.ratelimit import RateLimiter
-
-        rl = cfg.rate_limit
-        limiter = RateLimiter(rl.redis_url.get_secret_value(), rl.capacity, rl.per_second, endpoints=dict(rl.endpoints))
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(int(exc.retry_after))
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
 
     @app.middleware("http")
     async def body_limit(request: Request, call_next):
@@ -55,34 +48,29 @@ def build_app(cfg: ServeConfig) -> FastAPI:
             return JSONResponse({"detail": f"request body over {cfg.max_body_bytes} bytes"}, status_code=413)
         return await call_next(request)
 
-    def principal(request: Request, authorization: Optional[str] = Header(default=None)) -> Principal:
-        try:
-            who = auth.verify(authorization)
-        except AuthError as exc:
-            raise HTTPException(exc.status, str(exc), headers={"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
-        if limiter is not None:
-            route = request.scope.get("route")
-            endpoint = getattr(route, "name", None) or request.url.path
-            ok, retry = limiter.check(who.tenant, endpoint)
-            if not ok:
-                raise HTTPException(429, f"rate limit of {endpoint} reached for this tenant", headers={"Retry-After": str(int(retry) or 1)})
+    async def principal(request: Request, authorization: Optional[str] = Header(default=None)) -> Principal:
+        who = core.principal(authorization)
+        route = request.scope.get("route")
+        await core.admit(who, getattr(route, "name", None) or request.url.path)
         return who
 
     @app.get("/healthz", tags=["health"])
-    def healthz() -> dict:
+    async def healthz() -> dict:
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["health"])
-    def readyz() -> Response:
+    async def readyz() -> Response:
         try:
-            with psycopg.connect(dsn, connect_timeout=2) as conn:
-                conn.execute("select 1")
-        except psycopg.Error as exc:
-            return JSONResponse({"status": "not ready", "postgres": str(exc).splitlines()[0]}, status_code=503)
+            pool = await core.apg()
+            async with pool.connection(timeout=2) as conn:
+                await conn.execute("select 1")
+        except (psycopg.Error, TimeoutError) as exc:
+            return JSONResponse({"status": "not ready", "postgres": (str(exc).splitlines() or [type(exc).__name__])[0]},
+                                status_code=503)
         return JSONResponse({"status": "ready"})
 
     @app.get("/v1/aggregates/{pipeline}/{window}", tags=["aggregates"])
-    def aggregates(
+    async def aggregates(
         pipeline: str, window: str, request: Request,
         start: Optional[int] = Query(None, description="window_start >= start (epoch ms)"),
         end: Optional[int] = Query(None, description="window_start < end (epoch ms)"),
@@ -95,24 +83,10 @@ def build_app(cfg: ServeConfig) -> FastAPI:
         who: Principal = Depends(principal),
     ) -> Response:
         """Closed windows of the caller's tenant; filter on any group key with ``key=value`` query parameters."""
-        info = windows.get((pipeline, window))
-        if info is None:
-            raise HTTPException(404, f"no window {window!r} in pipeline {pipeline!r}")
         reserved = {"start", "end", "order", "fields", "limit", "cursor", "include_open"}
         filters = {k: v for k, v in request.query_params.items() if k not in reserved}
-        try:
-            with pg() as conn:
-                rows, nxt = query_windows(conn, cfg.table_prefix, info, cfg.tenant_key, who.tenant, filters, start, end, order,
-                                          fields.split(",") if fields else None, limit, cursor)
-        except BadQuery as exc:
-            raise HTTPException(exc.status, str(exc))
-        except psycopg.errors.UndefinedTable:
-            rows, nxt = [], None  # nothing emitted yet
-        except psycopg.OperationalError as exc:
-            raise HTTPException(503, f"store unavailable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-        result: dict = {"items": rows, "next_cursor": nxt}
-        if include_open:
-            result["open"] = _open_windows(info, cfg.tenant_key, who.tenant, filters, start, end, fields)
+        result = await core.query(who, pipeline, window, filters, start, end, order, fields.split(",") if fields else None,
+                                  limit, cursor, include_open)
         body = json.dumps(result, default=str, separators=(",", ":")).encode()
         etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
         if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
@@ -135,10 +109,10 @@ def build_app(cfg: ServeConfig) -> FastAPI:
             raise HTTPException(503, f"pipeline {name!r} is not running: {type(exc).__name__}")
 
     # -- schemas ---------------------------------------------------------------
-    from pipeline.io.registry import Incompatible, Registry, UnknownVersion
+    from pipeline.io.registry import Incompatible, UnknownVersion
     from pipeline.schemas import Schema
 
-    registry = Registry(dsn)
+    registry = core.registry
 
     @app.get("/v1/schemas", tags=["schemas"])
     def subjects(who: Principal = Depends(principal)) -> dict:
@@ -171,60 +145,26 @@ def build_app(cfg: ServeConfig) -> FastAPI:
             raise HTTPException(400, f"bad schema: {exc}")
         return {"subject": subject, "version": version}
 
-    if cfg.ingest is not None:
-        _ingest_routes(app, cfg, principal, registry)
+    if core.ingestor is not None:
+        _ingest_routes(app, core, principal)
     if cfg.stream is not None:
         from serve.stream import add_stream_route
 
-        add_stream_route(app, cfg, auth, windows)
+        add_stream_route(app, core)
+    app.router.on_shutdown.append(core.close)
     return app
 
 
-def _ingest_routes(app: FastAPI, cfg: ServeConfig, principal, registry) -> None:
+def _ingest_routes(app: FastAPI, core: Core, principal) -> None:
     """POST /v1/events: JSON array or NDJSON; each record validated, tenant-checked, produced keyed by tenant."""
-    import threading
-
-    import fastjsonschema
-
-    ing = cfg.ingest
-    state: dict = {"producer": None, "validators": {}}
-    lock = threading.Lock()
-
-    def validator():
-        if ing.schema_file:
-            key = "file"
-            if key not in state["validators"]:
-                with open(ing.schema_file) as f:
-                    state["validators"][key] = (fastjsonschema.compile(json.load(f)), ing.schema_file)
-            return state["validators"][key]
-        if "cache" not in state:
-            from pipeline.io.registry import SchemaCache
-
-            state["cache"] = SchemaCache(registry, ing.subject, ttl_s=5.0)  # a new version is followed within 5 s
-        v, schema = state["cache"].get("latest")
-        if v not in state["validators"]:
-            state["validators"][v] = (fastjsonschema.compile(schema.doc), f"{ing.subject}/{v}")
-        return state["validators"][v]
-
-    def producer():
-        with lock:
-            if state["producer"] is None:
-                from confluent_kafka import Producer
-
-                state["producer"] = Producer({"bootstrap.servers": ing.bootstrap_servers, "enable.idempotence": True,
-                                              "acks": "all", "linger.ms": 2, "message.timeout.ms": 10_000})
-            return state["producer"]
-
-    def close_producer() -> None:
-        if state["producer"] is not None:
-            state["producer"].flush(5)
-            state["producer"] = None
-
-    app.router.on_shutdown.append(close_producer)
+    ing = core.ingestor
 
     @app.post("/v1/events", tags=["ingest"])
     async def ingest(request: Request, who: Principal = Depends(principal)) -> Response:
+        """Ingest a JSON array, one JSON object or NDJSON; 200 all accepted, 207 some, 422 none (per-record reasons)."""
         raw = await request.body()
+        if len(raw) > core.cfg.max_body_bytes:  # chunked bodies carry no Content-Length
+            raise ApiError(413, f"request body over {core.cfg.max_body_bytes} bytes")
         ctype = request.headers.get("content-type", "")
         try:
             if "ndjson" in ctype or "jsonlines" in ctype:
@@ -237,81 +177,36 @@ def _ingest_routes(app: FastAPI, cfg: ServeConfig, principal, registry) -> None:
             raise HTTPException(400, f"body is not JSON or NDJSON: {exc}")
         if not isinstance(records, list):
             raise HTTPException(400, "body is a JSON array of records, one record, or NDJSON")
-        if len(records) > ing.max_records:
-            raise HTTPException(413, f"more than {ing.max_records} records")
-        check, label = validator()
-        results: list[dict] = []
-        to_send: list[tuple[int, bytes]] = []
-        for i, rec in enumerate(records):
-            if not isinstance(rec, dict):
-                results.append({"index": i, "status": "rejected", "reason": "not_an_object"})
-                continue
-            tenant = rec.setdefault(ing.tenant_field, who.tenant)
-            if tenant != who.tenant:
-                results.append({"index": i, "status": "rejected", "reason": "tenant_mismatch",
-                                "detail": f"{ing.tenant_field} names another tenant than the token"})
-                continue
-            try:
-                check(rec)
-            except fastjsonschema.JsonSchemaValueException as exc:
-                results.append({"index": i, "status": "rejected", "reason": f"schema_violation:{exc.rule}",
-                                "detail": f"{exc.name}: {exc.message}", "schema": label})
-                continue
-            results.append({"index": i, "status": "accepted"})
-            to_send.append((i, json.dumps(rec, separators=(",", ":")).encode()))
-        if to_send:
-            p = producer()
-            failed: dict[int, str] = {}
-            for i, value in to_send:
-                p.produce(ing.topic, value=value, key=who.tenant.encode(), headers=[("raystream.schema", label.encode())],
-                          on_delivery=lambda err, _m, i=i: failed.__setitem__(i, str(err)) if err is not None else None)
-            import asyncio
-
-            left = await asyncio.get_running_loop().run_in_executor(None, p.flush, 15)
-            for r in results:
-                if r["status"] == "accepted" and (r["index"] in failed or left):
-                    r.update(status="rejected", reason="broker_unavailable", detail=failed.get(r["index"], "not acknowledged"))
+        if len(records) > ing.cfg.max_records:
+            raise HTTPException(413, f"more than {ing.cfg.max_records} records")
+        results, _label = await ing.ingest(records, who.tenant)
         accepted = sum(1 for r in results if r["status"] == "accepted")
         status = 200 if accepted == len(results) else 207 if accepted else 422
         return JSONResponse({"accepted": accepted, "rejected": len(results) - accepted, "results": results}, status_code=status)
 
 
-def _open_windows(info, tenant_key: str, tenant: str, filters: dict, start, end, fields) -> list[dict]:
-    """Open windows of the tenant from the running pipeline's workers (queryable state)."""
-    import ray
-
-    from actors.runtime import NAMESPACE, actor_name
-
-    if not ray.is_initialized():
-        raise HTTPException(503, "include_open needs the serving layer to run on the pipeline's Ray cluster")
-    try:
-        coord = ray.get_actor(actor_name(info.pipeline, "coordinator"), namespace=NAMESPACE)
-        rows = ray.get(coord.open_windows.remote(info.window, {**filters, tenant_key: tenant}), timeout=20)
-    except ValueError:
-        raise HTTPException(503, f"pipeline {info.pipeline!r} is not running: no open windows to read")
-    rows = [r for r in rows if str(r.get(tenant_key)) == tenant
-            and (start is None or r["window_start"] >= start) and (end is None or r["window_start"] < end)]
-    rows.sort(key=lambda r: (r["window_start"], str([r.get(k) for k in info.keys]), r["partition"]))
-    if fields:
-        rows = [{k: r.get(k) for k in fields.split(",")} for r in rows]
-    return rows
-
-
 def deployment(cfg: ServeConfig):
-    """The Serve application: the FastAPI ingress with the configured autoscaling."""
+    """The Serve application: the FastAPI ingress plus the gRPC methods, with the configured autoscaling."""
     from ray import serve
 
-    app = build_app(cfg)
+    from serve.grpc_api import GrpcMethods
+
+    def replica_app() -> FastAPI:
+        # a builder is evaluated in each replica: the app and the gRPC methods share the replica's Core
+        return build_app(cfg, shared_core(cfg))
 
     @serve.deployment(
         name="raystream-api",
         autoscaling_config={"min_replicas": cfg.autoscaling.min_replicas, "max_replicas": cfg.autoscaling.max_replicas,
                             "target_ongoing_requests": cfg.autoscaling.target_ongoing_requests},
         ray_actor_options={"num_cpus": 0.1},
-        max_ongoing_requests=64,  # requests mostly wait on PostgreSQL: one replica overlaps many
+        max_ongoing_requests=256,  # handlers are async and mostly wait on PostgreSQL/Redis: one replica overlaps many
     )
-    @serve.ingress(app)
-    class Api:
-        """The FastAPI app above, one instance per Serve replica."""
+    @serve.ingress(replica_app)
+    class Api(GrpcMethods):
+        """The FastAPI app (HTTP, WebSocket) and the gRPC service, one instance per Serve replica."""
+
+        def __init__(self):
+            GrpcMethods.__init__(self, shared_core(cfg))
 
     return Api.bind()

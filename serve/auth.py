@@ -11,6 +11,7 @@ used as an HMAC secret.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,13 +70,29 @@ class Authenticator:
 
     def __getstate__(self) -> dict:
         # key objects do not pickle: a Serve replica rebuilds them from the JWKS
-        return {**self.__dict__, "_keys": None}
+        return {**self.__dict__, "_keys": None, "_verified": {}}
 
     def verify(self, authorization: str | None) -> Principal:
-        """``Authorization`` header value -> Principal; raises AuthError (401) on anything wrong."""
+        """``Authorization`` header value -> Principal; raises AuthError (401) on anything wrong.
+
+        A verified token is remembered (by its exact text) for at most 30 s and never past its
+        ``exp``: a client reusing its token skips the signature check on most requests.
+        """
         if not authorization or not authorization.startswith("Bearer "):
             raise AuthError("missing bearer token")
         token = authorization[7:].strip()
+        cache = self.__dict__.setdefault("_verified", {})
+        hit = cache.get(token)
+        now = time.time()
+        if hit is not None and hit[0] > now and (hit[1].claims.get("nbf") is None or hit[1].claims["nbf"] <= now):
+            return hit[1]
+        who = self._verify(token)
+        if len(cache) > 10_000:
+            cache.clear()
+        cache[token] = (min(now + 30, float(who.claims["exp"])), who)
+        return who
+
+    def _verify(self, token: str) -> Principal:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:

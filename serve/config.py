@@ -57,6 +57,7 @@ class StreamConfig(_M):
 class ServeConfig(_M):
     host: str = Field(default="127.0.0.1", description="HTTP listen address of the Serve proxy")
     port: int = Field(default=8000, ge=0, le=65535)
+    grpc_port: int | None = Field(default=9000, ge=0, le=65535, description="gRPC proxy port (null: no gRPC)")
     postgres_dsn: SecretStr = Field(description="the PostgreSQL sink's database (closed windows) and the schema registry")
     table_prefix: str = Field(default="raystream_", description="as the pipelines' postgres sinks")
     pipelines: list[str] = Field(default_factory=list, description="pipeline spec files whose windows are served")

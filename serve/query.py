@@ -19,7 +19,7 @@ from psycopg import sql
 from pipeline.io.sinks.postgres import table_name
 from pipeline.spec import PipelineSpec
 
-__all__ = ["BadQuery", "WindowInfo", "catalog", "query_windows"]
+__all__ = ["BadQuery", "WindowInfo", "aquery_windows", "build_query", "catalog", "query_windows"]
 
 
 class BadQuery(ValueError):
@@ -65,10 +65,10 @@ def _ms(v) -> int:
     return int(v.timestamp() * 1000) if isinstance(v, dt.datetime) else int(v)
 
 
-def query_windows(conn, prefix: str, info: WindowInfo, tenant_key: str, tenant: str, filters: dict[str, str],
-                  start_ms: int | None = None, end_ms: int | None = None, order: str = "asc", fields: list[str] | None = None,
-                  limit: int = 100, cursor: str | None = None) -> tuple[list[dict], str | None]:
-    """One page of closed windows of ``tenant``; returns (rows, next cursor or None)."""
+def build_query(prefix: str, info: WindowInfo, tenant_key: str, tenant: str, filters: dict[str, str],
+                start_ms: int | None = None, end_ms: int | None = None, order: str = "asc", fields: list[str] | None = None,
+                limit: int = 100, cursor: str | None = None) -> tuple[sql.Composed, list, list[str]]:
+    """The checked SQL of one page (one row more than ``limit`` tells whether another page follows)."""
     if tenant_key not in info.keys:
         raise BadQuery(f"window {info.window} is not grouped by {tenant_key!r}: it cannot be served per tenant", 403)
     allowed_filters = set(info.keys) | {"partition"}
@@ -116,10 +116,11 @@ def query_windows(conn, prefix: str, info: WindowInfo, tenant_key: str, tenant: 
         order=sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), direction) for c in sort_cols),
     )
     params.append(limit + 1)
-    with conn.cursor() as cur:
-        cur.execute(q, params)
-        names = [d.name for d in cur.description]
-        rows = [dict(zip(names, r)) for r in cur.fetchall()]
+    return q, params, sort_cols
+
+
+def _page(names: list[str], raw: list[tuple], sort_cols: list[str], limit: int, fields: list[str] | None) -> tuple[list[dict], str | None]:
+    rows = [dict(zip(names, r)) for r in raw]
     more = len(rows) > limit
     rows = rows[:limit]
     for r in rows:
@@ -128,3 +129,23 @@ def query_windows(conn, prefix: str, info: WindowInfo, tenant_key: str, tenant: 
     if fields:
         rows = [{k: r[k] for k in fields} for r in rows]
     return rows, nxt
+
+
+def query_windows(conn, prefix: str, info: WindowInfo, tenant_key: str, tenant: str, filters: dict[str, str],
+                  start_ms: int | None = None, end_ms: int | None = None, order: str = "asc", fields: list[str] | None = None,
+                  limit: int = 100, cursor: str | None = None) -> tuple[list[dict], str | None]:
+    """One page of closed windows of ``tenant``; returns (rows, next cursor or None)."""
+    q, params, sort_cols = build_query(prefix, info, tenant_key, tenant, filters, start_ms, end_ms, order, fields, limit, cursor)
+    with conn.cursor() as cur:
+        cur.execute(q, params)
+        return _page([d.name for d in cur.description], cur.fetchall(), sort_cols, limit, fields)
+
+
+async def aquery_windows(aconn, prefix: str, info: WindowInfo, tenant_key: str, tenant: str, filters: dict[str, str],
+                         start_ms: int | None = None, end_ms: int | None = None, order: str = "asc",
+                         fields: list[str] | None = None, limit: int = 100, cursor: str | None = None) -> tuple[list[dict], str | None]:
+    """``query_windows`` on an async connection (the serving path: no thread per request)."""
+    q, params, sort_cols = build_query(prefix, info, tenant_key, tenant, filters, start_ms, end_ms, order, fields, limit, cursor)
+    async with aconn.cursor() as cur:
+        await cur.execute(q, params)
+        return _page([d.name for d in cur.description], await cur.fetchall(), sort_cols, limit, fields)

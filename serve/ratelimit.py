@@ -61,9 +61,24 @@ class RateLimiter:
         allowed, retry_ms = self.script(keys=[self.key(endpoint, tenant)], args=[cap, rate])
         return bool(allowed), math.ceil(int(retry_ms) / 1000) if not allowed else 0.0
 
+    async def acheck(self, tenant: str, endpoint: str) -> tuple[bool, float]:
+        """``check`` on an asyncio Redis client (one per event loop), for async handlers."""
+        import asyncio
+
+        import redis.asyncio as aredis
+
+        loop = asyncio.get_running_loop()
+        if getattr(self, "_aloop", None) is not loop:
+            self._aloop = loop
+            self._aclient = aredis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
+            self._ascript = self._aclient.register_script(_BUCKET)
+        cap, rate = self.endpoints.get(endpoint, (self.capacity, self.per_second))
+        allowed, retry_ms = await self._ascript(keys=[self.key(endpoint, tenant)], args=[cap, rate])
+        return bool(allowed), math.ceil(int(retry_ms) / 1000) if not allowed else 0.0
+
     def __getstate__(self) -> dict:
         # a Serve replica opens its own connection pool
-        return {k: v for k, v in self.__dict__.items() if k not in ("client", "script")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("client", "script", "_aloop", "_aclient", "_ascript")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)

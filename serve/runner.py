@@ -9,8 +9,11 @@ __all__ = ["start_serve", "stop_serve"]
 APP_NAME = "raystream"
 
 
-def start_serve(cfg: ServeConfig, address: str | None = None) -> str:
-    """Deploy the REST ingress; returns its base URL. Starts a loopback-only local Ray without ``address``."""
+def start_serve(cfg: ServeConfig, address: str | None = None) -> dict[str, str]:
+    """Deploy the application; returns its endpoints (``http``, ``ws``, ``docs``, ``grpc``).
+
+    Starts a loopback-only local Ray without ``address`` (and none is connected).
+    """
     from actors.runtime import ensure_ray, local_ray_env
 
     if address is None:
@@ -19,10 +22,18 @@ def start_serve(cfg: ServeConfig, address: str | None = None) -> str:
     from ray import serve
 
     from serve.app import deployment
+    from serve.grpc_api import GRPC_SERVICER
 
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    grpc_options = None
+    if cfg.grpc_port is not None:
+        grpc_options = {"host": cfg.host, "port": cfg.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]}
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, grpc_options=grpc_options)
     serve.run(deployment(cfg), name=APP_NAME, route_prefix="/")
-    return f"http://{cfg.host}:{cfg.port}"
+    base = f"http://{cfg.host}:{cfg.port}"
+    urls = {"http": base, "docs": f"{base}/docs", "ws": f"ws://{cfg.host}:{cfg.port}/v1/stream"}
+    if cfg.grpc_port is not None:
+        urls["grpc"] = f"{cfg.host}:{cfg.grpc_port}"
+    return urls
 
 
 def stop_serve() -> None:

@@ -27,7 +27,7 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
 from serve.auth import AuthError
 
-__all__ = ["Pending", "add_stream_route"]
+__all__ = ["Feed", "Pending", "SubscribeError", "add_stream_route"]
 
 
 def _identity(row: dict, keys: tuple[str, ...]) -> str:
@@ -59,21 +59,132 @@ class Pending:
         return len(self.rows)
 
 
-def add_stream_route(app: FastAPI, cfg, auth, windows: dict) -> None:
-    import redis.asyncio as aredis
+class SubscribeError(Exception):
+    """A subscription that cannot start: ``status`` as in HTTP (400/403/404)."""
 
-    sc = cfg.stream
-    url = sc.redis_url.get_secret_value()
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
-    def prefix_of(pipeline: str) -> str:
-        return sc.prefixes.get(pipeline, f"raystream:{pipeline}:")
+
+class Feed:
+    """One subscriber's updates of (pipeline, window, filters), shared by WebSocket and gRPC ``Subscribe``.
+
+    ``start`` checks the subscription against the caller's tenant, subscribes
+    to the sink's pub/sub channel and queues what a resumed session missed;
+    ``listen`` (a task) queues live updates; ``next`` waits for queued ones;
+    ``delivered`` records what the client got in the Redis session.
+    """
+
+    def __init__(self, core, who, pipeline: str, window: str, filters: dict, session: str | None):
+        sc = core.cfg.stream
+        if sc is None:
+            raise SubscribeError(404, "streaming is not configured")
+        info = core.windows.get((pipeline, window))
+        if info is None:
+            raise SubscribeError(404, "no such window")
+        tkey = core.cfg.tenant_key
+        if tkey not in info.keys:
+            raise SubscribeError(403, f"window is not grouped by {tkey}")
+        filters = {str(k): v for k, v in (filters or {}).items()}
+        bad = [k for k in filters if k not in (*info.keys, "partition")]
+        if bad:
+            raise SubscribeError(400, f"cannot filter on {bad}")
+        if str(filters.get(tkey, who.tenant)) != who.tenant:
+            raise SubscribeError(403, "a token may only read its own tenant")
+        filters[tkey] = who.tenant
+        self.sc, self.info, self.window, self.pipeline = sc, info, window, pipeline
+        self.filters = filters
+        self.resuming = bool(session)
+        self.session = str(session or uuid.uuid4())
+        self.skey = f"raystream:ws:{len(who.tenant)}:{who.tenant}:{self.session}"  # a session id never crosses tenants
+        self.prefix = sc.prefixes.get(pipeline, f"raystream:{pipeline}:")
+        self.pending = Pending(info.keys, sc.max_pending)
+        self.wake = asyncio.Event()
+        self.redis = None
+        self.pubsub = None
+
+    def wanted(self, row: dict) -> bool:
+        return row.get("window") == self.window and row.get("pipeline", self.pipeline) == self.pipeline and all(
+            str(row.get(k)) == str(v) for k, v in self.filters.items())
+
+    def _enqueue(self, row: dict) -> None:
+        self.pending.add(row)
+        self.wake.set()
+
+    async def start(self) -> dict:
+        """Subscribe and queue what a resumed session has not seen; returns the ``subscribed`` message."""
+        import redis.asyncio as aredis
+
+        self.redis = aredis.Redis.from_url(self.sc.redis_url.get_secret_value())
+        self.pubsub = self.redis.pubsub()
+        await self.pubsub.subscribe(f"{self.prefix}updates")
+        seen = {k.decode(): int(v) for k, v in (await self.redis.hgetall(self.skey)).items()}
+        if seen or self.resuming:
+            for key in await self.redis.zrange(f"{self.prefix}{self.window}:index", 0, -1):
+                h = await self.redis.hgetall(key)
+                if not h:
+                    continue
+                row = {k.decode(): json.loads(v) for k, v in h.items()}
+                row.setdefault("window", self.window)
+                if self.wanted(row) and row.get("revision", 0) > seen.get(_identity(row, self.info.keys), -1):
+                    self._enqueue(row)
+        return {"type": "subscribed", "session": self.session, "pipeline": self.pipeline, "window": self.window,
+                "replayed": len(self.pending)}
+
+    async def listen(self) -> None:
+        async for m in self.pubsub.listen():
+            if m.get("type") != "message":
+                continue
+            try:
+                row = json.loads(m["data"])
+            except ValueError:
+                continue
+            if self.wanted(row):
+                self._enqueue(row)
+
+    async def next(self) -> list[dict]:
+        """Wait until something is queued; the messages to send now (a notice first when updates were dropped)."""
+        await self.wake.wait()
+        self.wake.clear()
+        out: list[dict] = []
+        if self.pending.dropped:
+            out.append({"type": "notice", "message": f"slow consumer: {self.pending.dropped} window updates dropped; "
+                        f"reconnect with session {self.session} to catch up"})
+            self.pending.dropped = 0
+        while len(self.pending):
+            ident, row = self.pending.pop()
+            out.append({"type": "update", "row": row, "_ident": ident})
+        return out
+
+    async def delivered(self, messages: list[dict]) -> None:
+        """Remember the revisions the client got (one round trip per batch)."""
+        marks = {m["_ident"]: int(m["row"].get("revision", 0)) for m in messages if m["type"] == "update"}
+        if marks:
+            async with self.redis.pipeline(transaction=False) as p:
+                p.hset(self.skey, mapping=marks)
+                p.expire(self.skey, int(self.sc.session_ttl))
+                await p.execute()
+
+    async def close(self) -> None:
+        try:
+            if self.pubsub is not None:
+                await self.pubsub.aclose()
+            if self.redis is not None:
+                await self.redis.aclose()
+        except Exception:  # Redis went away with the client: nothing left to release
+            pass
+
+
+def add_stream_route(app: FastAPI, core) -> None:
+    sc = core.cfg.stream
 
     @app.websocket("/v1/stream")
     async def stream(ws: WebSocket):
         token = ws.query_params.get("access_token")
         header = ws.headers.get("authorization") or (f"Bearer {token}" if token else None)
         try:
-            who = auth.verify(header)
+            who = core.auth.verify(header)
         except AuthError as exc:
             await ws.close(code=4401 if exc.status == 401 else 4403, reason=str(exc)[:120])
             return
@@ -81,117 +192,54 @@ def add_stream_route(app: FastAPI, cfg, auth, windows: dict) -> None:
         try:
             msg = await asyncio.wait_for(ws.receive_json(), timeout=30)
             sub = msg["subscribe"]
-            pipeline, window = sub["pipeline"], sub["window"]
-            filters = dict(sub.get("filters") or {})
-        except (asyncio.TimeoutError, KeyError, TypeError, ValueError):
+            feed = Feed(core, who, sub["pipeline"], sub["window"], dict(sub.get("filters") or {}), sub.get("session"))
+        except SubscribeError as exc:
+            await ws.close(code=4000 + exc.status, reason=str(exc)[:120])
+            return
+        except (asyncio.TimeoutError, KeyError, TypeError, ValueError, AttributeError):
             await ws.close(code=4400, reason="first message: {\"subscribe\": {\"pipeline\", \"window\", \"filters\"}}")
             return
-        info = windows.get((pipeline, window))
-        if info is None:
-            await ws.close(code=4404, reason="no such window")
-            return
-        tkey = cfg.tenant_key
-        if tkey not in info.keys:
-            await ws.close(code=4403, reason=f"window is not grouped by {tkey}")
-            return
-        bad = [k for k in filters if k not in (*info.keys, "partition")]
-        if bad:
-            await ws.close(code=4400, reason=f"cannot filter on {bad}")
-            return
-        if filters.get(tkey, who.tenant) != who.tenant:
-            await ws.close(code=4403, reason="a token may only read its own tenant")
-            return
-        filters[tkey] = who.tenant
-        r = aredis.Redis.from_url(url)
-        session = str(sub.get("session") or uuid.uuid4())
-        skey = f"raystream:ws:{len(who.tenant)}:{who.tenant}:{session}"  # a session id never crosses tenants
-        prefix = prefix_of(pipeline)
-        pending = Pending(info.keys, sc.max_pending)
-        wake = asyncio.Event()
         last_pong = [time.monotonic()]
-
-        def wanted(row: dict) -> bool:
-            return row.get("window") == window and row.get("pipeline", pipeline) == pipeline and all(
-                str(row.get(k)) == str(v) for k, v in filters.items())
-
-        def enqueue(row: dict) -> None:
-            pending.add(row)
-            wake.set()
-
-        pubsub = r.pubsub()
-        await pubsub.subscribe(f"{prefix}updates")
-        # resume: windows whose stored revision is newer than what this session saw
-        seen = {k.decode(): int(v) for k, v in (await r.hgetall(skey)).items()}
-        if seen or sub.get("session"):
-            for key in await r.zrange(f"{prefix}{window}:index", 0, -1):
-                h = await r.hgetall(key)
-                if not h:
-                    continue
-                row = {k.decode(): json.loads(v) for k, v in h.items()}
-                row.setdefault("window", window)
-                if wanted(row) and row.get("revision", 0) > seen.get(_identity(row, info.keys), -1):
-                    enqueue(row)
-        await ws.send_json({"type": "subscribed", "session": session, "pipeline": pipeline, "window": window,
-                            "replayed": len(pending)})
-
-        async def listen():
-            async for m in pubsub.listen():
-                if m.get("type") != "message":
-                    continue
-                try:
-                    row = json.loads(m["data"])
-                except ValueError:
-                    continue
-                if wanted(row):
-                    enqueue(row)
-
-        async def receive():
-            while True:
-                msg = await ws.receive_json()
-                if isinstance(msg, dict) and msg.get("type") == "pong":
-                    last_pong[0] = time.monotonic()
-
-        async def heartbeat():
-            while True:
-                await asyncio.sleep(sc.heartbeat)
-                if time.monotonic() - last_pong[0] > 2 * sc.heartbeat + 1:
-                    await ws.close(code=4408, reason="missed pongs")
-                    return
-                await ws.send_json({"type": "ping", "time": time.time()})
-
-        async def send():
-            while True:
-                await wake.wait()
-                wake.clear()
-                if pending.dropped:
-                    await ws.send_json({"type": "notice", "message": f"slow consumer: {pending.dropped} window updates dropped; "
-                                        f"reconnect with session {session} to catch up"})
-                    pending.dropped = 0
-                while len(pending):
-                    ident, row = pending.pop()
-                    await ws.send_json({"type": "update", "row": row})
-                    await r.hset(skey, ident, int(row.get("revision", 0)))
-                    await r.expire(skey, int(sc.session_ttl))
-
-        import anyio
-
-        async def until_first_ends(fn, tg):
-            try:
-                await fn()
-            except (WebSocketDisconnect, RuntimeError):
-                pass  # the client went away (or the socket closed under a send)
-            finally:
-                tg.cancel_scope.cancel()
-
         try:
+            await ws.send_json(await feed.start())
+
+            async def receive():
+                while True:
+                    msg = await ws.receive_json()
+                    if isinstance(msg, dict) and msg.get("type") == "pong":
+                        last_pong[0] = time.monotonic()
+
+            async def heartbeat():
+                while True:
+                    await asyncio.sleep(sc.heartbeat)
+                    if time.monotonic() - last_pong[0] > 2 * sc.heartbeat + 1:
+                        await ws.close(code=4408, reason="missed pongs")
+                        return
+                    await ws.send_json({"type": "ping", "time": time.time()})
+
+            async def send():
+                while True:
+                    batch = await feed.next()
+                    for m in batch:
+                        await ws.send_json({k: v for k, v in m.items() if k != "_ident"})
+                    await feed.delivered(batch)
+
+            import anyio
+
+            async def until_first_ends(fn, tg):
+                try:
+                    await fn()
+                except (WebSocketDisconnect, RuntimeError):
+                    pass  # the client went away (or the socket closed under a send)
+                finally:
+                    tg.cancel_scope.cancel()
+
             # anyio, as the server runs the app: when one side ends, the others are cancelled
             async with anyio.create_task_group() as tg:
-                for fn in (listen, receive, heartbeat, send):
+                for fn in (feed.listen, receive, heartbeat, send):
                     tg.start_soon(until_first_ends, fn, tg)
         finally:
+            import anyio
+
             with anyio.CancelScope(shield=True):
-                try:
-                    await pubsub.aclose()
-                    await r.aclose()
-                except Exception:  # Redis went away with the client: nothing left to release
-                    pass
+                await feed.close()

@@ -54,7 +54,8 @@ def served(postgres, tmp_path_factory, keys):
     cfg = ServeConfig.model_validate({"postgres_dsn": postgres.extra["dsn"], "pipelines": [str(tmp / "p.yaml")],
                                       "auth": {"jwks_file": str(tmp / "jwks.json"), "issuer": ISSUER, "audience": AUDIENCE},
                                       "max_body_bytes": 4096})
-    return TestClient(build_app(cfg)), latest, cfg
+    with TestClient(build_app(cfg)) as client:  # one event loop for the module's requests
+        yield client, latest, cfg
 
 
 def _get(client, url, token, **kw):
@@ -151,8 +152,8 @@ def test_real_serve_deployment(served, keys, ray_local):
     from serve.runner import start_serve, stop_serve
 
     _, latest, cfg = served
-    cfg = cfg.model_copy(update={"port": free_port()})
-    url = start_serve(cfg)  # the session's Ray is already connected
+    cfg = cfg.model_copy(update={"port": free_port(), "grpc_port": None})
+    url = start_serve(cfg)["http"]  # the session's Ray is already connected
     try:
         assert httpx.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}
         r = httpx.get(f"{url}/v1/aggregates/restp/w", params={"limit": 1000},
@@ -169,7 +170,11 @@ def test_rate_limit_answers_429_with_retry_after(served, keys, redis_server):
     from serve.config import RateLimitConfig
 
     limited = cfg.model_copy(update={"rate_limit": RateLimitConfig(redis_url=redis_server.extra["url"], capacity=3, per_second=0.01)})
-    client = TestClient(build_app(limited))
+    with TestClient(build_app(limited)) as client:
+        _limited(client, keys)
+
+
+def _limited(client, keys):
     codes = [_get(client, "/v1/aggregates/restp/w", keys.token("ratelimited-tenant"), params={"kind": "a"}).status_code
              for _ in range(5)]
     assert codes == [200, 200, 200, 429, 429]
@@ -271,9 +276,9 @@ def test_include_open_reads_live_worker_state(keys, broker, postgres, ray_local,
             _time.sleep(0.3)
         cfg = ServeConfig.model_validate({"postgres_dsn": postgres.extra["dsn"], "pipelines": [str(tmp_path / "p.yaml")],
                                           "auth": {"jwks_file": str(tmp_path / "jwks.json"), "issuer": ISSUER, "audience": AUDIENCE}})
-        client = TestClient(build_app(cfg))
-        r = client.get(f"/v1/aggregates/{pipeline_name}/w", params={"include_open": "true", "limit": 1000},
-                       headers={"Authorization": f"Bearer {keys.token('acme')}"})
+        with TestClient(build_app(cfg)) as client:
+            r = client.get(f"/v1/aggregates/{pipeline_name}/w", params={"include_open": "true", "limit": 1000},
+                           headers={"Authorization": f"Bearer {keys.token('acme')}"})
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["open"], "the last windows of each partition are still open"
