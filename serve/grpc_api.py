@@ -37,9 +37,15 @@ def struct_of(row: dict) -> struct_pb2.Struct:
     return s
 
 
-def _fail(context, status: int, message: str) -> None:
+class Aborted(Exception):
+    """Ends a call with the status set on its context (Serve keeps a code set before an exception)."""
+
+
+def _fail(context, status: int, message: str):
     context.set_code(_CODES.get(status, grpc.StatusCode.INTERNAL))
     context.set_details(message)
+    # a streaming call yields nothing here: only an exception carries the code to the client
+    raise Aborted(message)
 
 
 def _authorization(context) -> str | None:

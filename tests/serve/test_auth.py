@@ -80,3 +80,19 @@ def test_hs256_only_when_configured(keys):
     assert dev.verify("Bearer " + tok).tenant == "acme"
     with pytest.raises(AuthError):
         Authenticator(keys.jwks(), ISSUER, AUDIENCE).verify("Bearer " + tok)
+
+
+def test_generated_grpc_modules_match_the_proto(tmp_path):
+    """serve/protos/*_pb2*.py are generated from raystream.proto (`make protos`); a stale copy fails here."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "serve" / "protos").mkdir(parents=True)
+    shutil.copy(root / "serve/protos/raystream.proto", tmp_path / "serve/protos/raystream.proto")
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--pyi_out=.", "--grpc_python_out=.",
+                    "serve/protos/raystream.proto"], cwd=tmp_path, check=True)
+    for name in ("raystream_pb2.py", "raystream_pb2.pyi", "raystream_pb2_grpc.py"):
+        assert (tmp_path / "serve/protos" / name).read_text() == (root / "serve/protos" / name).read_text(), name

@@ -1,0 +1,299 @@
+"""End to end on a real Serve (HTTP, WebSocket and gRPC proxies on loopback), a real
+broker, PostgreSQL and Redis: records ingested over REST and gRPC run through a
+pipeline on Ray, then come back by REST and gRPC queries and by WebSocket and
+gRPC subscriptions — each equal to a reference computed from the accepted
+records, and never another tenant's."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import grpc
+import httpx
+import jwt
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.io.broker import free_port
+from pipeline.io.registry import Registry
+from pipeline.schemas import schema_of
+from pipeline.spec import parse_spec
+from serve.grpc_api import row_of
+from serve.protos import raystream_pb2 as pb
+from serve.protos import raystream_pb2_grpc as pbg
+from tests.serve_keys import AUDIENCE, ISSUER, Keys
+
+T0 = 1_700_000_000_000
+SCHEMA = {"type": "object", "required": ["tenant_id", "ts", "kind", "value"], "additionalProperties": False,
+          "properties": {"tenant_id": {"type": "string"}, "ts": {"type": "integer"}, "kind": {"enum": ["a", "b"]},
+                         "value": {"type": "number", "minimum": 0}}}
+
+
+class WsClient(threading.Thread):
+    """A real WebSocket client collecting messages (answers pings)."""
+
+    def __init__(self, url: str, token: str, sub: dict):
+        super().__init__(daemon=True)
+        from websockets.sync.client import connect
+
+        self.ws = connect(f"{url}?access_token={token}", open_timeout=30)
+        self.ws.send(json.dumps({"subscribe": sub}))
+        self.first = json.loads(self.ws.recv(timeout=30))
+        self.messages: list[dict] = []
+        self.start()
+
+    def run(self) -> None:
+        try:
+            for raw in self.ws:
+                m = json.loads(raw)
+                if m["type"] == "ping":
+                    self.ws.send(json.dumps({"type": "pong"}))
+                self.messages.append(m)
+        except Exception:  # closed by the test
+            pass
+
+    def close(self) -> None:
+        self.ws.close()
+        self.join(10)
+
+
+class GrpcSubscriber(threading.Thread):
+    def __init__(self, stub, md, request):
+        super().__init__(daemon=True)
+        self.call = stub.Subscribe(request, metadata=md)
+        self.messages: list = []
+        self.start()
+
+    def run(self) -> None:
+        try:
+            for m in self.call:
+                self.messages.append(m)
+        except grpc.RpcError:  # cancelled by the test
+            pass
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.join(10)
+
+
+def _records(tenant: str, n: int, seed: int, first_ms: int) -> list[dict]:
+    """``n`` records in event-time order over 6 s from T0 + first_ms (each batch after the last: none is late)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ts = first_ms + np.sort(rng.integers(0, 6_000, n))
+    return [{"tenant_id": tenant, "ts": int(T0 + t), "kind": str(k), "value": float(v)}
+            for t, k, v in zip(ts, rng.choice(["a", "b"], n), rng.integers(0, 100, n) / 4)]
+
+
+def _reference(recs: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(recs)
+    df = df[df.ts < T0 + 60_000]  # the closing record's window stays open
+    df["window_start"] = df.ts // 1000 * 1000
+    return df.groupby(["window_start", "kind"]).agg(count=("value", "size"), sum_value=("value", "sum")).reset_index()
+
+
+def _frame(items: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(items)
+    df["window_start"] = df["window_start"].astype("int64")
+    df["count"] = df["count"].astype("int64")
+    return df.groupby(["window_start", "kind"]).agg(count=("count", "sum"), sum_value=("sum_value", "sum")).reset_index()
+
+
+def _equal(got: pd.DataFrame, ref: pd.DataFrame) -> None:
+    pd.testing.assert_frame_equal(got.sort_values(["window_start", "kind"]).reset_index(drop=True),
+                                  ref.sort_values(["window_start", "kind"]).reset_index(drop=True), check_dtype=False, rtol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return Keys()
+
+
+def test_ingest_pipeline_query_subscribe_on_all_protocols(keys, broker, postgres, redis_server, ray_local, tmp_path,
+                                                          topic_name, pipeline_name):
+    from pipeline.driver import run_pipeline
+    from serve.config import ServeConfig
+    from serve.runner import start_serve, stop_serve
+
+    subject = f"{topic_name}-value"
+    Registry(postgres.extra["dsn"]).register(subject, schema_of(SCHEMA))
+    broker.extra["broker"].create_topic(topic_name, 2)
+    spec_d = {"name": pipeline_name, "source": {"kafka": {"bootstrap_servers": broker.address, "topic": topic_name}},
+              "event_time": {"field": "ts", "format": "epoch_ms", "idle_timeout": "1s"},
+              "windows": [{"name": "w", "type": "tumbling", "size": "1s", "group_by": ["tenant_id", "kind"],
+                           "aggregations": ["count", "sum(value)"]}],
+              "sinks": [{"postgres": {"dsn": postgres.extra["dsn"]}}, {"redis": {"url": redis_server.extra["url"]}}],
+              "workers": 1}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec_d))
+    (tmp_path / "jwks.json").write_text(json.dumps(keys.jwks()))
+    gport = free_port()
+    cfg = ServeConfig.model_validate({
+        "port": free_port(), "grpc_port": gport, "postgres_dsn": postgres.extra["dsn"], "pipelines": [str(tmp_path / "p.yaml")],
+        "auth": {"jwks_file": str(tmp_path / "jwks.json"), "issuer": ISSUER, "audience": AUDIENCE},
+        "ingest": {"bootstrap_servers": broker.address, "topic": topic_name, "subject": subject},
+        "stream": {"redis_url": redis_server.extra["url"], "heartbeat": 1.0},
+        "autoscaling": {"min_replicas": 1, "max_replicas": 1}})
+    urls = start_serve(cfg)
+    stop = threading.Event()
+    th = threading.Thread(target=lambda: run_pipeline(parse_spec(spec_d), stop=stop), daemon=True)
+    subs: list = []
+    channel = grpc.insecure_channel(urls["grpc"])
+    try:
+        stub = pbg.RaystreamStub(channel)
+        acme, globex = keys.token("acme", exp=int(time.time()) + 600), keys.token("globex", exp=int(time.time()) + 600)
+        md = lambda tok: [("authorization", f"Bearer {tok}")]  # noqa: E731
+        ws = WsClient(urls["ws"], acme, {"pipeline": pipeline_name, "window": "w"})
+        assert ws.first["type"] == "subscribed"
+        gsub = GrpcSubscriber(stub, md(acme), pb.SubscribeRequest(pipeline=pipeline_name, window="w"))
+        subs += [ws, gsub]
+        th.start()
+
+        # REST ingest: acme's records plus rows that must be refused, with their reasons
+        rest_recs = _records("acme", 600, 1, 0)
+        bad = [{"tenant_id": "globex", "ts": T0, "kind": "a", "value": 1.0}, {"ts": T0, "kind": "z", "value": 1.0}, "x"]
+        r = httpx.post(f"{urls['http']}/v1/events", json=rest_recs[:300] + bad, timeout=60,
+                       headers={"Authorization": f"Bearer {acme}"})
+        assert r.status_code == 207, r.text
+        body = r.json()
+        assert body["accepted"] == 300 and [x.get("reason") for x in body["results"][300:]] == [
+            "tenant_mismatch", "schema_violation:enum", "not_an_object"]
+        nd = "\n".join(json.dumps({k: v for k, v in x.items() if k != "tenant_id"}) for x in rest_recs[300:])
+        r = httpx.post(f"{urls['http']}/v1/events", content=nd, timeout=60,
+                       headers={"Authorization": f"Bearer {acme}", "Content-Type": "application/x-ndjson"})
+        assert r.status_code == 200 and r.json()["accepted"] == 300
+
+        # gRPC client-streaming ingest: acme in several messages (one bad JSON, one naming another tenant), globex
+        grpc_recs = _records("acme", 500, 2, 6_000)
+        msgs = [pb.IngestRequest(records=[json.dumps(x).encode() for x in grpc_recs[i:i + 100]]) for i in range(0, 500, 100)]
+        msgs.insert(2, pb.IngestRequest(records=[b"{not json", json.dumps({**grpc_recs[0], "tenant_id": "globex"}).encode()]))
+        resp = stub.Ingest(iter(msgs), metadata=md(acme), timeout=60)
+        assert resp.accepted == 500 and resp.rejected == 2 and resp.schema == f"{subject}/1"
+        assert [(x.index, x.reason) for x in resp.rejections] == [(200, "not_json"), (201, "tenant_mismatch")]
+        globex_recs = _records("globex", 400, 3, 12_000)
+        resp = stub.Ingest(iter([pb.IngestRequest(records=[json.dumps(x).encode() for x in globex_recs])]), metadata=md(globex),
+                           timeout=60)
+        assert resp.accepted == 400
+        # one record per tenant far ahead closes every window before it
+        for tok, tenant in ((acme, "acme"), (globex, "globex")):
+            closer = {"tenant_id": tenant, "ts": T0 + 3_600_000, "kind": "a", "value": 0.0}
+            assert httpx.post(f"{urls['http']}/v1/events", json=[closer], timeout=30,
+                              headers={"Authorization": f"Bearer {tok}"}).status_code == 200
+        ref_acme, ref_globex = _reference(rest_recs + grpc_recs), _reference(globex_recs)
+
+        def rest_items(tok: str, **params) -> list[dict]:
+            items, cursor = [], None
+            while True:
+                q = {"limit": 50, **params, **({"cursor": cursor} if cursor else {})}
+                r = httpx.get(f"{urls['http']}/v1/aggregates/{pipeline_name}/w", params=q, timeout=30,
+                              headers={"Authorization": f"Bearer {tok}"})
+                assert r.status_code == 200, r.text
+                items += r.json()["items"]
+                cursor = r.json()["next_cursor"]
+                if not cursor:
+                    return items
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            a, g = rest_items(acme), rest_items(globex)
+            if sum(x["count"] for x in a) >= ref_acme["count"].sum() and sum(x["count"] for x in g) >= ref_globex["count"].sum():
+                break
+            time.sleep(0.5)
+        # REST: exactly the reference, each tenant only its own
+        assert {x["tenant_id"] for x in a} == {"acme"} and {x["tenant_id"] for x in g} == {"globex"}
+        _equal(_frame(a), ref_acme)
+        _equal(_frame(g), ref_globex)
+        # gRPC query, paged with its cursor
+        items, cursor = [], ""
+        while True:
+            page = stub.QueryAggregates(pb.QueryRequest(pipeline=pipeline_name, window="w", limit=7, cursor=cursor),
+                                        metadata=md(acme), timeout=30)
+            items += [row_of(x) for x in page.items]
+            cursor = page.next_cursor
+            if not cursor:
+                break
+        assert {x["tenant_id"] for x in items} == {"acme"}
+        _equal(_frame(items), ref_acme)
+        one = stub.QueryAggregates(pb.QueryRequest(pipeline=pipeline_name, window="w", filters={"kind": "b"},
+                                                   fields=["window_start", "kind", "count"], start=T0 + 2000, end=T0 + 9000),
+                                   metadata=md(acme), timeout=30)
+        want = ref_acme[(ref_acme.kind == "b") & (ref_acme.window_start >= T0 + 2000) & (ref_acme.window_start < T0 + 9000)]
+        assert sorted((int(row_of(x)["window_start"]), int(row_of(x)["count"])) for x in one.items) == sorted(
+            zip(want.window_start.astype(int), want["count"].astype(int)))
+        assert all(set(row_of(x)) == {"window_start", "kind", "count"} for x in one.items)
+
+        # security rows on gRPC: no token, expired, wrong audience, alg none, another tenant, unknown window
+        q = pb.QueryRequest(pipeline=pipeline_name, window="w")
+        none_tok = jwt.encode({"tenant": "acme", "iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 60}, None, algorithm="none")
+        for metadata, code in (([], grpc.StatusCode.UNAUTHENTICATED),
+                               (md(keys.token("acme", exp=int(time.time()) - 10)), grpc.StatusCode.UNAUTHENTICATED),
+                               (md(keys.token("acme", aud="elsewhere")), grpc.StatusCode.UNAUTHENTICATED),
+                               (md(none_tok), grpc.StatusCode.UNAUTHENTICATED),
+                               (md(keys.token("acme", key=keys.other)), grpc.StatusCode.UNAUTHENTICATED)):
+            with pytest.raises(grpc.RpcError) as exc:
+                stub.QueryAggregates(q, metadata=metadata, timeout=30)
+            assert exc.value.code() == code
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.QueryAggregates(pb.QueryRequest(pipeline=pipeline_name, window="w", filters={"tenant_id": "acme"}),
+                                 metadata=md(globex), timeout=30)
+        assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.QueryAggregates(pb.QueryRequest(pipeline=pipeline_name, window="nope"), metadata=md(acme), timeout=30)
+        assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as exc:
+            list(stub.Subscribe(pb.SubscribeRequest(pipeline=pipeline_name, window="w", filters={"tenant_id": "acme"}),
+                                metadata=md(globex), timeout=30))
+        assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.Ingest(iter([pb.IngestRequest(records=[b"{}"])]), metadata=[], timeout=30)
+        assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        r = httpx.get(f"{urls['http']}/v1/aggregates/{pipeline_name}/w", params={"tenant_id": "acme"}, timeout=30,
+                      headers={"Authorization": f"Bearer {globex}"})
+        assert r.status_code == 403
+
+        # subscriptions: every acme window reached its final revision (= its record count), nothing else arrived
+        n_windows = len(ref_acme)
+
+        def finals(rows: list[dict]) -> dict:
+            out: dict = {}
+            for row in rows:
+                k = (int(row["window_start"]), row["kind"])
+                out[k] = max(out.get(k, 0), int(row["revision"]))
+            return out
+
+        want = {(int(w), k): int(c) for w, k, c in zip(ref_acme.window_start, ref_acme.kind, ref_acme["count"])}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ws_rows = [m["row"] for m in ws.messages if m["type"] == "update"]
+            g_rows = [row_of(m.row) for m in gsub.messages if m.type == "update"]
+            if finals(ws_rows) == want and finals(g_rows) == want:
+                break
+            time.sleep(0.3)
+        assert {r["tenant_id"] for r in ws_rows} == {"acme"} and {r["tenant_id"] for r in g_rows} == {"acme"}
+        assert finals(ws_rows) == want and finals(g_rows) == want
+        assert any(m["type"] == "ping" for m in ws.messages)
+        assert gsub.messages[0].type == "subscribed"
+        # resume: the WebSocket session saw everything, so reconnecting replays nothing; a new
+        # gRPC session asking to resume gets every window of the tenant once
+        session = ws.first["session"]
+        ws.close()
+        ws2 = WsClient(urls["ws"], acme, {"pipeline": pipeline_name, "window": "w", "session": session})
+        subs.append(ws2)
+        assert ws2.first["type"] == "subscribed" and ws2.first["replayed"] == 0
+        fresh = GrpcSubscriber(stub, md(acme), pb.SubscribeRequest(pipeline=pipeline_name, window="w", session="never-used-1"))
+        subs.append(fresh)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len([m for m in fresh.messages if m.type == "update"]) < n_windows:
+            time.sleep(0.2)
+        assert fresh.messages[0].replayed == n_windows
+        assert finals([row_of(m.row) for m in fresh.messages if m.type == "update"]) == want
+    finally:
+        for s in subs:
+            s.close()
+        channel.close()
+        stop.set()
+        th.join(60)
+        stop_serve()
