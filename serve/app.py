@@ -14,13 +14,31 @@ import json
 from typing import Optional
 
 import psycopg
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from pydantic import BaseModel
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse
 
 from serve.auth import Principal
 from serve.config import ServeConfig
 from serve.core import ApiError, Core, shared_core
+
+_BEARER = HTTPBearer(auto_error=False, description="JWT (RS256/ES256) whose tenant claim scopes the request")
+
+
+class Problem(BaseModel):
+    """Every error response: what went wrong, for a person to read."""
+
+    detail: str
+
+
+def _errors(*codes: int) -> dict:
+    what = {400: "a filter, field, cursor or body this API does not accept", 401: "no token, or an invalid or expired one",
+            403: "the token may not do this (another tenant, a missing scope)", 404: "no such pipeline, window or schema",
+            409: "incompatible schema", 413: "request body or record count over the limit",
+            429: "rate limit of the tenant and endpoint reached (see Retry-After)", 503: "a store or the pipeline is unavailable"}
+    return {c: {"model": Problem, "description": what[c]} for c in codes}
 
 __all__ = ["build_app", "deployment"]
 
@@ -48,8 +66,8 @@ def build_app(cfg: ServeConfig, core: Core | None = None) -> FastAPI:
             return JSONResponse({"detail": f"request body over {cfg.max_body_bytes} bytes"}, status_code=413)
         return await call_next(request)
 
-    async def principal(request: Request, authorization: Optional[str] = Header(default=None)) -> Principal:
-        who = core.principal(authorization)
+    async def principal(request: Request, creds: Optional[HTTPAuthorizationCredentials] = Security(_BEARER)) -> Principal:
+        who = core.principal(f"Bearer {creds.credentials}" if creds is not None else None)
         route = request.scope.get("route")
         await core.admit(who, getattr(route, "name", None) or request.url.path)
         return who
@@ -58,7 +76,7 @@ def build_app(cfg: ServeConfig, core: Core | None = None) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"])
+    @app.get("/readyz", tags=["health"], responses={503: {"description": "PostgreSQL is not reachable"}})
     async def readyz() -> Response:
         try:
             pool = await core.apg()
@@ -69,7 +87,8 @@ def build_app(cfg: ServeConfig, core: Core | None = None) -> FastAPI:
                                 status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/v1/aggregates/{pipeline}/{window}", tags=["aggregates"])
+    @app.get("/v1/aggregates/{pipeline}/{window}", tags=["aggregates"], responses={304: {"description": "unchanged since the ETag in If-None-Match"},
+                                                                                  **_errors(400, 401, 403, 404, 429, 503)})
     async def aggregates(
         pipeline: str, window: str, request: Request,
         start: Optional[int] = Query(None, description="window_start >= start (epoch ms)"),
@@ -93,11 +112,11 @@ def build_app(cfg: ServeConfig, core: Core | None = None) -> FastAPI:
             return Response(status_code=304, headers={"ETag": etag})
         return Response(body, media_type="application/json", headers={"ETag": etag, "Cache-Control": "private, no-cache"})
 
-    @app.get("/v1/pipelines", tags=["pipelines"])
+    @app.get("/v1/pipelines", tags=["pipelines"], responses=_errors(401, 403, 429))
     def pipelines(who: Principal = Depends(principal)) -> dict:
         return {"pipelines": [{"name": s, "windows": [w for (p, w) in windows if p == s]} for s in sorted({p for p, _ in windows})]}
 
-    @app.get("/v1/pipelines/{name}", tags=["pipelines"])
+    @app.get("/v1/pipelines/{name}", tags=["pipelines"], responses=_errors(401, 403, 404, 429, 503))
     def pipeline_status(name: str, who: Principal = Depends(principal)) -> dict:
         if name not in {p for p, _ in windows}:
             raise HTTPException(404, f"no pipeline {name!r}")
@@ -114,11 +133,11 @@ def build_app(cfg: ServeConfig, core: Core | None = None) -> FastAPI:
 
     registry = core.registry
 
-    @app.get("/v1/schemas", tags=["schemas"])
+    @app.get("/v1/schemas", tags=["schemas"], responses=_errors(401, 403, 429))
     def subjects(who: Principal = Depends(principal)) -> dict:
         return {"subjects": [{**s, "latest": s["latest"]} for s in registry.subjects()]}
 
-    @app.get("/v1/schemas/{subject}/versions/{version}", tags=["schemas"])
+    @app.get("/v1/schemas/{subject}/versions/{version}", tags=["schemas"], responses=_errors(400, 401, 403, 404, 429))
     def schema_version(subject: str, version: str, who: Principal = Depends(principal)) -> dict:
         if version != "latest" and not version.isdigit():
             raise HTTPException(400, "version is a number or 'latest'")
@@ -129,7 +148,7 @@ def build_app(cfg: ServeConfig, core: Core | None = None) -> FastAPI:
         return {"subject": subject, "version": v, "type": schema.kind, "schema": schema.doc if schema.kind == "json" else schema.text,
                 "message": schema.message}
 
-    @app.post("/v1/schemas/{subject}", tags=["schemas"], status_code=201)
+    @app.post("/v1/schemas/{subject}", tags=["schemas"], status_code=201, responses=_errors(400, 401, 403, 409, 413, 429))
     def register_schema(subject: str, body: dict, who: Principal = Depends(principal)) -> dict:
         """Register a version (needs the ``schemas:write`` scope); 409 with the problems when incompatible."""
         if "schemas:write" not in who.scopes:
@@ -159,7 +178,12 @@ def _ingest_routes(app: FastAPI, core: Core, principal) -> None:
     """POST /v1/events: JSON array or NDJSON; each record validated, tenant-checked, produced keyed by tenant."""
     ing = core.ingestor
 
-    @app.post("/v1/events", tags=["ingest"])
+    @app.post("/v1/events", tags=["ingest"], responses={
+        207: {"description": "some records accepted, the others rejected with their reasons"},
+        422: {"description": "no record accepted (each with its reason), or a body FastAPI could not read"},
+        **_errors(400, 401, 403, 413, 429)}, openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"oneOf": [{"type": "array", "items": {"type": "object"}}, {"type": "object"}]}},
+            "application/x-ndjson": {"schema": {"type": "string"}}}}})
     async def ingest(request: Request, who: Principal = Depends(principal)) -> Response:
         """Ingest a JSON array, one JSON object or NDJSON; 200 all accepted, 207 some, 422 none (per-record reasons)."""
         raw = await request.body()
