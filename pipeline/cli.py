@@ -152,11 +152,19 @@ def demo(
     rate: int = typer.Option(20_000, "--rate", help="synthetic events per second"),
     out: Path = typer.Option(Path("demo-out"), "--out", help="folder for window and late Parquet files"),
     workers: int = typer.Option(2, "--workers", help="PartitionWorker actors"),
+    serve: bool = typer.Option(True, "--serve/--no-serve", help="also PostgreSQL + Redis sinks and the serving layer"),
+    http_port: int = typer.Option(8000, "--http-port", help="REST/WebSocket port (a free one if taken)"),
+    grpc_port: int = typer.Option(9000, "--grpc-port", help="gRPC port (a free one if taken)"),
 ) -> None:
-    """Local Ray + embedded broker + synthetic producer + the example pipeline, with a live table."""
+    """Local Ray + embedded broker + synthetic producer + the example pipeline, with a live table.
+
+    With the serving layer (default) the windows also go to a throwaway PostgreSQL and Redis, and
+    REST, WebSocket and gRPC endpoints come up on Ray Serve; their URLs and a token are printed.
+    """
     from pipeline.demo import run_demo
 
-    run_demo(duration=duration, rate=rate, out=out, workers=workers, console=console, run_and_report=_run_and_report)
+    run_demo(duration=duration, rate=rate, out=out, workers=workers, console=console, run_and_report=_run_and_report,
+             serve=serve, http_port=http_port, grpc_port=grpc_port)
 
 
 def _control(pipeline: str, address: Optional[str]):

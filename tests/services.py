@@ -7,135 +7,26 @@ run. A server that does not come up fails with its log tail in the message.
 
 from __future__ import annotations
 
-import glob
 import os
-import pwd
-import shutil
 import socket
 import subprocess
 import tempfile
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
 
-from pipeline.io.broker import EmbeddedBroker, free_port, stop_process
+from pipeline.io.broker import EmbeddedBroker, free_port
+from pipeline.io.local import Service, start_postgres, start_redis
+from pipeline.io.local import binary as _binary
+from pipeline.io.local import tail as _tail
+from pipeline.io.local import wait_port as _wait_port
 
 __all__ = ["Service", "TcpProxy", "start_broker", "start_moto", "start_postgres", "start_redis", "start_victoria_metrics"]
-
-
-@dataclass
-class Service:
-    name: str
-    host: str
-    port: int
-    proc: subprocess.Popen | None = None
-    workdir: str = ""
-    extra: dict = field(default_factory=dict)
-    stopper: object = None
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def stop(self) -> None:
-        if self.stopper is not None:
-            self.stopper()
-        else:
-            stop_process(self.proc)
-        if self.workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def _tail(path: str, n: int = 20) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
-def _wait_port(port: int, proc: subprocess.Popen | None, log: str, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{_tail(log)}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout}s:\n{_tail(log)}")
-
-
-def _binary(name: str, hint: str) -> str:
-    path = shutil.which(name)
-    if path:
-        return path
-    for cand in (f"/usr/bin/{name}", f"/usr/sbin/{name}", f"/usr/local/bin/{name}"):
-        if os.path.exists(cand):
-            return cand
-    raise RuntimeError(f"{name} not found: {hint}")
 
 
 def start_broker() -> Service:
     broker = EmbeddedBroker().start()
     return Service("tansu", "127.0.0.1", broker.port, broker.proc, broker.log_dir, {"broker": broker}, broker.stop)
-
-
-def start_redis() -> Service:
-    exe = _binary("redis-server", "apt-get install redis-server")
-    port = free_port()
-    work = tempfile.mkdtemp(prefix="raystream-redis-")
-    log = os.path.join(work, "redis.log")
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", work,
-         "--logfile", log, "--daemonize", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    _wait_port(port, proc, log, "redis-server")
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=port)
-    deadline = time.monotonic() + 10
-    while not client.ping():
-        if time.monotonic() > deadline:
-            raise RuntimeError("redis-server does not answer PING")
-        time.sleep(0.05)
-    return Service("redis", "127.0.0.1", port, proc, work, {"url": f"redis://127.0.0.1:{port}/0"})
-
-
-def _pg_bin(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    if found:
-        return found[-1]
-    return _binary(name, "apt-get install postgresql")
-
-
-def start_postgres() -> Service:
-    """initdb + pg_ctl as the unprivileged ``postgres`` user (PostgreSQL refuses root)."""
-    port = free_port()
-    work = tempfile.mkdtemp(prefix="raystream-pg-")
-    data = os.path.join(work, "data")
-    log = os.path.join(work, "pg.log")
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        user = pwd.getpwnam("postgres")
-        os.chown(work, user.pw_uid, user.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    run = lambda args: subprocess.run(as_user + args, check=True, capture_output=True, text=True)  # noqa: E731
-    try:
-        run([_pg_bin("initdb"), "-D", data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"])
-        run([_pg_bin("pg_ctl"), "-D", data, "-l", log, "-w", "-t", "60", "-o",
-             f"-p {port} -k {work} -c listen_addresses=127.0.0.1 -c fsync=on", "start"])
-    except subprocess.CalledProcessError as exc:
-        raise RuntimeError(f"PostgreSQL did not start: {exc.stderr}\n{_tail(log)}") from None
-
-    def stop() -> None:
-        subprocess.run(as_user + [_pg_bin("pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop"], capture_output=True)
-
-    dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    return Service("postgres", "127.0.0.1", port, None, work, {"dsn": dsn, "data": data, "log": log}, stop)
 
 
 def start_victoria_metrics() -> Service:

@@ -54,11 +54,47 @@ def test_sigterm_writes_closed_windows_and_exits_zero(broker, tmp_path, topic_na
 
 
 def test_demo_runs_for_a_duration_and_writes_windows(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--duration", "25", "--rate", "3000",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """The demo with its serving layer: while it runs, the printed REST endpoint answers with the
+    printed token, and what it serves equals the windows the Parquet sink wrote."""
+    import time
+
+    import httpx
+
+    from pipeline.io.broker import free_port
+
+    port, gport = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "demo", "--duration", "35", "--rate", "3000",
+                             "--out", str(tmp_path), "--http-port", str(port), "--grpc-port", str(gport)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    served: list[dict] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not served:
+            token = tmp_path / "serve" / "token"
+            if token.exists():
+                try:
+                    r = httpx.get(f"http://127.0.0.1:{port}/v1/aggregates/clicks/tenant_type_10s", params={"limit": 1000},
+                                  headers={"Authorization": f"Bearer {token.read_text()}"}, timeout=10)
+                    if r.status_code == 200:
+                        served = r.json()["items"]
+                except httpx.HTTPError:
+                    pass  # not up yet
+            time.sleep(1)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert f"http://127.0.0.1:{port}/docs" in err and f"127.0.0.1:{gport}" in err
     files = list((tmp_path / "windows").rglob("*.parquet"))
-    assert files, proc.stderr[-2000:]
-    rows = sum(pq.read_table(f).num_rows for f in files)
-    assert rows > 0
-    assert "done" in proc.stderr and "records" in proc.stderr
+    assert files, err[-2000:]
+    df = pd.concat([pq.read_table(f).to_pandas() for f in files])
+    assert len(df) > 0
+    assert "done" in err and "records" in err
+    assert served and {x["tenant_id"] for x in served} == {"tenant-000"}
+    df["window_start"] = (pd.to_datetime(df["window_start"], utc=True) - pd.Timestamp(0, tz="UTC")) // pd.Timedelta("1ms")
+    latest = df.sort_values("revision").drop_duplicates(["window_start", "tenant_id", "event_type", "partition"], keep="last")
+    by_key = latest.set_index(["window_start", "tenant_id", "event_type", "partition"])
+    for x in served:
+        row = by_key.loc[(x["window_start"], x["tenant_id"], x["event_type"], x["partition"])]
+        assert int(row["count"]) == x["count"] and abs(float(row["sum_value"]) - x["sum_value"]) <= 1e-9 * max(1.0, abs(x["sum_value"]))
