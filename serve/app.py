@@ -43,6 +43,25 @@ def _errors(*codes: int) -> dict:
 __all__ = ["build_app", "deployment"]
 
 
+class BodyLimit:
+    """413 for a declared Content-Length over the limit, before the body is read.
+
+    Plain ASGI on purpose: an ``@app.middleware("http")`` wrapper watches the request stream for
+    disconnects, which under Serve costs a call back to the proxy on every request.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            for k, v in scope.get("headers", ()):
+                if k == b"content-length" and (not v.isdigit() or int(v) > self.limit):
+                    await JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
 def build_app(cfg: ServeConfig, core: Core | None = None) -> FastAPI:
     """The FastAPI app over ``core`` (a new one for ``cfg`` when not given)."""
     core = core or Core(cfg)
@@ -59,12 +78,7 @@ def build_app(cfg: ServeConfig, core: Core | None = None) -> FastAPI:
             headers["Retry-After"] = str(int(exc.retry_after))
         return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
-            return JSONResponse({"detail": f"request body over {cfg.max_body_bytes} bytes"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
 
     async def principal(request: Request, creds: Optional[HTTPAuthorizationCredentials] = Security(_BEARER)) -> Principal:
         who = core.principal(f"Bearer {creds.credentials}" if creds is not None else None)

@@ -131,12 +131,15 @@ class GrpcMethods:
         except SubscribeError as exc:
             _fail(grpc_context, exc.status, str(exc))
             return
-        listener = None
         try:
-            first = await feed.start()
+            try:
+                first = await feed.start()
+            except (ConnectionError, OSError) as exc:
+                _fail(grpc_context, 503, f"update channel unavailable: {type(exc).__name__}")
             yield pb.WindowUpdate(type="subscribed", session=first["session"], replayed=first["replayed"])
-            listener = asyncio.ensure_future(feed.listen())
             while True:
+                if feed.hub.broken.is_set():
+                    _fail(grpc_context, 503, f"update channel lost; resume with session {feed.session}")
                 try:
                     batch = await asyncio.wait_for(feed.next(), timeout=feed.sc.heartbeat)
                 except asyncio.TimeoutError:
@@ -149,8 +152,6 @@ class GrpcMethods:
                         yield pb.WindowUpdate(type=m["type"], message=m.get("message", ""))
                 await feed.delivered(batch)
         finally:
-            if listener is not None:
-                listener.cancel()
             await feed.close()
 
 

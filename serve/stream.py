@@ -67,6 +67,79 @@ class SubscribeError(Exception):
         self.status = status
 
 
+class Hub:
+    """One Redis connection and one pub/sub subscription per (event loop, channel), fanned out in-process.
+
+    A thousand subscribers of a replica cost one Redis subscription: each message
+    is parsed once and handed to the feeds of its (window, tenant). If the
+    subscription breaks, every feed ends (their clients reconnect and resume from
+    their sessions) and the next subscriber starts a new hub.
+    """
+
+    def __init__(self, url: str, channel: str, tenant_key: str):
+        import redis.asyncio as aredis
+
+        self.redis = aredis.Redis.from_url(url, max_connections=64)
+        self.channel, self.tenant_key = channel, tenant_key
+        self.feeds: dict[tuple[str, str], set] = {}
+        self.broken = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.error: BaseException | None = None
+
+    async def join(self, feed: "Feed") -> None:
+        """Register ``feed``; returns once the hub's subscription is live (so nothing published after is missed)."""
+        self.feeds.setdefault((feed.window, feed.tenant), set()).add(feed)
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+        await asyncio.wait([asyncio.ensure_future(self._ready.wait()), asyncio.ensure_future(self.broken.wait())],
+                           return_when=asyncio.FIRST_COMPLETED, timeout=10)
+        if self.broken.is_set() or not self._ready.is_set():
+            raise ConnectionError(f"update channel unavailable: {self.error!r}")
+
+    def leave(self, feed: "Feed") -> None:
+        group = self.feeds.get((feed.window, feed.tenant))
+        if group is not None:
+            group.discard(feed)
+            if not group:
+                del self.feeds[(feed.window, feed.tenant)]
+
+    async def _run(self) -> None:
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(self.channel)
+            self._ready.set()
+            async for m in pubsub.listen():
+                if m.get("type") != "message":
+                    continue
+                try:
+                    row = json.loads(m["data"])
+                except ValueError:
+                    continue
+                for feed in tuple(self.feeds.get((row.get("window"), str(row.get(self.tenant_key))), ())):
+                    if feed.wanted(row):
+                        feed._enqueue(row)
+        except Exception as exc:  # Redis went away: end every feed, their clients resume
+            self.error = exc
+        finally:
+            self.broken.set()
+            try:
+                await pubsub.aclose()
+            except Exception:  # the connection is already gone
+                pass
+
+
+def _hub(core, url: str, channel: str) -> Hub:
+    loop = asyncio.get_running_loop()
+    hubs = core.__dict__.setdefault("_hubs", {})
+    hub = hubs.get((id(loop), channel))
+    if hub is None or hub.broken.is_set() or hub.loop is not loop:
+        hub = Hub(url, channel, core.cfg.tenant_key)
+        hub.loop = loop
+        hubs[(id(loop), channel)] = hub
+    return hub
+
+
 class Feed:
     """One subscriber's updates of (pipeline, window, filters), shared by WebSocket and gRPC ``Subscribe``.
 
@@ -101,8 +174,10 @@ class Feed:
         self.prefix = sc.prefixes.get(pipeline, f"raystream:{pipeline}:")
         self.pending = Pending(info.keys, sc.max_pending)
         self.wake = asyncio.Event()
+        self.tenant = who.tenant
+        self.core = core
+        self.hub: Hub | None = None
         self.redis = None
-        self.pubsub = None
 
     def wanted(self, row: dict) -> bool:
         return row.get("window") == self.window and row.get("pipeline", self.pipeline) == self.pipeline and all(
@@ -114,11 +189,9 @@ class Feed:
 
     async def start(self) -> dict:
         """Subscribe and queue what a resumed session has not seen; returns the ``subscribed`` message."""
-        import redis.asyncio as aredis
-
-        self.redis = aredis.Redis.from_url(self.sc.redis_url.get_secret_value())
-        self.pubsub = self.redis.pubsub()
-        await self.pubsub.subscribe(f"{self.prefix}updates")
+        self.hub = _hub(self.core, self.sc.redis_url.get_secret_value(), f"{self.prefix}updates")
+        self.redis = self.hub.redis
+        await self.hub.join(self)
         seen = {k.decode(): int(v) for k, v in (await self.redis.hgetall(self.skey)).items()}
         if seen or self.resuming:
             for key in await self.redis.zrange(f"{self.prefix}{self.window}:index", 0, -1):
@@ -133,15 +206,9 @@ class Feed:
                 "replayed": len(self.pending)}
 
     async def listen(self) -> None:
-        async for m in self.pubsub.listen():
-            if m.get("type") != "message":
-                continue
-            try:
-                row = json.loads(m["data"])
-            except ValueError:
-                continue
-            if self.wanted(row):
-                self._enqueue(row)
+        """Returns (raising) only when the update channel broke: the caller ends the subscription."""
+        await self.hub.broken.wait()
+        raise ConnectionError(f"update channel lost: {self.hub.error!r}")
 
     async def next(self) -> list[dict]:
         """Wait until something is queued; the messages to send now (a notice first when updates were dropped)."""
@@ -167,13 +234,8 @@ class Feed:
                 await p.execute()
 
     async def close(self) -> None:
-        try:
-            if self.pubsub is not None:
-                await self.pubsub.aclose()
-            if self.redis is not None:
-                await self.redis.aclose()
-        except Exception:  # Redis went away with the client: nothing left to release
-            pass
+        if self.hub is not None:
+            self.hub.leave(self)
 
 
 def add_stream_route(app: FastAPI, core) -> None:
@@ -201,7 +263,12 @@ def add_stream_route(app: FastAPI, core) -> None:
             return
         last_pong = [time.monotonic()]
         try:
-            await ws.send_json(await feed.start())
+            try:
+                first = await feed.start()
+            except (ConnectionError, OSError) as exc:
+                await ws.close(code=1011, reason=f"update channel unavailable: {type(exc).__name__}")
+                return
+            await ws.send_json(first)
 
             async def receive():
                 while True:
@@ -231,6 +298,11 @@ def add_stream_route(app: FastAPI, core) -> None:
                     await fn()
                 except (WebSocketDisconnect, RuntimeError):
                     pass  # the client went away (or the socket closed under a send)
+                except ConnectionError:  # the update channel broke: the client reconnects with its session
+                    try:
+                        await ws.close(code=1011, reason=f"update channel lost; resume with session {feed.session}")
+                    except RuntimeError:
+                        pass  # already closed
                 finally:
                     tg.cancel_scope.cancel()
 
