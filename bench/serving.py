@@ -1,13 +1,24 @@
-"""Serving benchmark: REST query latency and throughput through Ray Serve.
+"""Serving benchmark through Ray Serve: query latency, ingest rate, WebSocket fan-out.
 
-A throwaway PostgreSQL holds the closed windows of a pipeline (written by the
-PostgreSQL sink: 100 tenants x 2 kinds x 600 windows); the REST ingress runs
-on Ray Serve (local Ray, loopback, 1 replica); an asyncio client sends
-``GET /v1/aggregates/...`` for random tenants at a fixed offered rate (open
-loop) for ``--seconds`` and records every latency.
+Everything runs on this machine (local Ray on loopback, throwaway PostgreSQL,
+Redis and broker, one Serve replica), and so does the load generator: the
+numbers are for the whole system sharing the same cores.
 
-Usage: ``python bench/serving.py [--rps 500] [--seconds 20]``; writes
-``bench/results/serving.json`` and ``serving.png``.
+* ``query``: ``GET /v1/aggregates/...`` for random tenants of a store holding
+  100 tenants x 2 kinds x 600 windows, at fixed offered rates (open loop,
+  aiohttp client); p50/p99 per rate.
+* ``ingest``: events/s accepted (validated against the registry and
+  acknowledged by the broker) through ``POST /v1/events`` (JSON arrays of 500)
+  and through gRPC ``Ingest`` (client streams of 500-record messages), with 8
+  concurrent clients each.
+* ``fanout``: 1,000 WebSocket subscribers of one tenant's window; the Redis
+  sink publishes window updates at a fixed rate; latency from the sink's write
+  to each subscriber's receipt; p50/p99 over every delivery.
+
+Usage: ``python bench/serving.py [--part query ingest fanout] [--throughput-optimized]``.
+``--throughput-optimized`` starts Ray with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``
+(replicas take HTTP/gRPC directly, no proxy hop). Writes
+``bench/results/serving[-to].json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -22,18 +33,22 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+if "--throughput-optimized" in sys.argv:
+    os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read by Serve when it is imported, in every Ray process
 
 from actors.runtime import local_ray_env  # noqa: E402
 
 local_ray_env()
 
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import yaml  # noqa: E402
+
 from pipeline.io.broker import free_port  # noqa: E402
+from pipeline.io.local import start_postgres, start_redis  # noqa: E402
 from pipeline.io.sinks.common import make_sink  # noqa: E402
 from pipeline.spec import parse_spec  # noqa: E402
 from serve.config import ServeConfig  # noqa: E402
@@ -64,26 +79,29 @@ def load(spec, tenants: int, windows: int) -> int:
     return rows
 
 
-async def drive(url: str, tokens: list[str], rps: float, seconds: float) -> tuple[list[float], int, int]:
-    import httpx
+def _pct(lat_s: list[float]) -> dict:
+    ms = np.array(lat_s) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max())}
+
+
+async def drive_queries(url: str, tokens: list[str], rps: float, seconds: float) -> dict:
+    import aiohttp
 
     lat: list[float] = []
-    errors = 0
-    sent = 0
+    errors = sent = 0
     rng = np.random.default_rng(0)
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(timeout=10, limits=limits) as client:
-        async def one(i: int):
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512), timeout=aiohttp.ClientTimeout(total=30)) as client:
+        async def one():
             nonlocal errors
             tok = tokens[int(rng.integers(len(tokens)))]
             start = T0 + int(rng.integers(0, 500)) * 10_000
             t = time.perf_counter()
             try:
-                r = await client.get(f"{url}/v1/aggregates/bench/w", params={"start": start, "end": start + 100_000, "limit": 50},
-                                     headers={"Authorization": f"Bearer {tok}"})
-                if r.status_code != 200:
-                    errors += 1
-            except httpx.HTTPError:
+                async with client.get(f"{url}/v1/aggregates/bench/w", params={"start": start, "end": start + 100_000, "limit": 50},
+                                      headers={"Authorization": f"Bearer {tok}"}) as r:
+                    await r.read()
+                    errors += r.status != 200
+            except (aiohttp.ClientError, asyncio.TimeoutError):
                 errors += 1
             lat.append(time.perf_counter() - t)
 
@@ -94,66 +112,253 @@ async def drive(url: str, tokens: list[str], rps: float, seconds: float) -> tupl
             now = time.perf_counter()
             if due > now:
                 await asyncio.sleep(due - now)
-            tasks.append(asyncio.create_task(one(sent)))
+            tasks.append(asyncio.create_task(one()))
             sent += 1
         await asyncio.gather(*tasks)
-    return lat, errors, sent
+    return {"offered_rps": rps, "requests": sent, "errors": errors, "achieved_rps": sent / seconds, **_pct(lat)}
+
+
+def _batch(n: int, seed: int) -> list[bytes]:
+    from pipeline.synthetic import events
+
+    values, _, _ = events(n, T0, 10_000, tenants=1, seed=seed)
+    return values
+
+
+async def ingest_rest(url: str, token: str, clients: int, seconds: float, per_request: int = 500) -> dict:
+    import aiohttp
+
+    bodies = [b"[" + b",".join(_batch(per_request, s)) + b"]" for s in range(8)]
+    accepted = rejected = requests = 0
+    lat: list[float] = []
+    deadline = time.perf_counter() + seconds
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as client:
+        async def worker(i: int):
+            nonlocal accepted, rejected, requests
+            k = i
+            while time.perf_counter() < deadline:
+                t = time.perf_counter()
+                async with client.post(f"{url}/v1/events", data=bodies[k % len(bodies)],
+                                       headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"}) as r:
+                    body = await r.json()
+                lat.append(time.perf_counter() - t)
+                accepted += body["accepted"]
+                rejected += body["rejected"]
+                requests += 1
+                k += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(clients)))
+        wall = time.perf_counter() - t0
+    return {"protocol": "REST", "clients": clients, "records_per_request": per_request, "requests": requests,
+            "accepted": accepted, "rejected": rejected, "events_per_s": accepted / wall, **_pct(lat)}
+
+
+async def ingest_grpc(target: str, token: str, clients: int, seconds: float, per_message: int = 500,
+                      messages_per_stream: int = 20) -> dict:
+    import grpc
+
+    from serve.protos import raystream_pb2 as pb
+    from serve.protos import raystream_pb2_grpc as pbg
+
+    msgs = [pb.IngestRequest(records=_batch(per_message, s)) for s in range(8)]
+    accepted = rejected = streams = 0
+    lat: list[float] = []
+    deadline = time.perf_counter() + seconds
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pbg.RaystreamStub(channel)
+
+        async def worker(i: int):
+            nonlocal accepted, rejected, streams
+            while time.perf_counter() < deadline:
+                t = time.perf_counter()
+
+                async def gen():
+                    for k in range(messages_per_stream):
+                        yield msgs[(i + k) % len(msgs)]
+
+                resp = await stub.Ingest(gen(), metadata=[("authorization", f"Bearer {token}")], timeout=120)
+                lat.append(time.perf_counter() - t)
+                accepted += resp.accepted
+                rejected += resp.rejected
+                streams += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(clients)))
+        wall = time.perf_counter() - t0
+    return {"protocol": "gRPC", "clients": clients, "records_per_message": per_message, "messages_per_stream": messages_per_stream,
+            "streams": streams, "accepted": accepted, "rejected": rejected, "events_per_s": accepted / wall, **_pct(lat)}
+
+
+async def fanout(ws_url: str, token: str, redis_url: str, spec, subscribers: int, updates_per_s: float, seconds: float) -> dict:
+    """``subscribers`` WebSocket clients of tenant-000's window; the Redis sink writes one window update per tick."""
+    import websockets
+
+    from pipeline.io.sinks.redis import RedisSink
+
+    sent_at: dict[int, float] = {}
+    lat: list[float] = []
+    got = [0] * subscribers
+    notices = 0
+
+    async def client(i: int, ready: asyncio.Event):
+        nonlocal notices
+        async with websockets.connect(f"{ws_url}?access_token={token}", max_queue=None, open_timeout=120) as ws:
+            await ws.send(json.dumps({"subscribe": {"pipeline": "fan", "window": "w"}}))
+            assert json.loads(await ws.recv())["type"] == "subscribed"
+            ready.set()
+            async for raw in ws:
+                now = time.time()
+                m = json.loads(raw)
+                if m["type"] == "update":
+                    rev = int(m["row"]["revision"])
+                    if rev in sent_at:
+                        lat.append(now - sent_at[rev])
+                        got[i] += 1
+                elif m["type"] == "ping":
+                    await ws.send('{"type":"pong"}')
+                elif m["type"] == "notice":
+                    notices += 1
+
+    readies = [asyncio.Event() for _ in range(subscribers)]
+    tasks = []
+    t_conn = time.perf_counter()
+    for i in range(subscribers):
+        tasks.append(asyncio.create_task(client(i, readies[i])))
+        if i % 50 == 49:
+            await asyncio.gather(*(r.wait() for r in readies[i - 49:i + 1]))
+    await asyncio.gather(*(r.wait() for r in readies))
+    connect_s = time.perf_counter() - t_conn
+    sink = RedisSink(spec, spec.sinks[0].redis)
+    n = int(updates_per_s * seconds)
+
+    def write(rev: int) -> None:
+        # each update its own window: none may be coalesced away, every one must reach every subscriber
+        start = T0 + rev * 10_000
+        table = pa.table({"window": ["w"], "window_start": pa.array([start], pa.timestamp("ms", tz="UTC")),
+                          "window_end": pa.array([start + 10_000], pa.timestamp("ms", tz="UTC")),
+                          "tenant_id": ["tenant-000"], "kind": ["a"], "count": pa.array([rev], pa.int64()),
+                          "revision": pa.array([rev], pa.int64()), "partition": pa.array([0], pa.int32())})
+        sent_at[rev] = time.time()
+        sink.write(table)
+
+    t0 = time.perf_counter()
+    for rev in range(1, n + 1):
+        due = t0 + rev / updates_per_s
+        if due > time.perf_counter():
+            await asyncio.sleep(due - time.perf_counter())
+        await asyncio.to_thread(write, rev)
+    deadline = time.perf_counter() + 30
+    while sum(got) < n * subscribers and time.perf_counter() < deadline:
+        await asyncio.sleep(0.2)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    sink.close()
+    return {"subscribers": subscribers, "updates": n, "updates_per_s": updates_per_s, "deliveries_expected": n * subscribers,
+            "deliveries": sum(got), "notices": notices, "connect_s": connect_s, **_pct(lat)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rps", type=float, nargs="+", default=[100, 250, 500])
+    ap.add_argument("--part", nargs="+", default=["query", "ingest", "fanout"], choices=["query", "ingest", "fanout"])
+    ap.add_argument("--rps", type=float, nargs="+", default=[100, 250, 400, 500])
     ap.add_argument("--seconds", type=float, default=15)
+    ap.add_argument("--subscribers", type=int, default=1000)
+    ap.add_argument("--updates-per-s", type=float, default=5)
+    ap.add_argument("--throughput-optimized", action="store_true")
     args = ap.parse_args()
-    pg = services.start_postgres()
+    pg, rd, broker = start_postgres(), start_redis(), services.start_broker()
     work = Path(tempfile.mkdtemp(prefix="raystream-serving-"))
+    out: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+                 "replicas": 1, "throughput_optimized": args.throughput_optimized}
     try:
+        window = {"name": "w", "type": "tumbling", "size": "10s", "group_by": ["tenant_id", "kind"], "aggregations": ["count"]}
         spec_d = {"name": "bench", "source": {"kafka": {"bootstrap_servers": "127.0.0.1:1", "topic": "e"}},
-                  "event_time": {"field": "ts"},
-                  "windows": [{"name": "w", "type": "tumbling", "size": "10s", "group_by": ["tenant_id", "kind"], "aggregations": ["count"]}],
-                  "sinks": [{"postgres": {"dsn": pg.extra["dsn"]}}]}
+                  "event_time": {"field": "ts"}, "windows": [window], "sinks": [{"postgres": {"dsn": pg.extra["dsn"]}}]}
+        fan_d = {**spec_d, "name": "fan", "sinks": [{"redis": {"url": rd.extra["url"]}}]}
         (work / "p.yaml").write_text(yaml.safe_dump(spec_d))
-        rows = load(parse_spec(spec_d), 100, 600)
+        (work / "fan.yaml").write_text(yaml.safe_dump(fan_d))
+        out["rows_in_store"] = load(parse_spec(spec_d), 100, 600)
+        from pipeline.demo import EVENT_SCHEMA
+        from pipeline.io.registry import Registry
+        from pipeline.schemas import schema_of
+
+        Registry(pg.extra["dsn"]).register("events-value", schema_of(EVENT_SCHEMA))
+        broker.extra["broker"].create_topic("events", 4)
         keys = Keys()
         (work / "jwks.json").write_text(json.dumps(keys.jwks()))
-        cfg = ServeConfig.model_validate({"port": free_port(), "postgres_dsn": pg.extra["dsn"], "pipelines": [str(work / "p.yaml")],
-                                          "auth": {"jwks_file": str(work / "jwks.json"), "issuer": ISSUER, "audience": AUDIENCE},
-                                          "autoscaling": {"min_replicas": 1, "max_replicas": 1}})
-        url = start_serve(cfg)["http"]
-        tokens = [keys.token(f"tenant-{t:03d}", exp=int(time.time()) + 3600) for t in range(100)]
-        asyncio.run(drive(url, tokens, 50, 3))  # warm-up
-        results = []
-        for rps in args.rps:
-            lat, errors, sent = asyncio.run(drive(url, tokens, rps, args.seconds))
-            ms = np.array(lat) * 1000
-            results.append({"offered_rps": rps, "requests": sent, "errors": errors, "achieved_rps": sent / args.seconds,
-                            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-                            "max_ms": float(ms.max())})
-            print(results[-1], flush=True)
+        cfg = ServeConfig.model_validate({
+            "port": free_port(), "grpc_port": free_port(), "postgres_dsn": pg.extra["dsn"],
+            "pipelines": [str(work / "p.yaml"), str(work / "fan.yaml")],
+            "auth": {"jwks_file": str(work / "jwks.json"), "issuer": ISSUER, "audience": AUDIENCE},
+            "ingest": {"bootstrap_servers": broker.address, "topic": "events", "subject": "events-value"},
+            "stream": {"redis_url": rd.extra["url"], "heartbeat": 30, "max_pending": 256},
+            "max_body_bytes": 4_000_000, "autoscaling": {"min_replicas": 1, "max_replicas": 1}})
+        urls = start_serve(cfg)
+        exp = int(time.time()) + 7200
+        tokens = [keys.token(f"tenant-{t:03d}", exp=exp) for t in range(100)]
+        if "query" in args.part:
+            asyncio.run(drive_queries(urls["http"], tokens, 50, 3))  # warm-up
+            out["query"] = []
+            for rps in args.rps:
+                out["query"].append(asyncio.run(drive_queries(urls["http"], tokens, rps, args.seconds)))
+                print(out["query"][-1], flush=True)
+        if "ingest" in args.part:
+            out["ingest"] = [asyncio.run(ingest_rest(urls["http"], tokens[0], 8, args.seconds)),
+                             asyncio.run(ingest_grpc(urls["grpc"], tokens[0], 8, args.seconds))]
+            for r in out["ingest"]:
+                print(r, flush=True)
+        if "fanout" in args.part:
+            out["fanout"] = asyncio.run(fanout(urls["ws"], tokens[0], rd.extra["url"], parse_spec(fan_d), args.subscribers,
+                                               args.updates_per_s, args.seconds))
+            print(out["fanout"], flush=True)
         stop_serve()
-        out = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-               "rows_in_store": rows, "replicas": 1, "results": results}
         res = ROOT / "bench" / "results"
         res.mkdir(parents=True, exist_ok=True)
-        (res / "serving.json").write_text(json.dumps(out, indent=2))
-        import matplotlib
+        stem = "serving-to" if args.throughput_optimized else "serving"
+        (res / f"{stem}.json").write_text(json.dumps(out, indent=2))
+        plot(out, res / f"{stem}.png")
+    finally:
+        for svc in (broker, rd, pg):
+            svc.stop()
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        x = [r["offered_rps"] for r in results]
-        ax.plot(x, [r["p50_ms"] for r in results], "o-", label="p50")
-        ax.plot(x, [r["p99_ms"] for r in results], "o-", label="p99")
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    if out.get("query"):
+        ax = axes[0]
+        x = [r["offered_rps"] for r in out["query"]]
+        ax.plot(x, [r["p50_ms"] for r in out["query"]], "o-", label="p50")
+        ax.plot(x, [r["p99_ms"] for r in out["query"]], "o-", label="p99")
         ax.axhline(50, color="grey", ls=":", label="target p99 50 ms")
+        ax.set_yscale("log")
         ax.set_xlabel("offered requests/s")
         ax.set_ylabel("latency ms")
-        ax.set_title("GET /v1/aggregates through Ray Serve (1 replica)")
+        ax.set_title("GET /v1/aggregates")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(res / "serving.png", dpi=120)
-    finally:
-        pg.stop()
+    if out.get("ingest"):
+        ax = axes[1]
+        ax.bar([r["protocol"] for r in out["ingest"]], [r["events_per_s"] for r in out["ingest"]])
+        ax.set_ylabel("events/s accepted")
+        ax.set_title("ingest (8 clients, 500 records per message)")
+    if out.get("fanout"):
+        ax = axes[2]
+        f = out["fanout"]
+        ax.bar(["p50", "p99", "max"], [f["p50_ms"], f["p99_ms"], f["max_ms"]])
+        ax.axhline(250, color="grey", ls=":", label="target p99 250 ms")
+        ax.set_ylabel("ms from sink write to client")
+        ax.set_title(f"fan-out to {f['subscribers']} WebSocket subscribers")
+        ax.legend()
+    fig.suptitle(f"raystream serving on Ray Serve ({out['machine']}, 1 replica"
+                 + (", throughput-optimized" if out.get("throughput_optimized") else "") + ")", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

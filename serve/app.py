@@ -238,7 +238,8 @@ def deployment(cfg: ServeConfig):
         autoscaling_config={"min_replicas": cfg.autoscaling.min_replicas, "max_replicas": cfg.autoscaling.max_replicas,
                             "target_ongoing_requests": cfg.autoscaling.target_ongoing_requests},
         ray_actor_options={"num_cpus": 0.1},
-        max_ongoing_requests=256,  # handlers are async and mostly wait on PostgreSQL/Redis: one replica overlaps many
+        # handlers are async and mostly wait on PostgreSQL/Redis, and every open subscription is one
+        max_ongoing_requests=cfg.autoscaling.max_ongoing_requests,
     )
     @serve.ingress(replica_app)
     class Api(GrpcMethods):

@@ -28,6 +28,7 @@ class Autoscaling(_M):
     min_replicas: int = Field(default=1, ge=1)
     max_replicas: int = Field(default=2, ge=1)
     target_ongoing_requests: float = Field(default=8.0, gt=0)
+    max_ongoing_requests: int = Field(default=2000, ge=1, description="per replica; every open WebSocket or gRPC stream counts as one")
 
 
 class RateLimitConfig(_M):

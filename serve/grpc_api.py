@@ -18,7 +18,7 @@ from google.protobuf import json_format, struct_pb2
 
 from serve.core import ApiError
 from serve.protos import raystream_pb2 as pb
-from serve.stream import Feed, SubscribeError
+from serve.stream import TEXT, Feed, SubscribeError
 
 __all__ = ["GRPC_SERVICER", "GrpcMethods", "struct_of"]
 
@@ -147,7 +147,7 @@ class GrpcMethods:
                     continue
                 for m in batch:
                     if m["type"] == "update":
-                        yield pb.WindowUpdate(type="update", row=struct_of(m["row"]))
+                        yield pb.WindowUpdate(type="update", row=struct_of({k: v for k, v in m["row"].items() if k != TEXT}))
                     else:
                         yield pb.WindowUpdate(type=m["type"], message=m.get("message", ""))
                 await feed.delivered(batch)

@@ -7,7 +7,9 @@ the token's tenant and the filters. Each connection has a session id (sent
 back in ``{"type": "subscribed"}``); the revisions it delivered are kept in
 Redis (``raystream:ws:<session>``) for ``session_ttl``, so a client that
 reconnects with ``"session": id`` first gets every window whose stored
-revision is newer than what it saw, then live updates. Heartbeats: the server
+revision is newer than what it saw, then live updates (what a session saw is
+written every 100 ms and when it ends, so a resumed client may see a revision
+twice, never miss one). Heartbeats: the server
 sends ``{"type": "ping"}`` every ``heartbeat`` seconds and closes a socket that
 missed two pongs. A slow client never grows an unbounded buffer: pending
 updates are coalesced per window (only the latest revision is kept), and when
@@ -27,7 +29,9 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
 from serve.auth import AuthError
 
-__all__ = ["Feed", "Pending", "SubscribeError", "add_stream_route"]
+__all__ = ["Feed", "Pending", "SubscribeError", "TEXT", "add_stream_route"]
+
+TEXT = "__text__"  # key of a row's ready-encoded update message (never sent as a field)
 
 
 def _identity(row: dict, keys: tuple[str, ...]) -> str:
@@ -79,8 +83,11 @@ class Hub:
     def __init__(self, url: str, channel: str, tenant_key: str):
         import redis.asyncio as aredis
 
-        self.redis = aredis.Redis.from_url(url, max_connections=64)
+        # blocking pool: a burst of subscribers waits for a connection instead of failing
+        self.redis = aredis.Redis(connection_pool=aredis.BlockingConnectionPool.from_url(url, max_connections=32, timeout=10))
         self.channel, self.tenant_key = channel, tenant_key
+        self.marks: dict[str, tuple[dict, int]] = {}  # session key -> (identity -> revision, ttl)
+        self._flusher: asyncio.Task | None = None
         self.feeds: dict[tuple[str, str], set] = {}
         self.broken = asyncio.Event()
         self._ready = asyncio.Event()
@@ -96,6 +103,24 @@ class Hub:
                            return_when=asyncio.FIRST_COMPLETED, timeout=10)
         if self.broken.is_set() or not self._ready.is_set():
             raise ConnectionError(f"update channel unavailable: {self.error!r}")
+
+    def mark(self, skey: str, marks: dict, ttl: int) -> None:
+        """Record delivered revisions; written to Redis together every 100 ms (one round trip for all feeds)."""
+        self.marks.setdefault(skey, ({}, ttl))[0].update(marks)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0.1)
+        marks, self.marks = self.marks, {}
+        try:
+            async with self.redis.pipeline(transaction=False) as p:
+                for skey, (m, ttl) in marks.items():
+                    p.hset(skey, mapping=m)
+                    p.expire(skey, ttl)
+                await p.execute()
+        except Exception as exc:  # sessions are best effort: a resumed client may see some updates twice
+            self.error = exc
 
     def leave(self, feed: "Feed") -> None:
         group = self.feeds.get((feed.window, feed.tenant))
@@ -116,7 +141,11 @@ class Hub:
                     row = json.loads(m["data"])
                 except ValueError:
                     continue
-                for feed in tuple(self.feeds.get((row.get("window"), str(row.get(self.tenant_key))), ())):
+                feeds = tuple(self.feeds.get((row.get("window"), str(row.get(self.tenant_key))), ()))
+                if feeds:  # the WebSocket message, encoded once for every subscriber
+                    data = m["data"].decode() if isinstance(m["data"], bytes) else m["data"]
+                    row[TEXT] = '{"type":"update","row":' + data + "}"
+                for feed in feeds:
                     if feed.wanted(row):
                         feed._enqueue(row)
         except Exception as exc:  # Redis went away: end every feed, their clients resume
@@ -225,17 +254,21 @@ class Feed:
         return out
 
     async def delivered(self, messages: list[dict]) -> None:
-        """Remember the revisions the client got (one round trip per batch)."""
+        """Remember the revisions the client got (batched across feeds by the hub)."""
         marks = {m["_ident"]: int(m["row"].get("revision", 0)) for m in messages if m["type"] == "update"}
         if marks:
-            async with self.redis.pipeline(transaction=False) as p:
-                p.hset(self.skey, mapping=marks)
-                p.expire(self.skey, int(self.sc.session_ttl))
-                await p.execute()
+            self.hub.mark(self.skey, marks, int(self.sc.session_ttl))
 
     async def close(self) -> None:
         if self.hub is not None:
             self.hub.leave(self)
+            pending = self.hub.marks.pop(self.skey, None)
+            if pending is not None:  # a client that reconnects at once must find what it saw
+                try:
+                    await self.redis.hset(self.skey, mapping=pending[0])
+                    await self.redis.expire(self.skey, pending[1])
+                except Exception:  # Redis is gone: the session is best effort
+                    pass
 
 
 def add_stream_route(app: FastAPI, core) -> None:
@@ -288,7 +321,11 @@ def add_stream_route(app: FastAPI, core) -> None:
                 while True:
                     batch = await feed.next()
                     for m in batch:
-                        await ws.send_json({k: v for k, v in m.items() if k != "_ident"})
+                        if m["type"] == "update":
+                            row = m["row"]
+                            await ws.send_text(row.get(TEXT) or json.dumps({"type": "update", "row": row}, default=str))
+                        else:
+                            await ws.send_json(m)
                     await feed.delivered(batch)
 
             import anyio
