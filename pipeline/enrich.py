@@ -9,6 +9,9 @@ as one small Arrow table and are joined onto the batch with ``index_in`` +
 from __future__ import annotations
 
 import ipaddress
+import json
+import re
+import threading
 import time
 from collections import OrderedDict
 from typing import Any, Callable
@@ -17,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["MISSING", "IpRanges", "LruTtlCache", "encode_keys", "ip_keys", "join_rows", "key_strings"]
+__all__ = ["MISSING", "IpRanges", "LruTtlCache", "encode_keys", "ip_keys", "join_rows", "json_key_hints", "key_strings"]
 
 _SEP = "\x1f"  # unit separator: joins the parts of a multi-field key
 MISSING = object()  # a key known to have no row (negative cache entry)
@@ -32,6 +35,22 @@ def key_strings(table: pa.Table, fields: list[str]) -> pa.Array:
     return pc.binary_join_element_wise(*parts, _SEP)
 
 
+def json_key_hints(values: list[bytes], field: str) -> list[str]:
+    """Distinct values of a top-level JSON field, read from the raw bytes with one vectorized regex.
+
+    Only a hint for warming caches ahead of a batch (an escaped or nested value is
+    simply not found): the batch itself is always decoded properly.
+    """
+    if not values:
+        return []
+    name = re.escape(json.dumps(field))
+    raw = pa.array(values, pa.binary()).cast(pa.string(), safe=False)
+    found = pc.extract_regex(raw, name + r'\s*:\s*(?:"(?P<s>[^"\\]*)"|(?P<n>-?[0-9]+)[,} ])')
+    s, n = pc.struct_field(found, "s"), pc.struct_field(found, "n")
+    keys = pc.if_else(pc.equal(s, ""), n, s)
+    return [k for k in pc.unique(keys.drop_null()).to_pylist() if k]
+
+
 def split_key(key: str, n: int) -> tuple:
     return tuple(key.split(_SEP)) if n > 1 else (key,)
 
@@ -44,6 +63,8 @@ class LruTtlCache:
         self.ttl_s = ttl_s
         self.clock = clock
         self._data: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        # the batch, the lookahead thread and the invalidation listener share the cache
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._data)
@@ -53,32 +74,36 @@ class LruTtlCache:
         now = self.clock()
         found, missing = {}, []
         data = self._data
-        # a dict probe per distinct key of the batch: the cache is a hash map
-        for k in keys:
-            entry = data.get(k)
-            if entry is None or entry[0] <= now:
-                if entry is not None:
-                    del data[k]
-                missing.append(k)
-            else:
-                data.move_to_end(k)
-                found[k] = entry[1]
+        with self._lock:
+            # a dict probe per distinct key of the batch: the cache is a hash map
+            for k in keys:
+                entry = data.get(k)
+                if entry is None or entry[0] <= now:
+                    if entry is not None:
+                        del data[k]
+                    missing.append(k)
+                else:
+                    data.move_to_end(k)
+                    found[k] = entry[1]
         return found, missing
 
     def put_many(self, items: dict[str, Any], ttl_s: float | None = None) -> None:
         expires = self.clock() + (self.ttl_s if ttl_s is None else ttl_s)
         data = self._data
-        for k, v in items.items():
-            data[k] = (expires, v)
-            data.move_to_end(k)
-        while len(data) > self.max_entries:
-            data.popitem(last=False)
+        with self._lock:
+            for k, v in items.items():
+                data[k] = (expires, v)
+                data.move_to_end(k)
+            while len(data) > self.max_entries:
+                data.popitem(last=False)
 
     def invalidate(self, key: str) -> bool:
-        return self._data.pop(key, None) is not None
+        with self._lock:
+            return self._data.pop(key, None) is not None
 
     def clear(self) -> None:
-        self._data.clear()
+        with self._lock:
+            self._data.clear()
 
 
 def encode_keys(keys: pa.Array) -> tuple[np.ndarray, list]:

@@ -17,6 +17,7 @@ import urllib.request
 
 from pipeline.io.broker import EmbeddedBroker, free_port
 from pipeline.io.local import Service, start_postgres, start_redis
+from pipeline.io.local import _pg_bin  # noqa: F401  (tests stop and restart PostgreSQL by hand)
 from pipeline.io.local import binary as _binary
 from pipeline.io.local import tail as _tail
 from pipeline.io.local import wait_port as _wait_port

@@ -25,7 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.decode import FIELD_TYPES as _TYPES
-from pipeline.enrich import MISSING, IpRanges, LruTtlCache, encode_keys, ip_keys, join_rows, key_strings, split_key
+from pipeline.enrich import (MISSING, IpRanges, LruTtlCache, encode_keys, ip_keys, join_rows, json_key_hints, key_strings,
+                             split_key)
 from pipeline.sketch import bucket_of, quantiles
 from pipeline.spec import Enricher, PipelineSpec
 
@@ -57,6 +58,7 @@ class EnrichStats:
     l3_queries: int = 0
     invalidations: int = 0
     records_missed: int = 0
+    prefetched: int = 0
     latency_ms: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -290,16 +292,35 @@ class EnricherRuntime:
         return len(items)
 
     # -- one batch -------------------------------------------------------------
-    def resolve(self, keys: list[str]) -> tuple[dict[str, dict | object], list[str]]:
+    def prefetch(self, values: list[bytes]) -> int:
+        """Warm L1 with the keys of raw records not processed yet (the next poll); returns keys looked up.
+
+        Runs beside the current batch: the Redis and PostgreSQL round trips of the
+        next batch overlap this one's processing. It only fills caches (as a lookup
+        would), so the batch's own lookup still decides; hits of the batch are
+        counted there, the prefetch's keys as ``prefetched``.
+        """
+        if self.cfg.type == "ip" or len(self.cfg.key) != 1:
+            return 0
+        keys = json_key_hints(values, self.cfg.key[0])
+        _, todo = self.l1.get_many(keys)
+        if todo:
+            self.resolve(todo, count=False)
+        self.stats.prefetched += len(todo)
+        return len(todo)
+
+    def resolve(self, keys: list[str], count: bool = True) -> tuple[dict[str, dict | object], list[str]]:
         """Rows for distinct ``keys``: (found incl. MISSING, keys left unresolved because L3 failed)."""
         t0 = time.perf_counter()
         found, todo = self.l1.get_many(keys)
-        self.stats.l1_hits += len(found)
-        self._last_l1 = set(found)
+        if count:
+            self.stats.l1_hits += len(found)
+            self._last_l1 = set(found)
         unresolved: list[str] = []
         if todo:
             from_l2 = self._get_l2(todo)
-            self.stats.l2_hits += len(from_l2)
+            if count:
+                self.stats.l2_hits += len(from_l2)
             found.update(from_l2)
             self.l1.put_many({k: v for k, v in from_l2.items() if v is not MISSING})
             self.l1.put_many({k: v for k, v in from_l2.items() if v is MISSING}, self.cfg.negative_ttl / 1000.0)
@@ -311,16 +332,18 @@ class EnricherRuntime:
                 unresolved = todo
                 rows = None
             if rows is not None:
-                self.stats.l3_hits += len(rows)
                 missing = [k for k in todo if k not in rows]
-                self.stats.misses += len(missing)
+                if count:
+                    self.stats.l3_hits += len(rows)
+                    self.stats.misses += len(missing)
                 found.update(rows)
                 found.update({k: MISSING for k in missing})
                 self.l1.put_many(rows)
                 self.l1.put_many({k: MISSING for k in missing}, self.cfg.negative_ttl / 1000.0)
                 self._put_l2(rows, missing)
-        self.stats.unresolved += len(unresolved)
-        self.stats.latency_ms.append((time.perf_counter() - t0) * 1000)
+        if count:
+            self.stats.unresolved += len(unresolved)
+            self.stats.latency_ms.append((time.perf_counter() - t0) * 1000)
         return found, unresolved
 
     def _ip_table(self) -> IpRanges | None:
@@ -400,9 +423,20 @@ class Enrichment:
         types = input_schema(spec)
         self.runtimes = [EnricherRuntime(spec.name, e, types) for e in spec.enrich]
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.runtimes)), thread_name_prefix="enrich")
+        self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enrich-ahead")
 
     def warm(self) -> dict[str, int]:
         return {r.cfg.name: r.warm() for r in self.runtimes}
+
+    def prefetch(self, values: list[bytes]):
+        """Start warming every enricher's L1 with the keys of ``values`` (raw JSON records); returns the future."""
+        def run() -> int:
+            try:
+                return sum(r.prefetch(values) for r in self.runtimes)
+            except Exception:  # a hint only: the batch's own lookup handles every failure
+                return 0
+
+        return self._ahead.submit(run)
 
     def __call__(self, table: pa.Table) -> tuple[pa.Table, list[tuple[int, str, str]]]:
         """Add every enricher's fields; returns (table, rejects as (row, reason, detail))."""
@@ -445,6 +479,7 @@ class Enrichment:
         return {r.cfg.name: r.stats.as_dict() for r in self.runtimes}
 
     def close(self) -> None:
+        self._ahead.shutdown(wait=True)
         for r in self.runtimes:
             r.close()
         self._pool.shutdown(wait=False)

@@ -19,7 +19,7 @@ from pipeline.io.kafka import DeadLetterProducer, make_source
 from pipeline.io.sinks.common import make_sink
 from pipeline.io.sinks.parquet import LateParquetWriter
 from pipeline.checkpoint import decode_partition, encode_partition, restore_partition
-from pipeline.process import BatchResult, PipelineState, advance, process_batch
+from pipeline.process import Batch, BatchResult, PipelineState, advance, process_batch
 from pipeline.spec import PipelineSpec
 from pipeline.watermarks import NEG_INF, POS_INF
 
@@ -126,6 +126,10 @@ class PartitionLoop:
         self.drained = False
         self._running = False
         self.first_batch_at: float | None = None
+        # lookahead: with enrichers, the next poll is taken before this batch is processed so that
+        # its lookups (Redis, PostgreSQL) overlap this batch's processing; it only warms caches
+        self._ahead: Batch | None = None
+        self.lookahead = self.enrichment is not None and kafka.format == "json"
         self.max_rss = _rss_bytes()
         if self.end_offsets is not None:
             for p in self.partitions:
@@ -137,7 +141,17 @@ class PartitionLoop:
         """Poll one batch, process it and write its outputs; positions advance last."""
         kafka = self.spec.source.kafka
         tp = time.perf_counter()
-        batch = self.source.poll(kafka.max_batch_records, kafka.poll_timeout / 1000.0)
+        if self._ahead is not None:
+            batch, self._ahead = self._ahead, None
+        else:
+            batch = self.source.poll(kafka.max_batch_records, kafka.poll_timeout / 1000.0)
+        if self.lookahead and len(batch) and not self.paused:
+            # only what already arrived (no wait); positions advance only when it is processed,
+            # so a checkpoint or a stop before that simply reads it again
+            nxt = self.source.poll(kafka.max_batch_records, 0.0)
+            if len(nxt):
+                self._ahead = nxt
+                self.enrichment.prefetch(nxt.values)
         t0 = time.perf_counter()
         result = process_batch(self.spec, self.state, batch, self.enrichment, self.validation)
         t1 = time.perf_counter()
@@ -224,7 +238,7 @@ class PartitionLoop:
     # -- whole runs -----------------------------------------------------------
     @property
     def done(self) -> bool:
-        """A bounded run is done when every partition reached its end offset."""
+        """A bounded run is done when every partition reached its end offset (a polled-ahead batch past it is dropped)."""
         return self.end_offsets is not None and all(
             self.positions[p] >= self.end_offsets.get(p, 0) for p in self.partitions
         )

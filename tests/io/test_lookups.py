@@ -230,3 +230,26 @@ def test_postgres_stopped_mid_run_applies_miss_policy_then_recovers():
         enr.close()
     finally:
         own.stop()
+
+
+def test_lookahead_warms_l1_for_the_next_batch_without_changing_results(postgres, redis_server):
+    """Prefetching the raw records of the next poll fills L1: that batch then never reaches Redis or
+    PostgreSQL, its hits are counted once, and its enriched rows equal the reference join."""
+    import json
+
+    dsn = postgres.extra["dsn"]
+    table, rows = _users_table(dsn, 300)
+    enr = Enrichment(_spec(dsn, redis_server.extra["url"], table))
+    try:
+        rng = np.random.default_rng(4)
+        keys = [f"u{int(i):04d}" for i in rng.integers(0, 400, 2000)]  # a quarter have no row
+        raw = [json.dumps({"ts": 1, "user_id": k, "nested": {"user_id": "decoy"}}).encode() for k in keys]
+        assert enr.prefetch(raw).result(30) == len(set(keys))
+        rt = enr.runtimes[0]
+        queries = rt.stats.l3_queries
+        assert rt.stats.l1_hits == 0 and rt.stats.l3_hits == 0  # the prefetch counts only as prefetched
+        out, _ = enr(_batch(keys))
+        assert rt.stats.l3_queries == queries and rt.stats.l1_hits == len(set(keys))
+        assert (out["tier"].to_pylist(), out["score"].to_pylist()) == _reference(keys, rows)
+    finally:
+        enr.close()
