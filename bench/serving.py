@@ -84,7 +84,26 @@ def _pct(lat_s: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max())}
 
 
-async def drive_queries(url: str, tokens: list[str], rps: float, seconds: float) -> dict:
+def deploy_ceiling() -> None:
+    """A second Serve application with one trivial async route: what Serve itself costs on this machine."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    app = FastAPI()
+
+    @app.get("/")
+    async def hello() -> dict:
+        return {"ok": True}
+
+    @serve.deployment(max_ongoing_requests=2000, ray_actor_options={"num_cpus": 0.1})
+    @serve.ingress(app)
+    class Ceiling:
+        """No auth, no store: the floor of every request's cost."""
+
+    serve.run(Ceiling.bind(), name="ceiling", route_prefix="/ceiling")
+
+
+async def drive_queries(url: str, tokens: list[str], rps: float, seconds: float, path: str | None = None) -> dict:
     import aiohttp
 
     lat: list[float] = []
@@ -97,8 +116,9 @@ async def drive_queries(url: str, tokens: list[str], rps: float, seconds: float)
             start = T0 + int(rng.integers(0, 500)) * 10_000
             t = time.perf_counter()
             try:
-                async with client.get(f"{url}/v1/aggregates/bench/w", params={"start": start, "end": start + 100_000, "limit": 50},
-                                      headers={"Authorization": f"Bearer {tok}"}) as r:
+                target = f"{url}{path}" if path else f"{url}/v1/aggregates/bench/w"
+                params = {} if path else {"start": start, "end": start + 100_000, "limit": 50}
+                async with client.get(target, params=params, headers={"Authorization": f"Bearer {tok}"}) as r:
                     await r.read()
                     errors += r.status != 200
             except (aiohttp.ClientError, asyncio.TimeoutError):
@@ -261,7 +281,7 @@ async def fanout(ws_url: str, token: str, redis_url: str, spec, subscribers: int
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", nargs="+", default=["query", "ingest", "fanout"], choices=["query", "ingest", "fanout"])
+    ap.add_argument("--part", nargs="+", default=["query", "ingest", "fanout"], choices=["query", "ingest", "fanout", "ceiling"])
     ap.add_argument("--rps", type=float, nargs="+", default=[100, 250, 400, 500])
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--subscribers", type=int, default=1000)
@@ -304,6 +324,13 @@ def main() -> None:
             for rps in args.rps:
                 out["query"].append(asyncio.run(drive_queries(urls["http"], tokens, rps, args.seconds)))
                 print(out["query"][-1], flush=True)
+        if "ceiling" in args.part:
+            deploy_ceiling()
+            asyncio.run(drive_queries(urls["http"], tokens, 50, 3, path="/ceiling/"))
+            out["ceiling"] = []
+            for rps in args.rps:
+                out["ceiling"].append(asyncio.run(drive_queries(urls["http"], tokens, rps, args.seconds, path="/ceiling/")))
+                print("ceiling", out["ceiling"][-1], flush=True)
         if "ingest" in args.part:
             out["ingest"] = [asyncio.run(ingest_rest(urls["http"], tokens[0], 8, args.seconds)),
                              asyncio.run(ingest_grpc(urls["grpc"], tokens[0], 8, args.seconds))]
@@ -317,7 +344,10 @@ def main() -> None:
         res = ROOT / "bench" / "results"
         res.mkdir(parents=True, exist_ok=True)
         stem = "serving-to" if args.throughput_optimized else "serving"
-        (res / f"{stem}.json").write_text(json.dumps(out, indent=2))
+        path = res / f"{stem}.json"
+        if path.exists() and set(args.part) != {"query", "ingest", "fanout", "ceiling"}:
+            out = {**json.loads(path.read_text()), **out}  # a partial run updates its parts only
+        path.write_text(json.dumps(out, indent=2))
         plot(out, res / f"{stem}.png")
     finally:
         for svc in (broker, rd, pg):
@@ -336,6 +366,9 @@ def plot(out: dict, path: Path) -> None:
         x = [r["offered_rps"] for r in out["query"]]
         ax.plot(x, [r["p50_ms"] for r in out["query"]], "o-", label="p50")
         ax.plot(x, [r["p99_ms"] for r in out["query"]], "o-", label="p99")
+        if out.get("ceiling"):
+            ax.plot([r["offered_rps"] for r in out["ceiling"]], [r["p99_ms"] for r in out["ceiling"]], "x--",
+                    label="p99, trivial Serve route")
         ax.axhline(50, color="grey", ls=":", label="target p99 50 ms")
         ax.set_yscale("log")
         ax.set_xlabel("offered requests/s")
