@@ -125,3 +125,48 @@ def test_slow_client_buffer_keeps_latest_revisions_and_is_bounded():
     assert len(p) == 4 and p.dropped > 0  # bounded, and the client will be told
     rows = [p.pop()[1] for _ in range(4)]
     assert sorted(r["revision"] for r in rows) == [26, 27, 28, 29]  # the latest revision of each kept window, never an older one
+
+
+def test_redis_lost_mid_stream_closes_subscribers_instead_of_hanging(keys, tmp_path):
+    """The update channel is one Redis subscription per replica: when Redis dies, every subscriber
+    is closed with 1011 and its session id (to resume), and a new subscription is refused cleanly."""
+    import yaml
+
+    from serve.config import ServeConfig
+    from tests import services
+    from tests.serve.test_rest import WINDOW
+    from tests.serve_keys import AUDIENCE, ISSUER
+
+    own = services.start_redis()
+    try:
+        spec_d = {"name": "lost", "source": {"kafka": {"bootstrap_servers": "127.0.0.1:1", "topic": "events"}},
+                  "event_time": {"field": "ts", "format": "epoch_ms"}, "windows": [WINDOW],
+                  "sinks": [{"redis": {"url": own.extra["url"]}}]}
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec_d))
+        (tmp_path / "jwks.json").write_text(json.dumps(keys.jwks()))
+        cfg = ServeConfig.model_validate({
+            "postgres_dsn": "postgresql://unused@127.0.0.1:1/x", "pipelines": [str(tmp_path / "p.yaml")],
+            "auth": {"jwks_file": str(tmp_path / "jwks.json"), "issuer": ISSUER, "audience": AUDIENCE},
+            "stream": {"redis_url": own.extra["url"], "heartbeat": 0.5}})
+        sink = RedisSink(parse_spec(spec_d), parse_spec(spec_d).sinks[0].redis)
+        with TestClient(build_app(cfg)) as client:
+            with client.websocket_connect(f"/v1/stream?access_token={keys.token('acme')}") as ws:
+                ws.send_json({"subscribe": {"pipeline": "lost", "window": "w"}})
+                session = _until(ws, "subscribed")[0]["session"]
+                _later(lambda: sink.write(_table("acme", 0, 4)))
+                assert _until(ws, "update")[0]["row"]["revision"] == 4
+                own.proc.kill()
+                own.proc.wait(10)
+                with pytest.raises(WebSocketDisconnect) as exc:
+                    for _ in range(50):
+                        m = ws.receive_json()
+                        if m["type"] == "ping":
+                            ws.send_json({"type": "pong"})
+                assert exc.value.code == 1011 and session in exc.value.reason
+            with pytest.raises(WebSocketDisconnect) as exc:
+                with client.websocket_connect(f"/v1/stream?access_token={keys.token('acme')}") as ws:
+                    ws.send_json({"subscribe": {"pipeline": "lost", "window": "w"}})
+                    ws.receive_json()
+            assert exc.value.code == 1011
+    finally:
+        own.stop()
