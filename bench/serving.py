@@ -287,6 +287,7 @@ def main() -> None:
     ap.add_argument("--subscribers", type=int, default=1000)
     ap.add_argument("--updates-per-s", type=float, default=5)
     ap.add_argument("--throughput-optimized", action="store_true")
+    ap.add_argument("--direct", action="store_true", help="fan-out through the replicas' own stream port")
     args = ap.parse_args()
     pg, rd, broker = start_postgres(), start_redis(), services.start_broker()
     work = Path(tempfile.mkdtemp(prefix="raystream-serving-"))
@@ -313,7 +314,8 @@ def main() -> None:
             "pipelines": [str(work / "p.yaml"), str(work / "fan.yaml")],
             "auth": {"jwks_file": str(work / "jwks.json"), "issuer": ISSUER, "audience": AUDIENCE},
             "ingest": {"bootstrap_servers": broker.address, "topic": "events", "subject": "events-value"},
-            "stream": {"redis_url": rd.extra["url"], "heartbeat": 30, "max_pending": 256},
+            "stream": {"redis_url": rd.extra["url"], "heartbeat": 30, "max_pending": 256,
+                       **({"direct_port": free_port()} if args.direct else {})},
             "max_body_bytes": 4_000_000, "autoscaling": {"min_replicas": 1, "max_replicas": 1}})
         urls = start_serve(cfg)
         exp = int(time.time()) + 7200
@@ -337,15 +339,17 @@ def main() -> None:
             for r in out["ingest"]:
                 print(r, flush=True)
         if "fanout" in args.part:
-            out["fanout"] = asyncio.run(fanout(urls["ws"], tokens[0], rd.extra["url"], parse_spec(fan_d), args.subscribers,
+            key = "fanout_direct" if args.direct else "fanout"
+            out[key] = asyncio.run(fanout(urls["ws_direct" if args.direct else "ws"], tokens[0], rd.extra["url"], parse_spec(fan_d), args.subscribers,
                                                args.updates_per_s, args.seconds))
-            print(out["fanout"], flush=True)
+            out[key]["path"] = "replica's own port" if args.direct else "Serve HTTP proxy"
+            print(out[key], flush=True)
         stop_serve()
         res = ROOT / "bench" / "results"
         res.mkdir(parents=True, exist_ok=True)
         stem = "serving-to" if args.throughput_optimized else "serving"
         path = res / f"{stem}.json"
-        if path.exists() and set(args.part) != {"query", "ingest", "fanout", "ceiling"}:
+        if path.exists() and (set(args.part) != {"query", "ingest", "fanout", "ceiling"} or args.direct):
             out = {**json.loads(path.read_text()), **out}  # a partial run updates its parts only
         path.write_text(json.dumps(out, indent=2))
         plot(out, res / f"{stem}.png")
@@ -380,10 +384,16 @@ def plot(out: dict, path: Path) -> None:
         ax.bar([r["protocol"] for r in out["ingest"]], [r["events_per_s"] for r in out["ingest"]])
         ax.set_ylabel("events/s accepted")
         ax.set_title("ingest (8 clients, 500 records per message)")
-    if out.get("fanout"):
+    if out.get("fanout") or out.get("fanout_direct"):
         ax = axes[2]
-        f = out["fanout"]
-        ax.bar(["p50", "p99", "max"], [f["p50_ms"], f["p99_ms"], f["max_ms"]])
+        f = out.get("fanout") or out["fanout_direct"]
+        labels, vals = [], []
+        for key, tag in (("fanout", "proxy"), ("fanout_direct", "direct")):
+            if out.get(key):
+                for q in ("p50", "p99"):
+                    labels.append(f"{tag} {q}")
+                    vals.append(out[key][f"{q}_ms"])
+        ax.bar(labels, vals)
         ax.axhline(250, color="grey", ls=":", label="target p99 250 ms")
         ax.set_ylabel("ms from sink write to client")
         ax.set_title(f"fan-out to {f['subscribers']} WebSocket subscribers")

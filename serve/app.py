@@ -247,5 +247,9 @@ def deployment(cfg: ServeConfig):
 
         def __init__(self):
             GrpcMethods.__init__(self, shared_core(cfg))
+            if cfg.stream is not None and cfg.stream.direct_port is not None:
+                from serve.stream import start_direct_stream
+
+                start_direct_stream(self.core, cfg.host, cfg.stream.direct_port)
 
     return Api.bind()

@@ -53,6 +53,9 @@ class StreamConfig(_M):
     heartbeat: float = Field(default=15.0, gt=0, description="seconds between pings; two missed pongs close the socket")
     max_pending: int = Field(default=256, ge=1, description="updates buffered per client; beyond, a slow client gets the latest state and a notice")
     session_ttl: float = Field(default=3600.0, gt=0, description="seconds a resumable session is kept in Redis")
+    direct_port: int | None = Field(default=None, ge=0, le=65535, description=(
+        "replicas also serve /v1/stream on this port themselves (SO_REUSEPORT), skipping Serve's per-message relay: "
+        "for fan-out to many subscribers"))
 
 
 class ServeConfig(_M):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -29,7 +30,7 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
 from serve.auth import AuthError
 
-__all__ = ["Feed", "Pending", "SubscribeError", "TEXT", "add_stream_route"]
+__all__ = ["Feed", "Pending", "SubscribeError", "TEXT", "add_stream_route", "run_session", "start_direct_stream"]
 
 TEXT = "__text__"  # key of a row's ready-encoded update message (never sent as a field)
 
@@ -271,84 +272,199 @@ class Feed:
                     pass
 
 
-def add_stream_route(app: FastAPI, core) -> None:
-    sc = core.cfg.stream
+class Gone(Exception):
+    """The client's socket is closed."""
 
+
+class _StarletteSocket:
+    """``/v1/stream`` behind Serve's HTTP proxy."""
+
+    def __init__(self, ws: WebSocket):
+        self.ws = ws
+
+    def credentials(self) -> str | None:
+        token = self.ws.query_params.get("access_token")
+        return self.ws.headers.get("authorization") or (f"Bearer {token}" if token else None)
+
+    async def accept(self) -> None:
+        await self.ws.accept()
+
+    async def receive_json(self):
+        try:
+            return await self.ws.receive_json()
+        except (WebSocketDisconnect, RuntimeError):
+            raise Gone() from None
+        except ValueError:
+            return None  # not JSON: ignored (a first message that is not a subscription closes with 4400)
+
+    async def send_text(self, text: str) -> None:
+        try:
+            await self.ws.send_text(text)
+        except (WebSocketDisconnect, RuntimeError):
+            raise Gone() from None
+
+    async def close(self, code: int, reason: str) -> None:
+        try:
+            await self.ws.close(code=code, reason=reason[:120])
+        except RuntimeError:
+            pass  # already closed
+
+
+class _DirectSocket:
+    """``/v1/stream`` served by the replica itself (``stream.direct_port``): no per-message relay."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def credentials(self) -> str | None:
+        from urllib.parse import parse_qs, urlsplit
+
+        req = self.conn.request
+        token = (parse_qs(urlsplit(req.path).query).get("access_token") or [None])[0]
+        return req.headers.get("Authorization") or (f"Bearer {token}" if token else None)
+
+    async def accept(self) -> None:
+        pass  # the handshake is done when the handler runs
+
+    async def receive_json(self):
+        import websockets
+
+        try:
+            raw = await self.conn.recv()
+        except websockets.ConnectionClosed:
+            raise Gone() from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return None  # not JSON: ignored (a first message that is not a subscription closes with 4400)
+
+    async def send_text(self, text: str) -> None:
+        import websockets
+
+        try:
+            await self.conn.send(text)
+        except websockets.ConnectionClosed:
+            raise Gone() from None
+
+    async def close(self, code: int, reason: str) -> None:
+        await self.conn.close(code, reason[:120])
+
+
+async def run_session(core, sock) -> None:
+    """One subscriber, whatever carries its socket: auth, subscribe, replay, live updates, heartbeats."""
+    import anyio
+
+    sc = core.cfg.stream
+    try:
+        who = core.auth.verify(sock.credentials())
+    except AuthError as exc:
+        await sock.close(4401 if exc.status == 401 else 4403, str(exc))
+        return
+    await sock.accept()
+    try:
+        msg = await asyncio.wait_for(sock.receive_json(), timeout=30)
+        sub = msg["subscribe"]
+        feed = Feed(core, who, sub["pipeline"], sub["window"], dict(sub.get("filters") or {}), sub.get("session"))
+    except SubscribeError as exc:
+        await sock.close(4000 + exc.status, str(exc))
+        return
+    except Gone:
+        return
+    except (asyncio.TimeoutError, KeyError, TypeError, ValueError, AttributeError):
+        await sock.close(4400, "first message: {\"subscribe\": {\"pipeline\", \"window\", \"filters\"}}")
+        return
+    last_pong = [time.monotonic()]
+    try:
+        try:
+            first = await feed.start()
+        except (ConnectionError, OSError) as exc:
+            await sock.close(1011, f"update channel unavailable: {type(exc).__name__}")
+            return
+        await sock.send_text(json.dumps(first))
+
+        async def receive():
+            while True:
+                msg = await sock.receive_json()
+                if isinstance(msg, dict) and msg.get("type") == "pong":
+                    last_pong[0] = time.monotonic()
+
+        async def heartbeat():
+            while True:
+                await asyncio.sleep(sc.heartbeat)
+                if time.monotonic() - last_pong[0] > 2 * sc.heartbeat + 1:
+                    await sock.close(4408, "missed pongs")
+                    return
+                await sock.send_text(json.dumps({"type": "ping", "time": time.time()}))
+
+        async def send():
+            while True:
+                batch = await feed.next()
+                for m in batch:
+                    if m["type"] == "update":
+                        row = m["row"]
+                        await sock.send_text(row.get(TEXT) or json.dumps({"type": "update", "row": row}, default=str))
+                    else:
+                        await sock.send_text(json.dumps(m))
+                await feed.delivered(batch)
+
+        async def until_first_ends(fn, tg):
+            try:
+                await fn()
+            except Gone:
+                pass  # the client went away
+            except ConnectionError:  # the update channel broke: the client reconnects with its session
+                await sock.close(1011, f"update channel lost; resume with session {feed.session}")
+            finally:
+                tg.cancel_scope.cancel()
+
+        # when one side ends, the others are cancelled
+        async with anyio.create_task_group() as tg:
+            for fn in (feed.listen, receive, heartbeat, send):
+                tg.start_soon(until_first_ends, fn, tg)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await feed.close()
+
+
+def add_stream_route(app: FastAPI, core) -> None:
     @app.websocket("/v1/stream")
     async def stream(ws: WebSocket):
-        token = ws.query_params.get("access_token")
-        header = ws.headers.get("authorization") or (f"Bearer {token}" if token else None)
-        try:
-            who = core.auth.verify(header)
-        except AuthError as exc:
-            await ws.close(code=4401 if exc.status == 401 else 4403, reason=str(exc)[:120])
-            return
-        await ws.accept()
-        try:
-            msg = await asyncio.wait_for(ws.receive_json(), timeout=30)
-            sub = msg["subscribe"]
-            feed = Feed(core, who, sub["pipeline"], sub["window"], dict(sub.get("filters") or {}), sub.get("session"))
-        except SubscribeError as exc:
-            await ws.close(code=4000 + exc.status, reason=str(exc)[:120])
-            return
-        except (asyncio.TimeoutError, KeyError, TypeError, ValueError, AttributeError):
-            await ws.close(code=4400, reason="first message: {\"subscribe\": {\"pipeline\", \"window\", \"filters\"}}")
-            return
-        last_pong = [time.monotonic()]
-        try:
-            try:
-                first = await feed.start()
-            except (ConnectionError, OSError) as exc:
-                await ws.close(code=1011, reason=f"update channel unavailable: {type(exc).__name__}")
+        await run_session(core, _StarletteSocket(ws))
+
+
+def start_direct_stream(core, host: str, port: int) -> threading.Thread:
+    """Serve ``/v1/stream`` from this process on ``port`` (SO_REUSEPORT: every replica of a node shares it).
+
+    Serve relays each WebSocket message between replica and proxy; for a large
+    fan-out the replica's own server sends straight to the sockets. Runs on its
+    own event loop in a daemon thread; same auth, sessions and messages.
+    """
+    ready = threading.Event()
+    failed: list[BaseException] = []
+
+    def main() -> None:
+        from websockets.asyncio.server import serve
+
+        async def handler(conn) -> None:
+            if not conn.request.path.startswith("/v1/stream"):
+                await conn.close(4404, "only /v1/stream is served here")
                 return
-            await ws.send_json(first)
+            await run_session(core, _DirectSocket(conn))
 
-            async def receive():
-                while True:
-                    msg = await ws.receive_json()
-                    if isinstance(msg, dict) and msg.get("type") == "pong":
-                        last_pong[0] = time.monotonic()
+        async def run() -> None:
+            async with serve(handler, host, port, reuse_port=True, max_size=1 << 16, ping_interval=None) as server:
+                ready.set()
+                await server.serve_forever()
 
-            async def heartbeat():
-                while True:
-                    await asyncio.sleep(sc.heartbeat)
-                    if time.monotonic() - last_pong[0] > 2 * sc.heartbeat + 1:
-                        await ws.close(code=4408, reason="missed pongs")
-                        return
-                    await ws.send_json({"type": "ping", "time": time.time()})
+        try:
+            asyncio.run(run())
+        except BaseException as exc:  # the port is taken or the host wrong: the caller reports it
+            failed.append(exc)
+            ready.set()
 
-            async def send():
-                while True:
-                    batch = await feed.next()
-                    for m in batch:
-                        if m["type"] == "update":
-                            row = m["row"]
-                            await ws.send_text(row.get(TEXT) or json.dumps({"type": "update", "row": row}, default=str))
-                        else:
-                            await ws.send_json(m)
-                    await feed.delivered(batch)
-
-            import anyio
-
-            async def until_first_ends(fn, tg):
-                try:
-                    await fn()
-                except (WebSocketDisconnect, RuntimeError):
-                    pass  # the client went away (or the socket closed under a send)
-                except ConnectionError:  # the update channel broke: the client reconnects with its session
-                    try:
-                        await ws.close(code=1011, reason=f"update channel lost; resume with session {feed.session}")
-                    except RuntimeError:
-                        pass  # already closed
-                finally:
-                    tg.cancel_scope.cancel()
-
-            # anyio, as the server runs the app: when one side ends, the others are cancelled
-            async with anyio.create_task_group() as tg:
-                for fn in (feed.listen, receive, heartbeat, send):
-                    tg.start_soon(until_first_ends, fn, tg)
-        finally:
-            import anyio
-
-            with anyio.CancelScope(shield=True):
-                await feed.close()
+    t = threading.Thread(target=main, name="raystream-direct-stream", daemon=True)
+    t.start()
+    ready.wait(30)
+    if failed:
+        raise failed[0]
+    return t

@@ -135,7 +135,7 @@ def test_ingest_pipeline_query_subscribe_on_all_protocols(keys, broker, postgres
         "port": free_port(), "grpc_port": gport, "postgres_dsn": postgres.extra["dsn"], "pipelines": [str(tmp_path / "p.yaml")],
         "auth": {"jwks_file": str(tmp_path / "jwks.json"), "issuer": ISSUER, "audience": AUDIENCE},
         "ingest": {"bootstrap_servers": broker.address, "topic": topic_name, "subject": subject},
-        "stream": {"redis_url": redis_server.extra["url"], "heartbeat": 1.0},
+        "stream": {"redis_url": redis_server.extra["url"], "heartbeat": 1.0, "direct_port": free_port()},
         "autoscaling": {"min_replicas": 1, "max_replicas": 1}})
     urls = start_serve(cfg)
     stop = threading.Event()
@@ -149,7 +149,9 @@ def test_ingest_pipeline_query_subscribe_on_all_protocols(keys, broker, postgres
         ws = WsClient(urls["ws"], acme, {"pipeline": pipeline_name, "window": "w"})
         assert ws.first["type"] == "subscribed"
         gsub = GrpcSubscriber(stub, md(acme), pb.SubscribeRequest(pipeline=pipeline_name, window="w"))
-        subs += [ws, gsub]
+        direct = WsClient(urls["ws_direct"], acme, {"pipeline": pipeline_name, "window": "w"})  # the replica's own port
+        assert direct.first["type"] == "subscribed"
+        subs += [ws, gsub, direct]
         th.start()
 
         # REST ingest: acme's records plus rows that must be refused, with their reasons
@@ -250,6 +252,19 @@ def test_ingest_pipeline_query_subscribe_on_all_protocols(keys, broker, postgres
         with pytest.raises(grpc.RpcError) as exc:
             stub.Ingest(iter([pb.IngestRequest(records=[b"{}"])]), metadata=[], timeout=30)
         assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # the replicas' own stream port checks tokens and tenants the same way
+        import websockets
+        from websockets.sync.client import connect
+
+        for url, sub, code in ((f"{urls['ws_direct']}?access_token=forged", None, 4401),
+                               (f"{urls['ws_direct']}?access_token={globex}",
+                                {"pipeline": pipeline_name, "window": "w", "filters": {"tenant_id": "acme"}}, 4403)):
+            with connect(url, open_timeout=30) as c:
+                if sub:
+                    c.send(json.dumps({"subscribe": sub}))
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    c.recv(timeout=30)
+                assert closed.value.rcvd.code == code
         r = httpx.get(f"{urls['http']}/v1/aggregates/{pipeline_name}/w", params={"tenant_id": "acme"}, timeout=30,
                       headers={"Authorization": f"Bearer {globex}"})
         assert r.status_code == 403
@@ -269,11 +284,12 @@ def test_ingest_pipeline_query_subscribe_on_all_protocols(keys, broker, postgres
         while time.monotonic() < deadline:
             ws_rows = [m["row"] for m in ws.messages if m["type"] == "update"]
             g_rows = [row_of(m.row) for m in gsub.messages if m.type == "update"]
-            if finals(ws_rows) == want and finals(g_rows) == want:
+            d_rows = [m["row"] for m in direct.messages if m["type"] == "update"]
+            if finals(ws_rows) == want and finals(g_rows) == want and finals(d_rows) == want:
                 break
             time.sleep(0.3)
-        assert {r["tenant_id"] for r in ws_rows} == {"acme"} and {r["tenant_id"] for r in g_rows} == {"acme"}
-        assert finals(ws_rows) == want and finals(g_rows) == want
+        assert {r["tenant_id"] for r in ws_rows + g_rows + d_rows} == {"acme"}
+        assert finals(ws_rows) == want and finals(g_rows) == want and finals(d_rows) == want
         assert any(m["type"] == "ping" for m in ws.messages)
         assert gsub.messages[0].type == "subscribed"
         # resume: the WebSocket session saw everything, so reconnecting replays nothing; a new
