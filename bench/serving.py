@@ -287,7 +287,7 @@ def main() -> None:
     ap.add_argument("--subscribers", type=int, default=1000)
     ap.add_argument("--updates-per-s", type=float, default=5)
     ap.add_argument("--throughput-optimized", action="store_true")
-    ap.add_argument("--direct", action="store_true", help="fan-out through the replicas' own stream port")
+    ap.add_argument("--direct", action="store_true", help="query and fan-out through the replicas' own port (direct_port)")
     args = ap.parse_args()
     pg, rd, broker = start_postgres(), start_redis(), services.start_broker()
     work = Path(tempfile.mkdtemp(prefix="raystream-serving-"))
@@ -314,18 +314,19 @@ def main() -> None:
             "pipelines": [str(work / "p.yaml"), str(work / "fan.yaml")],
             "auth": {"jwks_file": str(work / "jwks.json"), "issuer": ISSUER, "audience": AUDIENCE},
             "ingest": {"bootstrap_servers": broker.address, "topic": "events", "subject": "events-value"},
-            "stream": {"redis_url": rd.extra["url"], "heartbeat": 30, "max_pending": 256,
-                       **({"direct_port": free_port()} if args.direct else {})},
+            "stream": {"redis_url": rd.extra["url"], "heartbeat": 30, "max_pending": 256},
+            **({"direct_port": free_port()} if args.direct else {}),
             "max_body_bytes": 4_000_000, "autoscaling": {"min_replicas": 1, "max_replicas": 1}})
         urls = start_serve(cfg)
         exp = int(time.time()) + 7200
         tokens = [keys.token(f"tenant-{t:03d}", exp=exp) for t in range(100)]
         if "query" in args.part:
             asyncio.run(drive_queries(urls["http"], tokens, 50, 3))  # warm-up
-            out["query"] = []
+            qkey, qurl = ("query_direct", urls["direct"]) if args.direct else ("query", urls["http"])
+            out[qkey] = []
             for rps in args.rps:
-                out["query"].append(asyncio.run(drive_queries(urls["http"], tokens, rps, args.seconds)))
-                print(out["query"][-1], flush=True)
+                out[qkey].append(asyncio.run(drive_queries(qurl, tokens, rps, args.seconds)))
+                print(qkey, out[qkey][-1], flush=True)
         if "ceiling" in args.part:
             deploy_ceiling()
             asyncio.run(drive_queries(urls["http"], tokens, 50, 3, path="/ceiling/"))
@@ -370,6 +371,9 @@ def plot(out: dict, path: Path) -> None:
         x = [r["offered_rps"] for r in out["query"]]
         ax.plot(x, [r["p50_ms"] for r in out["query"]], "o-", label="p50")
         ax.plot(x, [r["p99_ms"] for r in out["query"]], "o-", label="p99")
+        if out.get("query_direct"):
+            ax.plot([r["offered_rps"] for r in out["query_direct"]], [r["p99_ms"] for r in out["query_direct"]], "s-",
+                    label="p99, direct_port")
         if out.get("ceiling"):
             ax.plot([r["offered_rps"] for r in out["ceiling"]], [r["p99_ms"] for r in out["ceiling"]], "x--",
                     label="p99, trivial Serve route")

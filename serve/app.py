@@ -223,6 +223,32 @@ def _ingest_routes(app: FastAPI, core: Core, principal) -> None:
         return JSONResponse({"accepted": accepted, "rejected": len(results) - accepted, "results": results}, status_code=status)
 
 
+def start_direct(app: FastAPI, host: str, port: int):
+    """Serve ``app`` from this process on ``port`` too (``direct_port``), on its own event loop in a thread.
+
+    Serve's proxy relays every request and every WebSocket message to the replica
+    over Ray; here the replica answers the socket itself. The port is bound with
+    SO_REUSEPORT so every replica on a node listens on it and the kernel spreads
+    connections. The app shares the replica's Core (its pools are per event loop).
+    """
+    import asyncio
+    import socket
+    import threading
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    # lifespan off: shutting this server down must not close the Core the Serve app still uses
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", ws_max_size=1 << 16))
+    t = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), name="raystream-direct", daemon=True)
+    t.start()
+    return server
+
+
 def deployment(cfg: ServeConfig):
     """The Serve application: the FastAPI ingress plus the gRPC methods, with the configured autoscaling."""
     from ray import serve
@@ -247,9 +273,7 @@ def deployment(cfg: ServeConfig):
 
         def __init__(self):
             GrpcMethods.__init__(self, shared_core(cfg))
-            if cfg.stream is not None and cfg.stream.direct_port is not None:
-                from serve.stream import start_direct_stream
-
-                start_direct_stream(self.core, cfg.host, cfg.stream.direct_port)
+            if cfg.direct_port is not None:
+                start_direct(build_app(cfg, self.core), cfg.host, cfg.direct_port)
 
     return Api.bind()

@@ -53,15 +53,15 @@ class StreamConfig(_M):
     heartbeat: float = Field(default=15.0, gt=0, description="seconds between pings; two missed pongs close the socket")
     max_pending: int = Field(default=256, ge=1, description="updates buffered per client; beyond, a slow client gets the latest state and a notice")
     session_ttl: float = Field(default=3600.0, gt=0, description="seconds a resumable session is kept in Redis")
-    direct_port: int | None = Field(default=None, ge=0, le=65535, description=(
-        "replicas also serve /v1/stream on this port themselves (SO_REUSEPORT), skipping Serve's per-message relay: "
-        "for fan-out to many subscribers"))
 
 
 class ServeConfig(_M):
     host: str = Field(default="127.0.0.1", description="HTTP listen address of the Serve proxy")
     port: int = Field(default=8000, ge=0, le=65535)
     grpc_port: int | None = Field(default=9000, ge=0, le=65535, description="gRPC proxy port (null: no gRPC)")
+    direct_port: int | None = Field(default=None, ge=0, le=65535, description=(
+        "each replica also serves the same REST and WebSocket app on this port itself (SO_REUSEPORT: the replicas "
+        "of a node share it), skipping the Serve proxy's relay; Serve's autoscaling does not see this traffic"))
     postgres_dsn: SecretStr = Field(description="the PostgreSQL sink's database (closed windows) and the schema registry")
     table_prefix: str = Field(default="raystream_", description="as the pipelines' postgres sinks")
     pipelines: list[str] = Field(default_factory=list, description="pipeline spec files whose windows are served")

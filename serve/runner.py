@@ -33,8 +33,9 @@ def start_serve(cfg: ServeConfig, address: str | None = None) -> dict[str, str]:
     urls = {"http": base, "docs": f"{base}/docs", "ws": f"ws://{cfg.host}:{cfg.port}/v1/stream"}
     if cfg.grpc_port is not None:
         urls["grpc"] = f"{cfg.host}:{cfg.grpc_port}"
-    if cfg.stream is not None and cfg.stream.direct_port is not None:
-        urls["ws_direct"] = f"ws://{cfg.host}:{cfg.stream.direct_port}/v1/stream"
+    if cfg.direct_port is not None:
+        urls["direct"] = f"http://{cfg.host}:{cfg.direct_port}"
+        urls["ws_direct"] = f"ws://{cfg.host}:{cfg.direct_port}/v1/stream"
     return urls
 
 

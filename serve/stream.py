@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -30,7 +29,7 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
 from serve.auth import AuthError
 
-__all__ = ["Feed", "Pending", "SubscribeError", "TEXT", "add_stream_route", "run_session", "start_direct_stream"]
+__all__ = ["Feed", "Pending", "SubscribeError", "TEXT", "add_stream_route", "run_session"]
 
 TEXT = "__text__"  # key of a row's ready-encoded update message (never sent as a field)
 
@@ -310,57 +309,18 @@ class _StarletteSocket:
             pass  # already closed
 
 
-class _DirectSocket:
-    """``/v1/stream`` served by the replica itself (``stream.direct_port``): no per-message relay."""
-
-    def __init__(self, conn):
-        self.conn = conn
-
-    def credentials(self) -> str | None:
-        from urllib.parse import parse_qs, urlsplit
-
-        req = self.conn.request
-        token = (parse_qs(urlsplit(req.path).query).get("access_token") or [None])[0]
-        return req.headers.get("Authorization") or (f"Bearer {token}" if token else None)
-
-    async def accept(self) -> None:
-        pass  # the handshake is done when the handler runs
-
-    async def receive_json(self):
-        import websockets
-
-        try:
-            raw = await self.conn.recv()
-        except websockets.ConnectionClosed:
-            raise Gone() from None
-        try:
-            return json.loads(raw)
-        except ValueError:
-            return None  # not JSON: ignored (a first message that is not a subscription closes with 4400)
-
-    async def send_text(self, text: str) -> None:
-        import websockets
-
-        try:
-            await self.conn.send(text)
-        except websockets.ConnectionClosed:
-            raise Gone() from None
-
-    async def close(self, code: int, reason: str) -> None:
-        await self.conn.close(code, reason[:120])
-
-
 async def run_session(core, sock) -> None:
     """One subscriber, whatever carries its socket: auth, subscribe, replay, live updates, heartbeats."""
     import anyio
 
     sc = core.cfg.stream
+    # accept first, then refuse with a close code and reason a client can read (a refused handshake says only 403)
+    await sock.accept()
     try:
         who = core.auth.verify(sock.credentials())
     except AuthError as exc:
         await sock.close(4401 if exc.status == 401 else 4403, str(exc))
         return
-    await sock.accept()
     try:
         msg = await asyncio.wait_for(sock.receive_json(), timeout=30)
         sub = msg["subscribe"]
@@ -430,41 +390,3 @@ def add_stream_route(app: FastAPI, core) -> None:
     @app.websocket("/v1/stream")
     async def stream(ws: WebSocket):
         await run_session(core, _StarletteSocket(ws))
-
-
-def start_direct_stream(core, host: str, port: int) -> threading.Thread:
-    """Serve ``/v1/stream`` from this process on ``port`` (SO_REUSEPORT: every replica of a node shares it).
-
-    Serve relays each WebSocket message between replica and proxy; for a large
-    fan-out the replica's own server sends straight to the sockets. Runs on its
-    own event loop in a daemon thread; same auth, sessions and messages.
-    """
-    ready = threading.Event()
-    failed: list[BaseException] = []
-
-    def main() -> None:
-        from websockets.asyncio.server import serve
-
-        async def handler(conn) -> None:
-            if not conn.request.path.startswith("/v1/stream"):
-                await conn.close(4404, "only /v1/stream is served here")
-                return
-            await run_session(core, _DirectSocket(conn))
-
-        async def run() -> None:
-            async with serve(handler, host, port, reuse_port=True, max_size=1 << 16, ping_interval=None) as server:
-                ready.set()
-                await server.serve_forever()
-
-        try:
-            asyncio.run(run())
-        except BaseException as exc:  # the port is taken or the host wrong: the caller reports it
-            failed.append(exc)
-            ready.set()
-
-    t = threading.Thread(target=main, name="raystream-direct-stream", daemon=True)
-    t.start()
-    ready.wait(30)
-    if failed:
-        raise failed[0]
-    return t

@@ -135,7 +135,7 @@ def test_ingest_pipeline_query_subscribe_on_all_protocols(keys, broker, postgres
         "port": free_port(), "grpc_port": gport, "postgres_dsn": postgres.extra["dsn"], "pipelines": [str(tmp_path / "p.yaml")],
         "auth": {"jwks_file": str(tmp_path / "jwks.json"), "issuer": ISSUER, "audience": AUDIENCE},
         "ingest": {"bootstrap_servers": broker.address, "topic": topic_name, "subject": subject},
-        "stream": {"redis_url": redis_server.extra["url"], "heartbeat": 1.0, "direct_port": free_port()},
+        "stream": {"redis_url": redis_server.extra["url"], "heartbeat": 1.0}, "direct_port": free_port(),
         "autoscaling": {"min_replicas": 1, "max_replicas": 1}})
     urls = start_serve(cfg)
     stop = threading.Event()
@@ -208,6 +208,11 @@ def test_ingest_pipeline_query_subscribe_on_all_protocols(keys, broker, postgres
         assert {x["tenant_id"] for x in a} == {"acme"} and {x["tenant_id"] for x in g} == {"globex"}
         _equal(_frame(a), ref_acme)
         _equal(_frame(g), ref_globex)
+        # the replica's own port (direct_port) answers the same, with the same checks
+        r = httpx.get(f"{urls['direct']}/v1/aggregates/{pipeline_name}/w", params={"limit": 1000}, timeout=30,
+                      headers={"Authorization": f"Bearer {acme}"})
+        assert r.status_code == 200 and sorted(map(json.dumps, r.json()["items"])) == sorted(map(json.dumps, a))
+        assert httpx.get(f"{urls['direct']}/v1/aggregates/{pipeline_name}/w", timeout=30).status_code == 401
         # gRPC query, paged with its cursor
         items, cursor = [], ""
         while True:
