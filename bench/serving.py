@@ -320,6 +320,9 @@ def main() -> None:
         urls = start_serve(cfg)
         exp = int(time.time()) + 7200
         tokens = [keys.token(f"tenant-{t:03d}", exp=exp) for t in range(100)]
+        import gc
+
+        gc.freeze()  # the load generator's own long-lived objects stay out of its collections
         if "query" in args.part:
             asyncio.run(drive_queries(urls["http"], tokens, 50, 3))  # warm-up
             qkey, qurl = ("query_direct", urls["direct"]) if args.direct else ("query", urls["http"])

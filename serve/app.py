@@ -244,6 +244,10 @@ def start_direct(app: FastAPI, host: str, port: int):
     sock.listen(2048)
     # lifespan off: shutting this server down must not close the Core the Serve app still uses
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", ws_max_size=1 << 16))
+    import gc
+
+    # what exists now (Ray, Serve, the app) lives as long as the replica: keep it out of every collection
+    gc.freeze()
     t = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), name="raystream-direct", daemon=True)
     t.start()
     return server
