@@ -111,6 +111,7 @@ class DemoServing:
                                 headers={"kid": "demo"})
         cfg = ServeConfig.model_validate({
             "port": _port_or_free(self.http_port, free_port), "grpc_port": _port_or_free(self.grpc_port, free_port),
+            "direct_port": _port_or_free(self.http_port + 1, free_port),
             "postgres_dsn": self.dsn, "pipelines": [str(spec_path)],
             "auth": {"jwks_file": str(folder / "jwks.json"), "issuer": "raystream-demo", "audience": "raystream"},
             "ingest": {"bootstrap_servers": bootstrap, "topic": "events", "subject": "events-value"},
@@ -129,6 +130,8 @@ class DemoServing:
         t.add_row("OpenAPI", u["docs"])
         t.add_row("WebSocket", u["ws"])
         t.add_row("gRPC", u.get("grpc", "-") + "  (serve/protos/raystream.proto)")
+        if "direct" in u:
+            t.add_row("direct", f"{u['direct']}  (the replica itself: same API, no proxy hop)")
         t.add_row("token", f"{self.out}/serve/token  (tenant-000, 24 h)")
         console.print(t)
         console.print(f'try: curl -H "Authorization: Bearer $(cat {self.out}/serve/token)" '

@@ -85,7 +85,7 @@ def test_demo_runs_for_a_duration_and_writes_windows(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err[-3000:]
-    assert f"http://127.0.0.1:{port}/docs" in err and f"127.0.0.1:{gport}" in err
+    assert f"http://127.0.0.1:{port}/docs" in err and f"127.0.0.1:{gport}" in err and "direct" in err
     files = list((tmp_path / "windows").rglob("*.parquet"))
     assert files, err[-2000:]
     df = pd.concat([pq.read_table(f).to_pandas() for f in files])
