@@ -14,7 +14,7 @@ import json
 from typing import Optional
 
 import psycopg
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.middleware.gzip import GZipMiddleware
@@ -25,6 +25,12 @@ from serve.config import ServeConfig
 from serve.core import ApiError, Core, shared_core
 
 _BEARER = HTTPBearer(auto_error=False, description="JWT (RS256/ES256) whose tenant claim scopes the request")
+
+
+class ScaleRequest(BaseModel):
+    """``POST /v1/pipelines/{name}/scale``."""
+
+    workers: int = Field(ge=1, le=256, description="worker actors after the change")
 
 
 class Problem(BaseModel):
@@ -140,6 +146,29 @@ def build_app(cfg: ServeConfig, core: Core | None = None) -> FastAPI:
             return status(name, timeout_s=5)
         except Exception as exc:  # not running here, or Ray unreachable
             raise HTTPException(503, f"pipeline {name!r} is not running: {type(exc).__name__}")
+
+    @app.post("/v1/pipelines/{name}/scale", tags=["pipelines"], responses=_errors(400, 401, 403, 404, 429, 503))
+    def scale_pipeline(name: str, body: ScaleRequest, who: Principal = Depends(principal)) -> dict:
+        """Move the running pipeline's partitions (with their state) onto ``workers`` workers (scope ``pipelines:write``);
+        the change is written to the audit table with the caller."""
+        if "pipelines:write" not in who.scopes:
+            raise HTTPException(403, "changing pipelines needs the pipelines:write scope")
+        if name not in {p for p, _ in windows}:
+            raise HTTPException(404, f"no pipeline {name!r}")
+        from actors import control
+
+        try:
+            before = len(control.pipeline_status(name, timeout_s=5)["workers"])
+        except Exception as exc:  # not running here, or Ray unreachable
+            raise HTTPException(503, f"pipeline {name!r} is not running: {type(exc).__name__}")
+        try:
+            plan = control.scale(name, body.workers)
+        except Exception as exc:  # no checkpoint section, not enough CPUs, not running
+            cause = getattr(exc, "cause", None) or exc
+            raise HTTPException(503, f"cannot scale {name!r}: {cause}")
+        core.registry.record(f"api:{who.subject}@{who.tenant}", "scale_pipeline", name,
+                             {"from": before, "to": body.workers})
+        return {"pipeline": name, "from": before, "to": body.workers, "plan": plan}
 
     # -- schemas ---------------------------------------------------------------
     from pipeline.io.registry import Incompatible, UnknownVersion

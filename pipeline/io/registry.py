@@ -83,6 +83,11 @@ class Registry:
         conn.execute("insert into raystream_audit (actor, action, target, detail) values (%s, %s, %s, %s)",
                      (actor, action, target, Jsonb(detail)))
 
+    def record(self, actor: str, action: str, target: str, detail: dict) -> None:
+        """One audit row on its own (changes made outside the registry: scaling a pipeline)."""
+        with self._conn() as conn:
+            self.audit(conn, actor, action, target, detail)
+
     def set_compatibility(self, subject: str, mode: str, actor: str = "cli") -> None:
         mode = mode.upper()
         if mode not in MODES:

@@ -127,7 +127,7 @@ def test_ingest_pipeline_query_subscribe_on_all_protocols(keys, broker, postgres
               "windows": [{"name": "w", "type": "tumbling", "size": "1s", "group_by": ["tenant_id", "kind"],
                            "aggregations": ["count", "sum(value)"]}],
               "sinks": [{"postgres": {"dsn": postgres.extra["dsn"]}}, {"redis": {"url": redis_server.extra["url"]}}],
-              "workers": 1}
+              "checkpoint": {"uri": f"file://{tmp_path}/chk", "interval": "2s"}, "workers": 1}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec_d))
     (tmp_path / "jwks.json").write_text(json.dumps(keys.jwks()))
     gport = free_port()
@@ -311,6 +311,23 @@ def test_ingest_pipeline_query_subscribe_on_all_protocols(keys, broker, postgres
             time.sleep(0.2)
         assert fresh.messages[0].replayed == n_windows
         assert finals([row_of(m.row) for m in fresh.messages if m.type == "update"]) == want
+
+        # a pipeline change through the API: needs its scope, happens, and is audited with the caller
+        scale = f"{urls['http']}/v1/pipelines/{pipeline_name}/scale"
+        assert httpx.post(scale, json={"workers": 2}, headers={"Authorization": f"Bearer {acme}"}, timeout=30).status_code == 403
+        admin = keys.token("acme", scope="pipelines:write")
+        assert httpx.post(scale, json={"workers": 0}, headers={"Authorization": f"Bearer {admin}"}, timeout=30).status_code == 422
+        r = httpx.post(scale, json={"workers": 2}, headers={"Authorization": f"Bearer {admin}"}, timeout=300)
+        assert r.status_code == 200, r.text
+        assert (r.json()["from"], r.json()["to"]) == (1, 2)
+        st = httpx.get(f"{urls['http']}/v1/pipelines/{pipeline_name}", headers={"Authorization": f"Bearer {acme}"}, timeout=30)
+        assert st.status_code == 200 and len(st.json()["workers"]) == 2
+        import psycopg
+
+        with psycopg.connect(postgres.extra["dsn"]) as conn:
+            rows = conn.execute("select actor, detail from raystream_audit where action = 'scale_pipeline' and target = %s",
+                                (pipeline_name,)).fetchall()
+        assert rows == [("api:user-1@acme", {"from": 1, "to": 2})]
     finally:
         for s in subs:
             s.close()
