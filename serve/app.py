@@ -8,7 +8,6 @@ autoscaling.
 
 from __future__ import annotations
 
-import gzip  # noqa: F401  (GZipMiddleware answers Accept-Encoding: gzip)
 import hashlib
 import json
 from typing import Optional

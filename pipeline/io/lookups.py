@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.decode import FIELD_TYPES as _TYPES
 from pipeline.enrich import (MISSING, IpRanges, LruTtlCache, encode_keys, ip_keys, join_rows, json_key_hints, key_strings,
