@@ -4,6 +4,8 @@ No answer may be a server error, and every answer must match the document."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
@@ -33,7 +35,7 @@ def api(served, keys, broker):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def token(keys):  # noqa: F811
-    return keys.token("acme", scope="schemas:write", exp=int(__import__("time").time()) + 3600)
+    return keys.token("acme", scope="schemas:write", exp=int(time.time()) + 3600)
 
 
 schema = schemathesis.pytest.from_fixture("api")
