@@ -2,9 +2,16 @@
 
 A partition's watermark is the largest event time it has delivered minus
 ``max_out_of_orderness``. The worker's watermark is the minimum over its
-partitions that are neither idle (no record for ``idle_timeout`` of monotonic
-time) nor finished (a bounded run reached their end offset); when every
-partition is idle it follows the most advanced one. It never moves back.
+partitions that are neither idle nor finished (a bounded run reached their end
+offset); when every partition is idle it follows the most advanced one. It
+never moves back.
+
+A partition is *idle* only when it has had no record for ``idle_timeout`` of
+monotonic time **and** it was confirmed to have no unread backlog (its
+position had reached the broker's end offset) after its last record
+(``caught_up``). A partition waiting its turn behind a backlog is never idle,
+so wall time cannot turn its records late: the output of a bounded run
+depends on the records alone, not on worker count, poll sizes or speed.
 
 Lateness is decided per record against the watermark *before* that record in
 its own partition (``prefix``), so a replay that cuts the same records into
@@ -47,6 +54,8 @@ class WatermarkTracker:
         self.max_event: dict[int, int] = {int(p): NEG_INF for p in partitions}
         self.last_seen: dict[int, float] = {p: now for p in self.max_event}
         self.finished: set[int] = set()
+        # clock time at which a partition was last confirmed to have no unread backlog
+        self.confirmed: dict[int, float] = {}
         self._watermark = NEG_INF
         self.effective: dict[int, int] = {p: NEG_INF for p in self.max_event}
 
@@ -56,7 +65,7 @@ class WatermarkTracker:
         self.last_seen[int(partition)] = self.clock()
 
     def remove_partition(self, partition: int) -> None:
-        for d in (self.max_event, self.last_seen, self.effective):
+        for d in (self.max_event, self.last_seen, self.effective, self.confirmed):
             d.pop(int(partition), None)
         self.finished.discard(int(partition))
 
@@ -98,8 +107,22 @@ class WatermarkTracker:
         """A bounded run reached this partition's end offset: stop waiting for it."""
         self.finished.add(int(partition))
 
-    def idle(self, partition: int) -> bool:
+    def caught_up(self, partition: int, at: float | None = None) -> None:
+        """The partition's position reached the broker's end offset, as read at clock time ``at``.
+
+        Read ``at`` *before* asking the broker: a record that arrives after it
+        moves ``last_seen`` past the confirmation, which then no longer counts.
+        """
+        self.confirmed[int(partition)] = self.clock() if at is None else at
+
+    def quiet(self, partition: int) -> bool:
+        """No record for ``idle_timeout`` (a candidate for idleness, pending the backlog check)."""
         return self.clock() - self.last_seen.get(partition, 0.0) > self.idle_timeout_s
+
+    def idle(self, partition: int) -> bool:
+        """Quiet for ``idle_timeout`` and confirmed without backlog since its last record."""
+        last = self.last_seen.get(partition, 0.0)
+        return self.quiet(partition) and self.confirmed.get(partition, float("-inf")) >= last
 
     def current(self) -> int:
         """The worker watermark (monotonic: never lower than before)."""

@@ -239,3 +239,31 @@ def test_enriched_windows_on_ray_equal_duckdb_join(broker, ray_local, postgres, 
     assert sum(s["l3_queries"] for s in stats) >= 1
     assert sum(s["l1_hits"] + s["l2_hits"] + s["l3_hits"] + s["misses"] for s in stats) > 0
     assert sum(s["prefetched"] for s in stats) > 0  # the lookahead ran, and the windows above are still exact
+
+
+@pytest.mark.parametrize("mode", ["inline", "ray"])
+def test_one_worker_behind_a_long_backlog_equals_reference(broker, ray_local, tmp_path, topic_name, pipeline_name, mode):
+    """4 partitions of very different sizes, one worker, throttled so the backlog lasts far longer than idle_timeout.
+
+    The broker hands the client partition 0's records first; at 2,500 records/s
+    the others wait ~6 s for their turn with ``idle_timeout: 1s``. A partition
+    waiting behind a backlog is never idle, so none of its records may turn
+    late: output equals the reference exactly.
+    """
+    values, keys, _, df, _, _ = _dataset(20_000, seed=31)
+    # tenants 0-7 -> partition 0 (2/3 of the records), 8-9 -> 1, 10 -> 2, 11 -> 3
+    tenant = df["tenant_id"].map(lambda t: int(t.split("-")[1])).to_numpy()
+    parts = np.select([tenant < 8, tenant < 10, tenant < 11], [0, 1, 2], 3).tolist()
+    df["partition"] = parts
+    df["offset"] = _all_offsets(parts)
+    broker.extra["broker"].create_topic(topic_name, PARTITIONS)
+    produce_all(broker.address, topic_name, values, keys, parts)
+    out, late = f"file://{tmp_path}/out", f"file://{tmp_path}/late"
+    data = _spec(pipeline_name, broker.address, topic_name, out, late, workers=1).model_dump(mode="python")
+    data["event_time"]["idle_timeout"] = "1s"
+    data["source"]["kafka"].update({"max_batch_records": 500, "max_rate": 2500})
+    spec = parse_spec(data)
+    report = run_pipeline(spec, until_end=True, inline=(mode == "inline"))
+    assert report.records == len(values)
+    assert report.wall_s > 5 * spec.event_time.idle_timeout / 1000  # the backlog really outlasted idle_timeout
+    _check_outputs(spec, df, out, late)

@@ -121,6 +121,8 @@ class Source(Protocol):
 
     def commit(self, positions: dict[int, int]) -> None: ...
 
+    def end_offsets(self, partitions: list[int], timeout_s: float) -> dict[int, int]: ...
+
     def close(self) -> None: ...
 
 
@@ -184,6 +186,20 @@ class ConfluentSource:
         if positions:
             self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in positions.items()], asynchronous=False)
 
+    def end_offsets(self, partitions: list[int], timeout_s: float) -> dict[int, int]:
+        """The broker's end offset of each partition; partitions it did not answer for are left out."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        out = {}
+        for p in partitions:
+            try:
+                _, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout_s, cached=False)
+            except KafkaException:
+                continue  # unknown: the partition keeps holding the watermark
+            if high >= 0:
+                out[int(p)] = int(high)
+        return out
+
     def pause(self) -> None:
         """Stop fetching (the client's prefetch queue stops growing) while a sink is failing."""
         self.consumer.pause(self.consumer.assignment())
@@ -244,6 +260,16 @@ class KafkaPythonSource:
 
         if positions:
             self.consumer.commit({TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in positions.items()})
+
+    def end_offsets(self, partitions: list[int], timeout_s: float) -> dict[int, int]:
+        """The broker's end offset of each partition; empty when the broker does not answer."""
+        from kafka import TopicPartition
+
+        try:
+            got = self.consumer.end_offsets([TopicPartition(self.topic, p) for p in partitions])
+        except Exception:  # kafka-python raises several types for an unreachable broker: unknown, keep holding
+            return {}
+        return {int(tp.partition): int(o) for tp, o in got.items() if o is not None}
 
     def pause(self) -> None:
         self.consumer.pause(*self.consumer.assignment())

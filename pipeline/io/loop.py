@@ -131,6 +131,7 @@ class PartitionLoop:
         self._ahead: Batch | None = None
         self.lookahead = self.enrichment is not None and kafka.format == "json"
         self.max_rss = _rss_bytes()
+        self._backlog_checked = float("-inf")
         if self.end_offsets is not None:
             for p in self.partitions:
                 if self.positions[p] >= self.end_offsets.get(p, 0):
@@ -166,6 +167,7 @@ class PartitionLoop:
             for p in np.unique(batch.partitions).tolist():
                 self.positions[p] = max(self.positions.get(p, 0), int(batch.offsets[batch.partitions == p].max()) + 1)
             self._finish_reached()
+        self._check_backlog()
         self.stats.records += result.records
         self.stats.rejected += result.rejected
         self.stats.late += result.late_records
@@ -190,6 +192,29 @@ class PartitionLoop:
         for p in self.partitions:
             if p not in self.state.tracker.finished and self.positions[p] >= self.end_offsets.get(p, 0):
                 self.state.tracker.finish(p)
+
+    def _check_backlog(self) -> None:
+        """Confirm quiet partitions as caught up when their position reached the broker's end offset.
+
+        Only such a partition may become idle (see ``pipeline.watermarks``).
+        A bounded run never asks: its unfinished partitions have a backlog by
+        definition, and finished ones stop holding the watermark anyway. The
+        broker is asked at most once a second, and only about quiet partitions;
+        a partition it does not answer for keeps holding the watermark.
+        """
+        if self.end_offsets is not None:
+            return
+        tracker = self.state.tracker
+        candidates = [p for p in self.partitions if tracker.quiet(p) and not tracker.idle(p)]
+        now = time.monotonic()
+        if not candidates or now - self._backlog_checked < 1.0:
+            return
+        self._backlog_checked = now
+        asked_at = tracker.clock()
+        ends = self.source.end_offsets(candidates, 2.0)
+        for p in candidates:
+            if p in ends and self.positions[p] >= ends[p]:
+                tracker.caught_up(p, asked_at)
 
     def _backpressure(self, sink: str, attempt: int, exc: BaseException) -> None:
         if not self.paused:

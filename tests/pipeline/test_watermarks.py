@@ -37,6 +37,8 @@ def test_idle_partition_stops_holding_the_watermark_and_it_never_goes_back():
     tr.prefix(np.array([0]), np.array([20_000]), np.ones(1, bool))
     assert tr.current() == 2_000  # partition 1 not idle yet (3 s < 5 s)
     clock.t = 6.0
+    assert tr.current() == 2_000  # quiet, but nobody confirmed it has no backlog: still holding
+    tr.caught_up(1)
     assert tr.current() == 20_000  # partition 1 idle: only partition 0 counts
     tr.prefix(np.array([1]), np.array([3_000]), np.ones(1, bool))
     assert tr.current() == 20_000  # partition 1 is back, but watermarks only move forward
@@ -49,3 +51,28 @@ def test_finished_partitions_and_end_of_input():
     tr.finish(1)
     assert tr.current() == 5_000
     assert tr.advance_to_end() == POS_INF
+
+
+def test_a_partition_waiting_behind_a_backlog_is_never_idle():
+    # event time   0s        10s        20s
+    # partition 0  ..........x (fast, 20 s ahead)
+    # partition 1  x  ...waiting its turn for 60 s of wall time, with unread records
+    clock = Clock()
+    tr = WatermarkTracker([0, 1], 0, idle_timeout=5000, clock=clock)
+    tr.prefix(np.array([0, 1]), np.array([20_000, 1_000]), np.ones(2, bool))
+    clock.t = 60.0
+    assert tr.quiet(1) and not tr.idle(1)
+    assert tr.current() == 1_000
+    assert tr.partition_watermarks()[1] == 1_000
+
+
+def test_a_confirmation_older_than_the_last_record_does_not_count():
+    clock = Clock()
+    tr = WatermarkTracker([0, 1], 0, idle_timeout=5000, clock=clock)
+    tr.caught_up(1, at=0.0)  # asked the broker at t=0
+    clock.t = 1.0
+    tr.prefix(np.array([0, 1]), np.array([20_000, 1_000]), np.ones(2, bool))  # then a record arrived
+    clock.t = 10.0
+    assert not tr.idle(1)
+    tr.caught_up(1, at=9.0)
+    assert tr.idle(1) and tr.current() == 20_000
