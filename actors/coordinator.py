@@ -74,7 +74,11 @@ def _wait_name_free(name: str, timeout_s: float = 15.0) -> None:
 class Coordinator:
     """Plans the assignment, starts, checkpoints and heals the workers, reports status."""
 
-    def __init__(self, spec: PipelineSpec, until_end: bool):
+    def __init__(self, spec: PipelineSpec, until_end: bool, partitions: list[int] | None = None,
+                 end: dict[int, int] | None = None):
+        """``partitions`` and (with ``until_end``) ``end`` are read once by the driver and passed here,
+        so a coordinator that Ray restarts gets the same ones back: it knows every partition that must
+        be owned, and where a bounded run ends, without asking the broker again."""
         self.spec = spec
         self.until_end = until_end
         self.kafka = spec.source.kafka
@@ -88,7 +92,8 @@ class Coordinator:
         self.degraded: str | None = None
         self.failure: str | None = None
         self.events: deque = deque(maxlen=200)
-        self.end: dict[int, int] | None = None
+        self.partitions: list[int] | None = sorted(int(p) for p in partitions) if partitions is not None else None
+        self.end: dict[int, int] | None = {int(p): int(o) for p, o in end.items()} if end is not None else None
         self.broker_ends: dict[int, int] = {}
         self.broker_ends_t = 0.0
         self.checkpoint_id = 0
@@ -130,6 +135,10 @@ class Coordinator:
 
     def _launch(self, index: int, partitions: list[int], epoch: int, entries: dict[int, dict]) -> dict:
         name = actor_name(self.spec.name, f"worker-{index}")
+        try:  # a worker that died with the coordinator may still hold its name: take it back
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except (ValueError, ray.exceptions.RayError):
+            pass
         _wait_name_free(name)
         handle = PartitionWorker.options(
             name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=self.spec.worker_cpus,
@@ -160,9 +169,11 @@ class Coordinator:
         with self.lock:
             if self.phase != "created":
                 return self._plan_info()
-            partitions = topic_partitions(self.kafka.bootstrap_servers, self.kafka.topic, self.timeout_s)
+            if self.partitions is None:
+                self.partitions = topic_partitions(self.kafka.bootstrap_servers, self.kafka.topic, self.timeout_s)
+            partitions = self.partitions
             ensure_topic(self.kafka.bootstrap_servers, self.spec.dead_letter_topic, 1, self.timeout_s)
-            if self.until_end:
+            if self.until_end and self.end is None:
                 self.end = end_offsets(self.kafka.bootstrap_servers, self.kafka.topic, partitions, self.timeout_s)
             kill_pipeline_actors(self.spec.name, self.spec.workers, include_coordinator=False)
             self._check_cpus(self.spec.workers)
@@ -195,8 +206,13 @@ class Coordinator:
             if st.get("end_offsets") is not None:
                 self.end = {**(self.end or {}), **{int(p): o for p, o in st["end_offsets"].items()}}
             self.next_epoch = max(self.next_epoch, int(st.get("epoch", 0)) + 1)
-        self.phase = "running" if self.slots else "created"
-        self._event(f"coordinator restarted: adopted {len(self.slots)} workers")
+        adopted = len(self.slots)
+        if self.partitions is None and self.store is not None and self.store.latest() is not None:
+            self.partitions = sorted(int(p) for p in self.store.latest()["partitions"])
+        self.phase = "running" if self.slots or self.partitions else "created"
+        self._event(f"coordinator restarted: adopted {adopted} workers")
+        if self.phase == "running":
+            self._cover()  # partitions of workers that died with it are owned again at once
 
     def stop(self) -> None:
         """Clean stop: workers finish their batch, a final checkpoint is taken, then they close."""
@@ -252,6 +268,7 @@ class Coordinator:
         hb = self.spec.health.heartbeat_timeout / 1000.0
         stall = self.spec.health.stall_timeout / 1000.0
         self._refresh_ends()
+        self._cover()
         refs = {i: s["handle"].status.remote() for i, s in self.slots.items() if not s["given_up"]}
         for i, ref in refs.items():
             s = self.slots[i]
@@ -277,6 +294,39 @@ class Coordinator:
                 s["progress"], s["progress_t"] = positions, now
             elif lag > 0 and now - s["progress_t"] > stall:
                 self._restart(i, f"stalled: offsets did not move for {now - s['progress_t']:.0f}s with {lag} records waiting")
+
+    def _orphans(self) -> list[int]:
+        """Partitions of the run that no live worker owns (given-up workers still count as owners: degraded)."""
+        owned = {p for s in self.slots.values() for p in s["partitions"]}
+        return sorted(set(self.partitions or []) - owned)
+
+    def _cover(self) -> None:
+        """Give every partition nobody owns to a worker again, from its latest checkpoint entry.
+
+        A restarted coordinator rebuilds ownership from the plan and the
+        manifest, not only from the workers it can reach: the partitions of a
+        worker that died with it would otherwise never be consumed again.
+        Orphans go back to the worker indices the plan gave them, else to a new
+        index; each launch gets a new epoch.
+        """
+        orphans = self._orphans()
+        if not orphans:
+            return
+        self._event(f"partitions {orphans} have no owner: starting workers for them", partitions=orphans)
+        groups: dict[int, list[int]] = {}
+        for i, planned in enumerate(plan(self.partitions, self.spec.workers)):
+            mine = [p for p in planned if p in orphans]
+            if mine:
+                index = i if i not in self.slots else max([*self.slots, *groups, -1]) + 1
+                groups[index] = mine
+        for index, parts in groups.items():
+            epoch = self._new_epoch()
+            try:
+                self._launch(index, parts, epoch, self._entries(parts))
+            except Exception as exc:  # the next tick finds them orphaned (or the worker dead) and tries again
+                self._event(f"worker {index}: start for partitions {parts} failed: {type(exc).__name__}: {exc}", worker=index)
+                continue
+            self._event(f"worker {index} started for orphaned partitions {parts} at epoch {epoch}", worker=index, epoch=epoch)
 
     def _restart(self, index: int, reason: str) -> None:
         s = self.slots[index]
@@ -369,6 +419,8 @@ class Coordinator:
 
     # -- the end --------------------------------------------------------------
     def _all_drained(self) -> bool:
+        if self._orphans():
+            return False  # a partition nobody owns is never "done"
         live = [s for s in self.slots.values() if not s["given_up"]]
         return bool(live) and all(s["status"].get("state") == "drained" for s in live) or (
             not live and bool(self.slots))
@@ -387,6 +439,12 @@ class Coordinator:
             except Exception as exc:
                 self.failure = f"worker {i} failed to finish: {type(exc).__name__}: {exc}"
                 results.append({"index": i, "state": "failed", "error": self.failure})
+        if to_end and self.end is not None and not self.failure and not self.degraded:
+            from pipeline.driver import shortfalls
+
+            problems = shortfalls(results, self.end)
+            if problems:
+                self.failure = "the run ended short of its end offsets: " + "; ".join(problems)
         self.results = results
         self.phase = "finished"
         self._event("finished" + (f" (degraded: {self.degraded})" if self.degraded else ""))

@@ -16,7 +16,31 @@ from typing import Callable
 from pipeline.io.kafka import end_offsets, ensure_topic, topic_partitions
 from pipeline.spec import PipelineSpec
 
-__all__ = ["RunReport", "run_pipeline"]
+__all__ = ["IncompleteRun", "RunReport", "run_pipeline", "shortfalls"]
+
+
+class IncompleteRun(RuntimeError):
+    """A bounded run finished with a partition nobody consumed to its end offset."""
+
+
+def shortfalls(workers: list[dict], end: dict[int, int]) -> list[str]:
+    """What keeps a bounded run from being complete: partitions no worker reported, or short of their end.
+
+    ``workers`` are final worker statuses (``partitions`` and ``positions``);
+    ``end`` is the end offset of every partition of the run. An empty list
+    means every partition was consumed to its end.
+    """
+    reached: dict[int, int] = {}
+    for w in workers:
+        for p, o in (w.get("positions") or {}).items():
+            reached[int(p)] = max(reached.get(int(p), -1), int(o))
+    out = []
+    for p, e in sorted((int(p), int(e)) for p, e in end.items()):
+        if p not in reached:
+            out.append(f"partition {p} was owned by no worker (end offset {e})")
+        elif reached[p] < e:
+            out.append(f"partition {p} stopped at offset {reached[p]}, {e - reached[p]} records short of its end offset {e}")
+    return out
 
 
 @dataclass
@@ -68,25 +92,30 @@ def run_pipeline(
     stop = stop or threading.Event()
     if handle_signals:
         _stop_on_signals(stop)
-    _preflight(spec)
+    partitions = _preflight(spec)
+    kafka = spec.source.kafka
+    end = end_offsets(kafka.bootstrap_servers, kafka.topic, partitions, kafka.connect_timeout / 1000.0) if until_end else None
     t0 = time.perf_counter()
     if inline:
-        workers = _run_inline(spec, until_end, on_status, status_every_s, stop)
+        workers = _run_inline(spec, until_end, on_status, status_every_s, stop, partitions, end)
     else:
-        workers = _run_on_ray(spec, until_end, address, on_status, status_every_s, stop, handle_signals)
+        workers = _run_on_ray(spec, until_end, address, on_status, status_every_s, stop, handle_signals, partitions, end)
+    if end is not None and not stop.is_set():
+        # never report success with a partition short of its end: a gap is an error, not a silent loss
+        problems = shortfalls(workers, end)
+        if problems:
+            raise IncompleteRun("the run ended short of its end offsets: " + "; ".join(problems))
     return RunReport(workers=workers, wall_s=time.perf_counter() - t0, stopped=stop.is_set())
 
 
-def _run_inline(spec, until_end, on_status, every, stop) -> list[dict]:
+def _run_inline(spec, until_end, on_status, every, stop, partitions, end) -> list[dict]:
     """One loop over every partition in this process; checkpoints like the coordinator does, when configured."""
     from pipeline.io.checkpoints import CheckpointStore
     from pipeline.io.loop import PartitionLoop
 
     kafka = spec.source.kafka
     timeout = kafka.connect_timeout / 1000.0
-    partitions = topic_partitions(kafka.bootstrap_servers, kafka.topic, timeout)
     ensure_topic(kafka.bootstrap_servers, spec.dead_letter_topic, 1, timeout)
-    end = end_offsets(kafka.bootstrap_servers, kafka.topic, partitions, timeout) if until_end else None
     store = CheckpointStore(spec.checkpoint, spec.name) if spec.checkpoint else None
     latest = store.latest() if store else None
     entries = latest["partitions"] if latest else {}
@@ -157,7 +186,7 @@ def _stop_on_signals(stop: threading.Event) -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
-def _run_on_ray(spec, until_end, address, on_status, every, stop, handle_signals=False) -> list[dict]:
+def _run_on_ray(spec, until_end, address, on_status, every, stop, handle_signals, partitions, end) -> list[dict]:
     from actors.runtime import NAMESPACE, actor_name, ensure_ray, local_ray_env
 
     if address is None:
@@ -174,7 +203,7 @@ def _run_on_ray(spec, until_end, address, on_status, every, stop, handle_signals
     name = actor_name(spec.name, "coordinator")
     record_pipeline(spec.name, address or ray.get_runtime_context().gcs_address)
     kill_pipeline_actors(spec.name, spec.workers)
-    coord = Coordinator.options(name=name, namespace=NAMESPACE, lifetime="detached").remote(spec, until_end)
+    coord = Coordinator.options(name=name, namespace=NAMESPACE, lifetime="detached").remote(spec, until_end, partitions, end)
     try:
         ray.get(coord.start.remote())
         stopping = False

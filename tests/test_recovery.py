@@ -408,3 +408,49 @@ def test_inline_run_checkpoints_and_resumes(broker, tmp_path, topic_name, pipeli
     got = read_windows(f"file://{tmp_path}/out", pipeline_name, w.name).to_pandas()
     want, _ = reference.windows(df, w.type, w.group_by, 1000, 0, size=w.size)
     reference.compare(got, want, w.group_by)
+
+
+def test_coordinator_and_worker_killed_at_the_same_instant(env):
+    """The restarted coordinator finds one worker; the other's partitions are owned again from the manifest."""
+    d = _dict(env)
+    run = Runner(parse_spec(d))
+    st = run.wait_for(_mid_stream, what="a checkpoint mid-stream")
+    victim = st["workers"][0]
+    for pid in (st["coordinator_pid"], victim["pid"]):  # back to back: no tick of the monitor between them
+        os.kill(pid, signal.SIGKILL)
+    st2 = run.wait_for(lambda s: s["coordinator_pid"] != st["coordinator_pid"]
+                       and any(w["index"] == victim["index"] and w.get("pid") not in (None, victim["pid"])
+                               and w.get("first_batch_at") for w in s["workers"]),
+                       timeout_s=90, what="the coordinator back and the dead worker's partitions consumed again")
+    assert any("adopted 1 workers" in e["event"] for e in st2["events"]), st2["events"]
+    assert sorted(p for w in st2["workers"] for p in w["partitions"]) == [0, 1, 2, 3]
+    report = run.join()
+    assert all(w["positions"] == w["end_offsets"] for w in report.workers)
+    _check(env, d)
+
+
+def test_faults_in_a_row_workers_and_coordinator(env):
+    """Two workers killed in a row, the replacement killed while it restores, the coordinator killed
+    three times across checkpoint rounds (1 s apart): every partition owned again, output exact."""
+    d = _dict(env)
+    run = Runner(parse_spec(d))
+    st = run.wait_for(_mid_stream, what="a checkpoint mid-stream")
+    k0 = control.kill_worker(env["name"], 0)
+    k1 = control.kill_worker(env["name"], 1)
+    # the replacement of worker 0, killed as soon as it exists (it is restoring or has just begun)
+    st = run.wait_for(lambda s: any(w["index"] == 0 and w.get("pid") not in (None, k0["pid"]) for w in s["workers"]),
+                      what="worker 0's replacement")
+    w0 = next(w for w in st["workers"] if w["index"] == 0)
+    os.kill(w0["pid"], signal.SIGKILL)
+    for _ in range(3):
+        time.sleep(0.7)  # checkpoints run every 1 s: some of these land during one
+        try:
+            control.kill_coordinator(env["name"])
+        except Exception:  # restarting right now: the next round kills it
+            pass
+    st = run.wait_for(lambda s: all(w.get("pid") not in (None, k0["pid"], k1["pid"], w0["pid"]) and w.get("first_batch_at")
+                                    for w in s["workers"]) and len(s["workers"]) == 2,
+                      timeout_s=120, what="both workers replaced and consuming")
+    report = run.join()
+    assert all(w["positions"] == w["end_offsets"] for w in report.workers)
+    _check(env, d)
