@@ -29,6 +29,7 @@ from collections import deque
 import ray
 
 from actors.assignment import plan
+from actors.health import Action, Observation, Slot, judge
 from actors.runtime import NAMESPACE, actor_name
 from actors.worker import PartitionWorker
 from pipeline.io.checkpoints import CheckpointStore
@@ -146,7 +147,8 @@ class Coordinator:
         # the slot (and its epoch) is visible before start: the new loop's fence must see its own epoch
         slot = self.slots.get(index, {"restarts": [], "given_up": None})
         slot.update({"handle": handle, "partitions": partitions, "epoch": epoch, "last_ok": time.monotonic(),
-                     "progress": None, "progress_t": time.monotonic(), "status": {}, "launched": time.time()})
+                     "progress": None, "progress_t": time.monotonic(), "status": {}, "launched": time.time(),
+                     "track": Slot(last_ok=time.monotonic(), progress_t=time.monotonic()), "backpressure": None})
         self.slots[index] = slot
         info = ray.get(handle.start.remote(partitions, epoch, entries, {p: self.end[p] for p in partitions} if self.end else None,
                                            self.until_end), timeout=120)
@@ -265,6 +267,7 @@ class Coordinator:
             self.broker_ends = {}
 
     def _health(self) -> None:
+        """One heartbeat round: observe every worker, let ``actors.health.judge`` decide, act."""
         hb = self.spec.health.heartbeat_timeout / 1000.0
         stall = self.spec.health.stall_timeout / 1000.0
         self._refresh_ends()
@@ -272,28 +275,23 @@ class Coordinator:
         refs = {i: s["handle"].status.remote() for i, s in self.slots.items() if not s["given_up"]}
         for i, ref in refs.items():
             s = self.slots[i]
-            now = time.monotonic()
+            track = s.setdefault("track", Slot(last_ok=s["last_ok"], progress_t=s["progress_t"]))
             try:
                 st = ray.get(ref, timeout=min(2.0, hb))
+                positions = {int(p): int(o) for p, o in (st.get("positions") or {}).items()}
+                lag = sum(max(0, self.broker_ends.get(p, 0) - o) for p, o in positions.items()) if self.broker_ends else 0
+                obs = Observation(True, state=st["state"], error=st.get("error"), positions=positions, lag=lag,
+                                  sink_wait=st.get("sink_wait"))
+                s["status"] = st
             except ray.exceptions.GetTimeoutError:
-                if now - s["last_ok"] > hb:
-                    self._restart(i, f"no heartbeat for {now - s['last_ok']:.1f}s")
-                continue
-            except ray.exceptions.RayError as exc:
-                self._restart(i, f"actor died: {type(exc).__name__}")
-                continue
-            s["last_ok"], s["status"] = now, st
-            if st["state"] in ("failed", "fenced"):
-                self._restart(i, f"{st['state']}: {(st.get('error') or '').splitlines()[0] if st.get('error') else ''}")
-                continue
-            if st["state"] != "running":
-                continue
-            positions = st.get("positions", {})
-            lag = sum(max(0, self.broker_ends.get(int(p), 0) - int(o)) for p, o in positions.items()) if self.broker_ends else 0
-            if positions != s["progress"]:
-                s["progress"], s["progress_t"] = positions, now
-            elif lag > 0 and now - s["progress_t"] > stall:
-                self._restart(i, f"stalled: offsets did not move for {now - s['progress_t']:.0f}s with {lag} records waiting")
+                obs = Observation(False)
+            except ray.exceptions.RayError:
+                obs = Observation(False, died=True)
+            verdict = judge(obs, track, time.monotonic(), hb, stall)
+            s["last_ok"] = track.last_ok
+            s["backpressure"] = verdict.reason if verdict.action is Action.BACKPRESSURE else None
+            if verdict.action is Action.RESTART:
+                self._restart(i, verdict.reason)
 
     def _orphans(self) -> list[int]:
         """Partitions of the run that no live worker owns (given-up workers still count as owners: degraded)."""
@@ -517,13 +515,14 @@ class Coordinator:
         for i, s in sorted(self.slots.items()):
             st = dict(s.get("status") or {})
             positions = {int(p): int(o) for p, o in (st.get("positions") or {}).items()}
-            health = "given up" if s["given_up"] else (
+            health = "given up" if s["given_up"] else "waiting on sink" if s.get("backpressure") else (
                 "dead?" if time.monotonic() - s["last_ok"] > self.spec.health.heartbeat_timeout / 1000.0 else st.get("state", "starting"))
             workers.append({
                 **st, "index": i, "partitions": s["partitions"], "epoch": s["epoch"], "positions": positions,
                 "lag": sum(max(0, ends.get(p, 0) - o) for p, o in positions.items()) if ends else None,
                 "checkpointed": {p: ck.get(p) for p in s["partitions"]}, "restarts": s.get("restart_total", 0),
                 "health": health, "given_up": s["given_up"], "pid": s.get("pid", st.get("pid")),
+                "backpressure": s.get("backpressure"),
             })
         return {"pipeline": self.spec.name, "phase": self.phase, "degraded": self.degraded, "failure": self.failure,
                 "epoch": self.next_epoch - 1, "coordinator_pid": os.getpid(), "coordinator_restarted": self.restarted,

@@ -281,8 +281,13 @@ class SinkSpec(_Model):
     redis: RedisSink | None = Field(default=None, description="one Redis hash per window and group, plus pub/sub")
     influxdb: InfluxSink | None = Field(default=None, description="InfluxDB line protocol (tags = group keys)")
     kafka: KafkaSink | None = Field(default=None, description="JSON rows to a Kafka topic")
-    retries: int = Field(default=8, ge=0, le=100, description="write attempts after the first, with exponential backoff")
+    retries: int | None = Field(default=None, ge=0, description=(
+        "write attempts after the first before the worker fails; none (the default): retry until the sink is back, "
+        "pausing consumption (backpressure)"))
     retry_backoff: Duration = Field(default=200, description="first retry delay, doubled each time (with jitter), at most 10 s")
+    max_outage: Duration | None = Field(default=None, description=(
+        "how long one write may keep failing before the worker fails (and, past health.max_restarts, the pipeline "
+        "degrades with this reason); none (the default): wait for the sink"))
 
     @model_validator(mode="after")
     def _one(self) -> "SinkSpec":

@@ -454,3 +454,44 @@ def test_faults_in_a_row_workers_and_coordinator(env):
     report = run.join()
     assert all(w["positions"] == w["end_offsets"] for w in report.workers)
     _check(env, d)
+
+
+OUTAGE_S = float(os.environ.get("RAYSTREAM_SINK_OUTAGE_S", "25"))  # 180 for the long drill (bench/README.md)
+
+
+def test_sink_outage_longer_than_every_timeout_is_backpressure_not_a_stall(env):
+    """PostgreSQL unreachable for 25 s (5x stall_timeout, longer than the old retry budget) mid-run:
+    the workers wait on it with their partitions paused, are never restarted, the pipeline never
+    degrades, and every sink ends equal to the reference."""
+    pg_port = int(env["postgres"].extra["dsn"].rsplit(":", 1)[1].split("/")[0])
+    proxy = TcpProxy(pg_port)
+    d = _dict(env)
+    d["sinks"][1] = {"postgres": {"dsn": env["postgres"].extra["dsn"].replace(f":{pg_port}/", f":{proxy.port}/"),
+                                  "connect_timeout": "1s"}, "retry_backoff": "100ms"}
+    d["health"] = {"heartbeat_timeout": "4s", "stall_timeout": "5s"}
+    run = Runner(parse_spec(d))
+    try:
+        run.wait_for(_mid_stream, what="a checkpoint mid-stream")
+        proxy.set_broken(True)
+        t0 = time.monotonic()
+        st = run.wait_for(lambda s: any(w.get("health") == "waiting on sink" for w in s["workers"]), timeout_s=30,
+                          what="a worker reporting that it waits on the sink")
+        waiting = next(w for w in st["workers"] if w.get("health") == "waiting on sink")
+        assert "postgres" in waiting["backpressure"] and waiting["sink_wait"]["sink"] == "postgres"
+        while time.monotonic() - t0 < OUTAGE_S:
+            st = run.status() or st
+            assert not st["degraded"], st["degraded"]
+            time.sleep(1)
+        positions_during = {w["index"]: dict(w["positions"]) for w in st["workers"]}
+        proxy.set_broken(False)
+        assert proxy.refused > 0
+        report = run.join()
+    finally:
+        proxy.close()
+    final = run.statuses[-1]
+    assert all(w["restarts"] == 0 for w in final["workers"]), [e["event"] for e in final["events"]]
+    assert not any("restarted" in e["event"] for e in final["events"])
+    assert all(w["positions"] == w["end_offsets"] for w in report.workers)
+    assert any(w["positions"] != positions_during[w["index"]] for w in report.workers)  # it caught up afterwards
+    assert sum(w["sink_wait_s"] for w in report.workers) > OUTAGE_S * 0.5
+    _check(env, d)

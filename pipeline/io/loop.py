@@ -38,6 +38,8 @@ class LoopStats:
     rejected: int = 0
     late: int = 0
     udf_errors: int = 0
+    sink_retries: int = 0
+    sink_wait_s: float = 0.0  # time spent waiting on failing sinks (backpressure)
     backpressure_pauses: int = 0  # times a failing sink paused fetching  # records of window groups whose user function raised (dead-lettered, still in the windows)
     windows_emitted: int = 0
     files_written: int = 0
@@ -114,6 +116,7 @@ class PartitionLoop:
             self.enrichment.warm()
         self.source = make_source(kafka, spec.group_id)
         self.paused = False
+        self.sink_wait: dict | None = None  # while a sink write is retried: which, since when, why
         for sink in self.sinks:
             sink.on_retry = self._backpressure  # a failing sink pauses fetching until its write went through
         if self.validation is not None:
@@ -216,7 +219,11 @@ class PartitionLoop:
             if p in ends and self.positions[p] >= ends[p]:
                 tracker.caught_up(p, asked_at)
 
-    def _backpressure(self, sink: str, attempt: int, exc: BaseException) -> None:
+    def _backpressure(self, sink: str, attempt: int, exc: BaseException, since: float) -> None:
+        """A sink write is being retried: pause fetching and say so in the heartbeat (``sink_wait``)."""
+        self.sink_wait = {"sink": sink, "since": time.time() - (time.monotonic() - since), "attempts": attempt,
+                          "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        self.stats.sink_retries += 1
         if not self.paused:
             try:
                 self.source.pause()
@@ -229,6 +236,9 @@ class PartitionLoop:
         try:
             self._write_all(result)
         finally:
+            if self.sink_wait is not None:
+                self.stats.sink_wait_s += time.time() - self.sink_wait["since"]
+                self.sink_wait = None
             if self.paused:
                 try:
                     self.source.resume()
@@ -397,7 +407,7 @@ class PartitionLoop:
             "fenced": self.fenced,
             "restored_slots": self.restored_slots,
             "first_batch_at": self.first_batch_at,
-            "sink_retries": sum(getattr(s, "retried", 0) for s in self.sinks),
+            "sink_wait": dict(self.sink_wait) if self.sink_wait is not None else None,
             "enrich": self.enrichment.stats() if self.enrichment is not None else {},
             **self.stats.as_dict(),
         }

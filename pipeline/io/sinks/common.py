@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import random
-import time
 from typing import Callable, Protocol
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline.retry import GaveUp, RetryPolicy, call_with_retries
 from pipeline.spec import PipelineSpec, SinkSpec
 
 __all__ = ["WindowSink", "RetryingSink", "identity_columns", "make_sink", "row_dicts", "value_columns", "SinkError"]
@@ -62,44 +61,47 @@ def identity_key(row: dict, ident: list[str]) -> str:
 
 
 class RetryingSink:
-    """Retries a sink's writes with exponential backoff and full jitter, bounded in attempts and time.
+    """Retries a sink's writes by one ``RetryPolicy`` (exponential backoff, full jitter).
 
     The worker loop waits while it retries, which is the backpressure: no new
-    records are polled while a store is failing.
+    records are polled while a store is failing. ``on_retry(sink, attempt,
+    error, since)`` tells the loop, which pauses its partitions and reports the
+    wait in its heartbeat. With no ``retries`` and no ``max_outage`` (the
+    default) it waits until the sink is back; when the policy is exhausted it
+    raises ``SinkError`` naming the sink and the last error.
     """
 
-    def __init__(self, inner: WindowSink, retries: int, backoff_ms: int, max_total_s: float = 120.0,
-                 on_retry: Callable[[str, int, BaseException], None] | None = None):
+    def __init__(self, inner: WindowSink, policy: RetryPolicy,
+                 on_retry: Callable[[str, int, BaseException, float], None] | None = None):
         self.inner = inner
         self.name = inner.name
-        self.retries = retries
-        self.backoff_s = backoff_ms / 1000.0
-        self.max_total_s = max_total_s
+        self.policy = policy
         self.on_retry = on_retry
         self.retried = 0
         self.failures = 0
 
     def write(self, table: pa.Table) -> int:
-        t0 = time.monotonic()
-        attempt = 0
-        while True:
-            try:
-                return self.inner.write(table)
-            except Exception as exc:  # every store raises its own error types
-                attempt += 1
-                self.failures += 1
-                delay = random.uniform(0, min(10.0, self.backoff_s * (2 ** (attempt - 1))))
-                if attempt > self.retries or time.monotonic() - t0 + delay > self.max_total_s:
-                    raise SinkError(f"sink {self.name}: write failed after {attempt} attempts: {type(exc).__name__}: {exc}") from exc
-                self.retried += 1
-                if self.on_retry is not None:
-                    self.on_retry(self.name, attempt, exc)
-                time.sleep(delay)
-                if hasattr(self.inner, "reset"):
-                    self.inner.reset()
+        def retried(attempt: int, exc: BaseException, since: float) -> None:
+            self.failures += 1
+            self.retried += 1
+            if self.on_retry is not None:
+                self.on_retry(self.name, attempt, exc, since)
+
+        try:
+            return call_with_retries(lambda: self.inner.write(table), self.policy, f"sink {self.name}", on_retry=retried,
+                                     reset=getattr(self.inner, "reset", None))
+        except GaveUp as exc:
+            self.failures += 1
+            raise SinkError(f"{exc}") from exc.__cause__
 
     def close(self) -> None:
         self.inner.close()
+
+
+def sink_policy(cfg: SinkSpec) -> RetryPolicy:
+    """The retry policy of one ``sinks:`` entry: unbounded unless ``retries`` or ``max_outage`` bound it."""
+    return RetryPolicy(attempts=cfg.retries, backoff_s=cfg.retry_backoff / 1000.0, max_backoff_s=10.0,
+                       max_total_s=None if cfg.max_outage is None else cfg.max_outage / 1000.0)
 
 
 def make_sink(spec: PipelineSpec, cfg: SinkSpec) -> WindowSink:
@@ -125,4 +127,4 @@ def make_sink(spec: PipelineSpec, cfg: SinkSpec) -> WindowSink:
         from pipeline.io.sinks.kafka import KafkaSink
 
         inner = KafkaSink(spec, cfg.kafka)
-    return RetryingSink(inner, cfg.retries, cfg.retry_backoff)
+    return RetryingSink(inner, sink_policy(cfg))
