@@ -124,7 +124,15 @@ class TcpProxy:
     def set_broken(self, broken: bool) -> None:
         self.broken = broken
         if broken:
+            import socket
+
             for c in self.conns:
+                try:
+                    # shutdown first: close() alone does not wake a thread blocked in recv() on it, and the
+                    # connection would stay open (a client waiting for an answer would wait forever)
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 try:
                     c.close()
                 except OSError:

@@ -216,3 +216,86 @@ def test_a_failing_sink_pauses_consumption_and_nothing_is_lost(broker, postgres,
     assert proxy.refused > 0 and w["sink_retries"] > 0 and w["backpressure_pauses"] > 0
     rows = read_table(postgres.extra["dsn"], "raystream_", pipeline_name, "w")
     assert sum(r["count"] for r in rows) == n and len(rows) == n * 5 // 1000
+
+
+LONG = "x" * 60
+# names that a lossy mapping would merge: -/_, case, and long names that differ only past any cut
+CLASHING = [("id-a", "w"), ("id_a", "w"), ("id_a", "W"), (f"{LONG}1", "w"), (f"{LONG}2", "w")]
+
+
+def _clashing_tables(window: str, mark: int) -> pa.Table:
+    _, latest = _emitted()
+    t = pa.Table.from_pandas(latest.head(20).reset_index(drop=True), preserve_index=False)
+    t = t.set_column(t.schema.get_field_index("window"), "window", pa.array([window] * t.num_rows))
+    t = t.set_column(t.schema.get_field_index("count"), "count", pa.array([mark] * t.num_rows, t.schema.field("count").type))
+    return t.set_column(t.schema.get_field_index("window_start"), "window_start",
+                        pa.array(latest.head(20)["window_start"].to_numpy(), pa.int64()).cast(pa.timestamp("ms", tz="UTC")))
+
+
+def _clash_spec(sink: dict, pipeline: str, window: str):
+    return parse_spec({
+        "name": pipeline, "source": {"kafka": {"bootstrap_servers": "127.0.0.1:1", "topic": "events"}},
+        "event_time": {"field": "ts", "format": "epoch_ms"},
+        "windows": [{**WINDOW, "name": window}], "sinks": [sink],
+    })
+
+
+@pytest.mark.parametrize("kind", ["postgres", "redis", "influxdb", "kafka", "parquet"])
+def test_pipelines_and_windows_with_clashing_names_never_share_a_table_key_or_series(
+        kind, postgres, redis_server, victoria_metrics, broker, tmp_path, topic_name):
+    from pipeline.io.sinks.kafka import read_changelog
+    from pipeline.io.sinks.parquet import read_windows
+    from pipeline.io.sinks.postgres import read_table
+
+    sink_cfg = {"postgres": {"postgres": {"dsn": postgres.extra["dsn"]}},
+                "redis": {"redis": {"url": redis_server.extra["url"]}},
+                "influxdb": {"influxdb": {"url": victoria_metrics.extra["url"], "measurement_prefix": f"{topic_name[2:]}_"}},
+                "kafka": {"kafka": {"topic": f"{topic_name}.out"}},
+                "parquet": {"parquet": {"uri": f"file://{tmp_path}/out"}}}[kind]
+    if kind == "kafka":
+        from pipeline.io.kafka import ensure_topic
+
+        ensure_topic(broker.address, topic_name, 2)
+    marks = {}
+    for mark, (pipeline, window) in enumerate(CLASHING, start=1):
+        spec = _clash_spec(sink_cfg, pipeline, window)
+        if kind == "kafka":
+            spec = parse_spec({**spec.model_dump(mode="json", exclude_none=True),
+                               "source": {"kafka": {"bootstrap_servers": broker.address, "topic": topic_name}}})
+        sink = make_sink(spec, spec.sinks[0])
+        sink.write(_clashing_tables(window, mark))
+        marks[(pipeline, window)] = (mark, sink)
+    if kind == "kafka":
+        changelog = read_changelog(broker.address, f"{topic_name}.out")
+    for (pipeline, window), (mark, sink) in marks.items():
+        if kind == "postgres":
+            rows = read_table(postgres.extra["dsn"], "raystream_", pipeline, window)
+        elif kind == "redis":
+            rows = sink.inner.read(window)
+        elif kind == "kafka":
+            rows = [r for r in changelog if r["pipeline"] == pipeline and r["window"] == window]
+        elif kind == "parquet":
+            rows = read_windows(f"file://{tmp_path}/out", pipeline, window).to_pylist()
+        else:
+            url = victoria_metrics.extra["url"]
+            deadline = time.monotonic() + 20
+            while True:
+                urllib.request.urlopen(f"{url}/internal/force_flush", timeout=5).read()
+                q = urllib.request.quote(f'{{__name__="{topic_name[2:]}_{window}_count",pipeline="{pipeline}"}}')
+                body = urllib.request.urlopen(f"{url}/api/v1/export?match[]={q}", timeout=5).read()
+                rows = [{"count": v} for line in body.splitlines() if line.strip() for v in json.loads(line)["values"]]
+                if len(rows) >= 20 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.3)
+        sink.close()
+        assert len(rows) == 20, (kind, pipeline, window, len(rows))
+        assert {r["count"] for r in rows} == {mark}, (kind, pipeline, window)
+
+
+def test_sql_table_names_are_valid_and_distinct():
+    from pipeline.identity import sql_table
+
+    names = {sql_table("raystream_", p, w) for p, w in CLASHING}
+    assert len(names) == len(CLASHING)
+    assert all(len(n) + len("_ident") <= 63 and n == n.lower() for n in names)
+    assert sql_table("raystream_", "id-a", "w") == sql_table("raystream_", "id-a", "w")  # stable

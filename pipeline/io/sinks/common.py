@@ -8,10 +8,11 @@ from typing import Callable, Protocol
 import numpy as np
 import pyarrow as pa
 
+from pipeline.identity import identity_columns, identity_key
 from pipeline.retry import GaveUp, RetryPolicy, call_with_retries
 from pipeline.spec import PipelineSpec, SinkSpec
 
-__all__ = ["WindowSink", "RetryingSink", "identity_columns", "make_sink", "row_dicts", "value_columns", "SinkError"]
+__all__ = ["WindowSink", "RetryingSink", "identity_columns", "identity_key", "make_sink", "row_dicts", "value_columns", "SinkError"]
 
 
 class SinkError(RuntimeError):
@@ -24,12 +25,6 @@ class WindowSink(Protocol):
     def write(self, table: pa.Table) -> int: ...
 
     def close(self) -> None: ...
-
-
-def identity_columns(spec: PipelineSpec, window: str) -> list[str]:
-    """Columns naming one window row: bounds, group keys and the source partition (state is per partition)."""
-    w = next(w for w in spec.windows if w.name == window)
-    return ["window_start", "window_end", *w.group_by, "partition"]
 
 
 def value_columns(spec: PipelineSpec, window: str) -> list[str]:
@@ -53,11 +48,6 @@ def row_dicts(table: pa.Table) -> list[dict]:
         cols[name] = [_plain(v) for v in col.to_pylist()]
     names = list(cols)
     return [dict(zip(names, vals)) for vals in zip(*cols.values())]
-
-
-def identity_key(row: dict, ident: list[str]) -> str:
-    """A stable string for one window identity (JSON, so no key value can break out of it)."""
-    return json.dumps([row["window"], *(row[c] for c in ident)], separators=(",", ":"), default=str)
 
 
 class RetryingSink:

@@ -1,7 +1,8 @@
 """InfluxDB sink: closed windows as line protocol through influxdb-client.
 
-Measurement ``<prefix><window>``, tags = the group keys, ``window`` and
-``partition``, timestamp = window start (ms), fields = the aggregations,
+Measurement ``<prefix><window>``, tags = the group keys, ``pipeline``, ``window``
+and ``partition`` (the pipeline tag keeps pipelines with equal window names
+apart), timestamp = window start (ms), fields = the aggregations,
 ``revision`` and ``window_end_ms``. A point with the same measurement, tags and
 timestamp overwrites the earlier one, so rewriting a window is idempotent. A
 null key is written as the tag value ``∅`` (InfluxDB has no null tags).
@@ -37,7 +38,8 @@ class InfluxSink:
         values = value_columns(self.spec, window)
         out = []
         for row in row_dicts(table):
-            p = Point(f"{self.cfg.measurement_prefix}{window}").tag("window", window).tag("partition", str(row["partition"]))
+            p = (Point(f"{self.cfg.measurement_prefix}{window}").tag("pipeline", self.spec.name).tag("window", window)
+                 .tag("partition", str(row["partition"])))
             for k in self.keys[window]:
                 v = row[k]
                 p = p.tag(k, NULL_TAG if v is None or v == "" else str(v))

@@ -48,7 +48,7 @@ class KafkaSink:
         ident = identity_columns(self.spec, window)
         self.errors.clear()
         for row in row_dicts(table):
-            key = identity_key(row, ident)
+            key = identity_key(self.spec.name, row, ident)
             value = json.dumps({"pipeline": self.spec.name, **row}, separators=(",", ":"))
             while True:
                 try:

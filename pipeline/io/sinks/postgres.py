@@ -1,6 +1,7 @@
 """PostgreSQL sink: idempotent upserts of closed windows through psycopg 3.
 
-One table per window, ``<prefix><pipeline>_<window>``, created on first use
+One table per window, ``<prefix><pipeline>_<window>_<digest>`` (see
+``pipeline.identity``), created on first use
 with a unique constraint on the window identity (``window_start``, group keys,
 ``partition``; NULLS NOT DISTINCT so a null key is a value). A write COPYs the
 rows into a temporary table and upserts them with
@@ -12,12 +13,12 @@ never replaces a newer one.
 from __future__ import annotations
 
 import datetime as dt
-import re
 
 import pyarrow as pa
 import psycopg
 from psycopg import sql
 
+from pipeline.identity import sql_table
 from pipeline.io.sinks.common import identity_columns, row_dicts, value_columns
 from pipeline.spec import PipelineSpec, PostgresSink as PostgresSinkSpec
 
@@ -27,7 +28,8 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
 def table_name(prefix: str, pipeline: str, window: str) -> str:
-    return re.sub(r"[^a-z0-9_]", "_", f"{prefix}{pipeline}_{window}".lower())[:63]
+    """The window's table (see ``pipeline.identity.sql_table``: unique per exact pipeline and window name)."""
+    return sql_table(prefix, pipeline, window)
 
 
 def _pg_type(t: pa.DataType) -> str:
@@ -56,7 +58,9 @@ class PostgresSink:
     def _connect(self) -> psycopg.Connection:
         if self.conn is None or self.conn.closed:
             self.conn = psycopg.connect(
-                self.cfg.dsn.get_secret_value(), connect_timeout=max(1, self.cfg.connect_timeout // 1000), autocommit=False
+                self.cfg.dsn.get_secret_value(), connect_timeout=max(1, self.cfg.connect_timeout // 1000), autocommit=False,
+                # a peer that vanished (no FIN) is noticed in ~25 s instead of hanging the write for hours
+                keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
             )
         return self.conn
 
@@ -77,7 +81,7 @@ class PostgresSink:
             defs = [sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(_pg_type(schema.field(c).type))) for c in cols]
             defs.append(sql.SQL("updated_at timestamptz NOT NULL DEFAULT now()"))
             defs.append(sql.SQL("CONSTRAINT {} UNIQUE NULLS NOT DISTINCT ({})").format(
-                sql.Identifier(f"{table[:55]}_ident"), sql.SQL(", ").join(map(sql.Identifier, ident))))
+                sql.Identifier(f"{table}_ident"), sql.SQL(", ").join(map(sql.Identifier, ident))))
             cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(sql.Identifier(table), sql.SQL(", ").join(defs)))
             self.created.add(table)
         return cols
@@ -91,7 +95,7 @@ class PostgresSink:
         ident = identity_columns(self.spec, window)
         with conn.cursor() as cur:
             cols = self._ensure_table(cur, target, window, table.schema)
-            tmp = f"_rs_stage_{target[:40]}"
+            tmp = f"_rs_stage_{target[-10:]}"  # the digest: unique per window, like the table
             cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS").format(
                 sql.Identifier(tmp), sql.Identifier(target)))
             copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(sql.Identifier(tmp), sql.SQL(", ").join(map(sql.Identifier, cols)))
@@ -110,7 +114,7 @@ class PostgresSink:
             ).format(
                 t=sql.Identifier(target), cols=collist, tmp=sql.Identifier(tmp),
                 ident=sql.SQL(", ").join(map(sql.Identifier, ident)),
-                cons=sql.Identifier(f"{target[:55]}_ident"), updates=updates,
+                cons=sql.Identifier(f"{target}_ident"), updates=updates,
             ))
         conn.commit()
         self.rows_written += table.num_rows

@@ -50,7 +50,7 @@ class RedisSink:
         self.updated = 0
 
     def key(self, window: str, row: dict) -> str:
-        return f"{self.prefix}{window}:{identity_key(row, identity_columns(self.spec, window))}"
+        return f"{self.prefix}{window}:{identity_key(self.spec.name, row, identity_columns(self.spec, window))}"
 
     def write(self, table: pa.Table) -> int:
         if table is None or table.num_rows == 0:

@@ -1,0 +1,47 @@
+"""Window identity and sink names, built in one place for every sink and for ``serve/``.
+
+A window row is identified by (pipeline, window, window start, group keys,
+partition). Names derived from it must never let two pipelines or two windows
+share a table, key space or series: names that differ only by case, by
+``-``/``_``, or past a length limit are different names. So every derived name
+that has to be squeezed (a PostgreSQL identifier: lower case, ``[a-z0-9_]``, at
+most 63 bytes) carries a digest of the exact (pipeline, window) pair, and every
+key or series that several pipelines may share names the pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+from pipeline.spec import PipelineSpec
+
+__all__ = ["identity_columns", "identity_key", "sql_table", "window_digest", "POSTGRES_MAX_IDENT"]
+
+POSTGRES_MAX_IDENT = 63
+
+
+def identity_columns(spec: PipelineSpec, window: str) -> list[str]:
+    """Columns naming one window row: bounds, group keys and the source partition (state is per partition)."""
+    w = next(w for w in spec.windows if w.name == window)
+    return ["window_start", "window_end", *w.group_by, "partition"]
+
+
+def identity_key(pipeline: str, row: dict, ident: list[str]) -> str:
+    """A stable string for one window row: JSON ``[pipeline, window, *identity values]`` (no value can break out)."""
+    return json.dumps([pipeline, row["window"], *(row[c] for c in ident)], separators=(",", ":"), default=str)
+
+
+def window_digest(pipeline: str, window: str) -> str:
+    """10 hex digits of SHA-256 over the exact names (40 bits: collisions need ~10^6 windows on one database)."""
+    return hashlib.sha256(f"{pipeline}\x00{window}".encode()).hexdigest()[:10]
+
+
+def sql_table(prefix: str, pipeline: str, window: str) -> str:
+    """PostgreSQL table of one window: ``<prefix><pipeline>_<window>`` made a plain identifier, cut to fit,
+    then ``_<digest>`` of the exact names, so a-b / a_b, A / a and long names stay apart."""
+    digest = window_digest(pipeline, window)
+    readable = re.sub(r"[^a-z0-9_]", "_", f"{prefix}{pipeline}_{window}".lower())
+    room = POSTGRES_MAX_IDENT - len(digest) - 1 - 6  # 6: the "_ident" constraint suffix must fit as well
+    return f"{readable[:room]}_{digest}"
