@@ -207,6 +207,8 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich
        broker timestamp (they must not move the watermark);
     2b. ``enrich`` (I/O supplied by the caller) adds fields; records it rejects
        (``enrichment_miss:<name>``) become rejects;
+    2c. with ``dedup``, records whose id was accepted before become rejects
+       (``duplicate``); only ids of records that pass every reject stage are kept;
     3. compute each record's prefix watermark and fold accepted records into
        every window; records for windows already past allowed lateness are late;
     4. advance the watermarks, emit closed windows and free expired ones (per
@@ -239,9 +241,6 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich
     extra = [c for c in table.column_names if c not in state.decoder.schema_names]
     if extra:
         table = table.drop_columns(extra)
-    if spec.dedup is not None and len(rows):
-        table, times, rows, drejects = _dedup(spec, state, batch, table, times, rows)
-        rejects += drejects
     ts = batch.timestamps[rows]
     future = (ts >= 0) & (times > ts + spec.event_time.max_future)
     if future.any():
@@ -261,6 +260,11 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich
                 rejects.append((int(rows[pos]), reason, detail, None))
                 keep[pos] = False
             table, times, rows = table.filter(pa.array(keep)), times[keep], rows[keep]
+    if spec.dedup is not None and len(rows):
+        # last of the reject stages: only ids of records that are accepted are remembered, so a
+        # dead-lettered record that is replayed (or a corrected resend) is not taken as a duplicate
+        table, times, rows, drejects = _dedup(spec, state, batch, table, times, rows)
+        rejects += drejects
     parts = batch.partitions[rows]
     state.tracker.touch(np.unique(batch.partitions).tolist())
     seen_before = state.tracker.seen(parts)
@@ -302,32 +306,47 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich
 
 
 def _dedup(spec, state, batch, table, times, rows):
-    """Reject records whose event id their partition already delivered (within the horizon)."""
+    """Reject records whose event id their partition already accepted within the horizon.
+
+    A record is a duplicate when its id was accepted before in its partition
+    and that first delivery's event time is within ``dedup.horizon`` of the
+    partition's largest accepted event time before this record. The rule looks
+    at the records alone (not at batch boundaries or at when state is pruned),
+    and ids whose first time has fallen out of the horizon are pruned: memory
+    stays bounded by the horizon, far-future event times included (they move
+    the partition's largest event time themselves).
+    """
     field = spec.dedup.field
+    horizon = spec.dedup.horizon
     ids = table.column(field).to_pylist()
     parts = batch.partitions[rows].tolist()
     offs = batch.offsets[rows].tolist()
+    tlist = times.tolist()
     keep = np.ones(len(rows), bool)
     out = []
+    running: dict[int, int] = {}  # per partition: largest accepted event time so far
     # per record: the first occurrence in offset order wins, within the batch and across
     # batches; one dict probe each (~0.1 us), and only when dedup is configured
     for i, (eid, p) in enumerate(zip(ids, parts)):
-        if eid is None:
-            continue  # no id: nothing to compare (a schema can require it)
-        eid = str(eid)  # ids are kept as text (checkpoints store them so)
-        seen = state.seen.setdefault(p, {})
-        first = seen.get(eid)
-        if first is not None:
-            keep[i] = False
-            out.append((int(rows[i]), "duplicate", f"{field} {eid!r} was first delivered at offset {first[1]}", None))
-        else:
-            seen[eid] = (int(times[i]), offs[i])
+        m = running.get(p)
+        if m is None:
+            m = state.tracker.max_event.get(p, NEG_INF)
+        if eid is not None:  # no id: nothing to compare (a schema can require it)
+            eid = str(eid)  # ids are kept as text (checkpoints store them so)
+            seen = state.seen.setdefault(p, {})
+            first = seen.get(eid)
+            if first is not None and first[0] >= m - horizon:
+                keep[i] = False
+                out.append((int(rows[i]), "duplicate", f"{field} {eid!r} was first delivered at offset {first[1]}", None))
+                continue
+            seen[eid] = (tlist[i], offs[i])
+        running[p] = max(m, tlist[i])
     state._dedup_batches += 1
     if state._dedup_batches % 32 == 0:
-        horizon = spec.dedup.horizon
         for p, seen in state.seen.items():
-            floor = state.tracker.effective.get(p, NEG_INF) - horizon
-            if floor > NEG_INF:
+            top = max(running.get(p, NEG_INF), state.tracker.max_event.get(p, NEG_INF))
+            if top > NEG_INF:
+                floor = top - horizon  # such ids can never be matched again: the largest time only grows
                 state.seen[p] = {k: v for k, v in seen.items() if v[0] >= floor}
     if not keep.all():
         table, times, rows = table.filter(pa.array(keep)), times[keep], rows[keep]

@@ -225,3 +225,44 @@ def test_duplicate_event_ids_are_dead_lettered_across_batches_and_checkpoints():
     # the same id on another partition is not a duplicate (ids are per partition)
     r3 = process_batch(spec, moved, Batch.of("events", [values[0]], [1], [0], timestamps=[T0]))
     assert r3.rejects is None
+
+
+def test_a_rejected_record_resent_or_replayed_counts_once():
+    """Rejected records leave no id behind: the corrected resend is accepted, a second resend is a duplicate."""
+    spec = make_spec(WINDOW, dedup={"field": "event_id", "horizon": "1h"})
+    state = PipelineState(spec, [0])
+    future = _enc(_ok(event_id="x", ts=T0 + 86_400_000))  # a day past its broker timestamp: rejected
+    r1 = process_batch(spec, state, Batch.of("events", [future], [0], [0], timestamps=[T0]))
+    assert r1.rejects["reason"].to_pylist() == ["timestamp_out_of_range"]
+    assert "x" not in state.seen.get(0, {})
+    fixed = _enc(_ok(event_id="x", ts=T0))
+    r2 = process_batch(spec, state, Batch.of("events", [fixed, fixed], [0, 0], [1, 2], timestamps=[T0, T0]))
+    assert r2.rejects["offset"].to_pylist() == [2] and r2.rejects["reason"].to_pylist() == ["duplicate"]
+    assert "first delivered at offset 1" in r2.rejects["detail"][0].as_py()
+
+
+def test_dedup_memory_is_bounded_by_the_horizon_and_the_verdicts_do_not_depend_on_batches():
+    spec = make_spec(WINDOW, dedup={"field": "event_id", "horizon": "10s"})
+    n = 6000  # one id per 10 ms for 60 s of event time: 6 horizons; every 5th id comes again 3 s later
+    recs = []
+    for i in range(n):
+        recs.append(_ok(event_id=f"e{i}", ts=T0 + i * 10))
+        if i % 5 == 0 and i >= 300:
+            recs.append(_ok(event_id=f"e{i - 300}", ts=T0 + i * 10))  # 3 s after its first delivery: within 10 s
+    values = [_enc(r) for r in recs]
+    verdicts = []
+    for cut in (37, 500, len(values)):
+        state = PipelineState(spec, [0])
+        dups, sizes = [], []
+        for a in range(0, len(values), cut):
+            chunk = values[a:a + cut]
+            r = process_batch(spec, state, Batch.of("events", chunk, [0] * len(chunk), range(a, a + len(chunk)),
+                                                    timestamps=[T0 + 10**7] * len(chunk)))
+            if r.rejects is not None:
+                dups += r.rejects["offset"].to_pylist()
+            sizes.append(len(state.seen[0]))
+        verdicts.append(dups)
+        if cut == 37:  # pruned every 32 batches: never more than ~horizon + 32 batches of ids
+            assert max(sizes) < 1000 + 32 * 37 + 300, max(sizes)
+    assert verdicts[0] == verdicts[1] == verdicts[2]
+    assert len(verdicts[0]) == sum(1 for i in range(300, n) if i % 5 == 0)
