@@ -158,6 +158,10 @@ class KafkaSource(_Model):
     max_batch_records: int = Field(default=100_000, ge=1, le=5_000_000, description="records per poll")
     max_message_bytes: int = Field(default=1_048_576, ge=16, description="larger record values are dead-lettered as 'oversized'")
     max_rate: float | None = Field(default=None, gt=0, description="records/s cap per worker (throttled backfills, drills); none by default")
+    on_offset_out_of_range: Literal["fail", "earliest", "latest"] = Field(default="fail", description=(
+        "a checkpointed position the broker no longer has (deleted by retention, or past the end of a recreated "
+        "topic): fail naming the partition and the lost range, or jump to the earliest/latest offset (counted and "
+        "reported as offset_resets and records_skipped)"))
     poll_timeout: Duration = Field(default=200, description="how long one poll waits for records")
     connect_timeout: Duration = Field(default=10_000, description="how long to wait for the broker before failing")
     config: dict[str, str | int | float | bool] = Field(

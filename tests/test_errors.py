@@ -87,3 +87,45 @@ def test_non_json_messages_are_rejected_and_counted(broker, tmp_path, topic_name
         h = dict(m.headers())
         assert h["raystream.reason"] == b"decode_error" and h["raystream.pipeline"] == b"errs"
         assert h["raystream.source"].startswith(f"{topic_name}/0/".encode())
+
+
+@pytest.mark.parametrize("policy", ["fail", "earliest", "latest"])
+def test_checkpointed_offsets_the_broker_no_longer_has(broker, tmp_path, topic_name, policy):
+    """A pipeline resumed onto a topic that was recreated with fewer records: its checkpointed positions
+    are past the end. ``fail`` names each partition and the range; the other policies move on, counted."""
+    import json as _json
+
+    other = f"{topic_name}-new"
+    for t, n in ((topic_name, 50), (other, 20)):
+        broker.extra["broker"].create_topic(t, 2)
+        produce_all(broker.address, t, [_json.dumps({"ts": 1_700_000_000_000 + i}).encode() for i in range(n)],
+                    None, [i % 2 for i in range(n)])
+    d = _spec(broker.address, topic_name, tmp_path).model_dump(mode="json", exclude_none=True)
+    d["checkpoint"] = {"uri": f"file://{tmp_path}/chk", "interval": "1h"}
+    d["source"]["kafka"]["on_offset_out_of_range"] = policy
+    first = run_pipeline(parse_spec(d), until_end=True, inline=True)
+    assert first.records == 50
+    d["source"]["kafka"]["topic"] = other  # "recreated": same pipeline and checkpoints, 10 records per partition
+    if policy == "fail":
+        with pytest.raises(Exception, match=rf"{other}\[0\]: checkpointed offset 25 is past the end offset 10") as exc:
+            run_pipeline(parse_spec(d), until_end=True, inline=True)
+        assert f"{other}[1]" in str(exc.value) and "on_offset_out_of_range" in str(exc.value)
+        return
+    report = run_pipeline(parse_spec(d), until_end=True, inline=True)
+    w = report.workers[0]
+    assert w["offset_resets"] == 2
+    assert [(r["partition"], r["from"], r["to"]) for r in w["offset_reset_detail"]] == \
+        [(0, 25, 0 if policy == "earliest" else 10), (1, 25, 0 if policy == "earliest" else 10)]
+    assert report.records == (20 if policy == "earliest" else 0)
+
+
+def test_resolve_positions_names_the_lost_range():
+    from pipeline.io.kafka import OffsetOutOfRange
+    from pipeline.io.loop import resolve_positions
+
+    with pytest.raises(OffsetOutOfRange, match=r"ev\[3\]: checkpointed offset 100 was deleted \(the broker keeps 250\.\.900\); "
+                                               r"records 100\.\.249 are lost"):
+        resolve_positions({3: 100, 4: 300}, {3: (250, 900), 4: (0, 900)}, "fail", "ev")
+    moved, resets = resolve_positions({3: 100, 4: 300}, {3: (250, 900), 4: (0, 900)}, "earliest", "ev")
+    assert moved == {3: 250} and resets[0]["skipped"] == 150
+    assert resolve_positions({4: 900}, {4: (0, 900)}, "fail", "ev") == ({}, [])

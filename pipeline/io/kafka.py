@@ -16,6 +16,7 @@ from pipeline.process import Batch
 from pipeline.spec import KafkaSource
 
 __all__ = [
+    "OffsetOutOfRange",
     "BrokerUnavailable",
     "DeadLetterProducer",
     "KafkaFailure",
@@ -35,6 +36,10 @@ class KafkaFailure(RuntimeError):
 
 class BrokerUnavailable(KafkaFailure):
     """The broker did not answer within the connect timeout."""
+
+
+class OffsetOutOfRange(KafkaFailure):
+    """A position the broker no longer has (retention deleted it, or the topic was recreated)."""
 
 
 class TopicMissing(KafkaFailure):
@@ -123,6 +128,8 @@ class Source(Protocol):
 
     def end_offsets(self, partitions: list[int], timeout_s: float) -> dict[int, int]: ...
 
+    def offset_range(self, partitions: list[int], timeout_s: float) -> dict[int, tuple[int, int]]: ...
+
     def close(self) -> None: ...
 
 
@@ -144,7 +151,8 @@ class ConfluentSource:
             "queued.max.messages.kbytes": 262144,
             "fetch.max.bytes": 104857600,
             "max.partition.fetch.bytes": 16777216,
-            "auto.offset.reset": "earliest",
+            # never a silent jump: an out-of-range position is an error (or the spec's explicit policy)
+            "auto.offset.reset": "error" if cfg.on_offset_out_of_range == "fail" else cfg.on_offset_out_of_range,
             "socket.connection.setup.timeout.ms": 5000,
             "logger": _quiet_logger(),
         }
@@ -153,10 +161,25 @@ class ConfluentSource:
         self.consumer = Consumer(conf)
         self.version_header: str | None = None
 
-    def assign(self, positions: dict[int, int]) -> None:
-        from confluent_kafka import TopicPartition
+    def assign(self, positions: dict[int, int], from_beginning: set[int] = frozenset()) -> None:
+        """Consume each partition from its position; those in ``from_beginning`` from the earliest offset the broker has."""
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-        self.consumer.assign([TopicPartition(self.topic, p, max(0, o)) for p, o in positions.items()])
+        self.consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING if p in from_beginning else max(0, o))
+                              for p, o in positions.items()])
+
+    def offset_range(self, partitions: list[int], timeout_s: float) -> dict[int, tuple[int, int]]:
+        """(earliest, end) offset of each partition on the broker."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        out = {}
+        for p in partitions:
+            try:
+                low, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout_s, cached=False)
+            except KafkaException as exc:
+                raise BrokerUnavailable(f"cannot read the offsets of {self.topic}[{p}]: {exc}") from None
+            out[int(p)] = (int(low), int(high))
+        return out
 
     def poll(self, max_records: int, timeout_s: float) -> Batch:
         from confluent_kafka import KafkaError, KafkaException, Message
@@ -166,6 +189,11 @@ class ConfluentSource:
             errors = [e for e in map(Message.error, msgs) if e is not None]
             if errors:
                 fatal = [e for e in errors if e.code() != KafkaError._PARTITION_EOF]
+                reset = [m for m in msgs if m.error() is not None and m.error().code() == KafkaError._AUTO_OFFSET_RESET]
+                if reset:
+                    m = reset[0]
+                    raise OffsetOutOfRange(f"{self.topic}[{m.partition()}]: the position is no longer on the broker "
+                                           f"({m.error().str()}); source.kafka.on_offset_out_of_range is 'fail'")
                 if fatal:
                     raise KafkaException(fatal[0])
                 msgs = [m for m in msgs if m.error() is None]
@@ -224,23 +252,43 @@ class KafkaPythonSource:
             bootstrap_servers=cfg.bootstrap_servers.split(","),
             group_id=group_id,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            auto_offset_reset="none" if cfg.on_offset_out_of_range == "fail" else cfg.on_offset_out_of_range,
             max_partition_fetch_bytes=16 * 1024 * 1024,
             fetch_max_bytes=100 * 1024 * 1024,
             request_timeout_ms=max(30000, cfg.connect_timeout + 1000),
             **extra,
         )
 
-    def assign(self, positions: dict[int, int]) -> None:
+    def assign(self, positions: dict[int, int], from_beginning: set[int] = frozenset()) -> None:
         from kafka import TopicPartition
 
         tps = {p: TopicPartition(self.topic, p) for p in positions}
         self.consumer.assign(list(tps.values()))
+        begin = [tps[p] for p in positions if p in from_beginning]
+        if begin:
+            self.consumer.seek_to_beginning(*begin)
         for p, o in positions.items():
-            self.consumer.seek(tps[p], max(0, o))
+            if p not in from_beginning:
+                self.consumer.seek(tps[p], max(0, o))
+
+    def offset_range(self, partitions: list[int], timeout_s: float) -> dict[int, tuple[int, int]]:
+        from kafka import TopicPartition
+
+        tps = [TopicPartition(self.topic, p) for p in partitions]
+        try:
+            low, high = self.consumer.beginning_offsets(tps), self.consumer.end_offsets(tps)
+        except Exception as exc:  # kafka-python raises several types for an unreachable broker
+            raise BrokerUnavailable(f"cannot read the offsets of {self.topic}: {exc}") from None
+        return {tp.partition: (int(low[tp]), int(high[tp])) for tp in tps}
 
     def poll(self, max_records: int, timeout_s: float) -> Batch:
-        got = self.consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        from kafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
+
+        try:
+            got = self.consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        except (OffsetOutOfRangeError, NoOffsetForPartitionError) as exc:
+            raise OffsetOutOfRange(f"{self.topic}: a position is no longer on the broker ({exc}); "
+                                   "source.kafka.on_offset_out_of_range is 'fail'") from None
         recs = [r for tp in sorted(got, key=lambda tp: tp.partition) for r in got[tp]]
         batch = Batch(
             self.topic,

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.io.kafka import DeadLetterProducer, make_source
+from pipeline.io.kafka import DeadLetterProducer, OffsetOutOfRange, make_source
 from pipeline.io.sinks.common import make_sink
 from pipeline.io.sinks.parquet import LateParquetWriter
 from pipeline.checkpoint import decode_partition, encode_partition, restore_partition
@@ -23,7 +23,7 @@ from pipeline.process import Batch, BatchResult, PipelineState, advance, process
 from pipeline.spec import PipelineSpec
 from pipeline.watermarks import NEG_INF, POS_INF
 
-__all__ = ["Fenced", "LoopStats", "PartitionLoop"]
+__all__ = ["Fenced", "LoopStats", "PartitionLoop", "resolve_positions"]
 
 
 class Fenced(RuntimeError):
@@ -39,6 +39,8 @@ class LoopStats:
     late: int = 0
     udf_errors: int = 0
     sink_retries: int = 0
+    offset_resets: int = 0  # checkpointed positions the broker no longer had, moved by the spec's policy
+    records_skipped: int = 0  # records those moves skipped (deleted by retention before they were read)
     sink_wait_s: float = 0.0  # time spent waiting on failing sinks (backpressure)
     backpressure_pauses: int = 0  # times a failing sink paused fetching  # records of window groups whose user function raised (dead-lettered, still in the windows)
     windows_emitted: int = 0
@@ -121,8 +123,21 @@ class PartitionLoop:
             sink.on_retry = self._backpressure  # a failing sink pauses fetching until its write went through
         if self.validation is not None:
             self.source.version_header = spec.validate_.version_header
-        self.source.assign(self.positions)
         self.stats = LoopStats()
+        # a partition without a checkpoint starts at the earliest offset the broker still has; a
+        # checkpointed position must still be there (retention may have deleted it): see resolve_positions
+        fresh = {p for p in self.partitions if p not in (snapshots or {}) and self.positions[p] == 0}
+        restored = [p for p in self.partitions if p not in fresh]
+        if restored:
+            ranges = self.source.offset_range(restored, kafka.connect_timeout / 1000.0)
+            moved, self.offset_resets = resolve_positions({p: self.positions[p] for p in restored}, ranges,
+                                                          kafka.on_offset_out_of_range, kafka.topic)
+            self.positions.update(moved)
+            self.stats.offset_resets = len(self.offset_resets)
+            self.stats.records_skipped = sum(r["skipped"] for r in self.offset_resets)
+        else:
+            self.offset_resets = []
+        self.source.assign(self.positions, fresh)
         self._stop = threading.Event()
         self._requests: list[tuple[Callable[[], object], "Future"]] = []
         self._requests_lock = threading.Lock()
@@ -408,9 +423,41 @@ class PartitionLoop:
             "restored_slots": self.restored_slots,
             "first_batch_at": self.first_batch_at,
             "sink_wait": dict(self.sink_wait) if self.sink_wait is not None else None,
+            "offset_reset_detail": list(self.offset_resets),
             "enrich": self.enrichment.stats() if self.enrichment is not None else {},
             **self.stats.as_dict(),
         }
+
+
+def resolve_positions(positions: dict[int, int], ranges: dict[int, tuple[int, int]], policy: str,
+                      topic: str) -> tuple[dict[int, int], list[dict]]:
+    """Check checkpointed positions against the broker's (earliest, end) offsets.
+
+    A position below the earliest offset lost records to retention; one past
+    the end belongs to another life of the topic. With ``policy`` ``fail``
+    raise ``OffsetOutOfRange`` naming every such partition and its lost range;
+    with ``earliest`` / ``latest`` move there and return each move (partition,
+    from, to, records skipped) so it is counted and reported, never silent.
+    """
+    moved, resets, problems = {}, [], []
+    for p, pos in sorted(positions.items()):
+        low, high = ranges[p]
+        if low <= pos <= high:
+            continue
+        if pos < low:
+            what = f"{topic}[{p}]: checkpointed offset {pos} was deleted (the broker keeps {low}..{high}); records {pos}..{low - 1} are lost"
+        else:
+            what = f"{topic}[{p}]: checkpointed offset {pos} is past the end offset {high} (was the topic recreated?)"
+        if policy == "fail":
+            problems.append(what)
+            continue
+        to = low if policy == "earliest" else high
+        moved[p] = to
+        resets.append({"partition": p, "from": pos, "to": to, "skipped": max(0, to - pos), "reason": what})
+    if problems:
+        raise OffsetOutOfRange("; ".join(problems) + " (source.kafka.on_offset_out_of_range: fail; set earliest or latest "
+                               "to move on, counting what is skipped)")
+    return moved, resets
 
 
 def _late_as_rejects(late):
