@@ -281,7 +281,7 @@ class Coordinator:
                 positions = {int(p): int(o) for p, o in (st.get("positions") or {}).items()}
                 lag = sum(max(0, self.broker_ends.get(p, 0) - o) for p, o in positions.items()) if self.broker_ends else 0
                 obs = Observation(True, state=st["state"], error=st.get("error"), positions=positions, lag=lag,
-                                  sink_wait=st.get("sink_wait"))
+                                  store_wait=st.get("store_wait"))
                 s["status"] = st
             except ray.exceptions.GetTimeoutError:
                 obs = Observation(False)
@@ -515,7 +515,7 @@ class Coordinator:
         for i, s in sorted(self.slots.items()):
             st = dict(s.get("status") or {})
             positions = {int(p): int(o) for p, o in (st.get("positions") or {}).items()}
-            health = "given up" if s["given_up"] else "waiting on sink" if s.get("backpressure") else (
+            health = "given up" if s["given_up"] else "waiting on store" if s.get("backpressure") else (
                 "dead?" if time.monotonic() - s["last_ok"] > self.spec.health.heartbeat_timeout / 1000.0 else st.get("state", "starting"))
             workers.append({
                 **st, "index": i, "partitions": s["partitions"], "epoch": s["epoch"], "positions": positions,

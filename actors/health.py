@@ -31,7 +31,7 @@ class Observation:
     error: str | None = None
     positions: dict[int, int] = field(default_factory=dict)
     lag: int = 0                    # records waiting (end offset - position), 0 when unknown
-    sink_wait: dict | None = None   # {"sink", "since", "attempts", "error"} while a write is being retried
+    store_wait: dict | None = None   # {"store", "since", "attempts", "error"} while a sink write or a lookup is retried
 
 
 @dataclass
@@ -67,10 +67,10 @@ def judge(obs: Observation, slot: Slot, now: float, heartbeat_timeout_s: float, 
     if obs.positions != slot.progress:
         slot.progress, slot.progress_t = dict(obs.positions), now
         return Verdict(Action.NONE)
-    if obs.sink_wait:
+    if obs.store_wait:
         slot.progress_t = now  # time spent waiting on a sink is not time stalled
-        w = obs.sink_wait
-        return Verdict(Action.BACKPRESSURE, f"waiting on sink {w.get('sink')} ({w.get('attempts')} attempts): {w.get('error')}")
+        w = obs.store_wait
+        return Verdict(Action.BACKPRESSURE, f"waiting on {w.get('store')} ({w.get('attempts')} attempts): {w.get('error')}")
     if obs.lag > 0 and now - slot.progress_t > stall_timeout_s:
         return Verdict(Action.RESTART, f"stalled: offsets did not move for {now - slot.progress_t:.0f}s with {obs.lag} records waiting")
     return Verdict(Action.NONE)

@@ -416,8 +416,13 @@ class Enricher(_Model):
     invalidation_channel: str | None = Field(
         default=None, description="Redis channel whose messages (keys) drop entries from every worker's L1; default <prefix>invalidate"
     )
-    retries: int = Field(default=3, ge=0, le=20, description="L3 attempts after the first before the miss policy applies")
-    retry_backoff: Duration = Field(default=200, description="first retry delay, doubled each time (with jitter)")
+    retries: int | None = Field(default=None, ge=0, description=(
+        "PostgreSQL attempts after the first before the miss policy applies to the keys it could not resolve; "
+        "none (the default): the batch waits until the store is back (the worker's partitions pause)"))
+    retry_backoff: Duration = Field(default=200, description="first retry delay, doubled each time (with jitter), at most 10 s")
+    max_outage: Duration | None = Field(default=None, description=(
+        "how long a lookup may keep failing before the miss policy applies (detail 'lookup store unavailable'); "
+        "none (the default): wait for the store"))
 
     _types = field_validator("fields")(classmethod(lambda cls, v: _check_field_types(v)))
 

@@ -267,3 +267,67 @@ def test_one_worker_behind_a_long_backlog_equals_reference(broker, ray_local, tm
     assert report.records == len(values)
     assert report.wall_s > 5 * spec.event_time.idle_timeout / 1000  # the backlog really outlasted idle_timeout
     _check_outputs(spec, df, out, late)
+
+
+def test_lookup_store_down_10s_mid_run_pauses_instead_of_windowing_nulls(broker, ray_local, postgres, tmp_path, topic_name,
+                                                                        pipeline_name):
+    """PostgreSQL (the enrichment store) unreachable for 10 s mid-run: batches wait for it (the workers
+    report the wait and are not restarted, with stall_timeout 3 s), and the windows still equal the
+    DuckDB join; no record gets the miss default because the store was down."""
+    import threading
+
+    import duckdb
+    import psycopg
+
+    from tests.services import TcpProxy
+
+    values, keys, parts, df, _, _ = _dataset(12_000, seed=23)
+    users = pd.DataFrame({"user_id": [f"u{i:06d}" for i in range(0, 100_000, 7)]})
+    users["tier"] = [["free", "pro", "team", "enterprise"][i % 4] for i in range(len(users))]
+    table = f"users_{pipeline_name}"
+    with psycopg.connect(postgres.extra["dsn"], autocommit=True) as conn:
+        conn.execute(f"create table {table} (user_id text primary key, tier text)")
+        with conn.cursor().copy(f"copy {table} from stdin") as cp:
+            for row in users.itertuples(index=False):
+                cp.write_row(tuple(row))
+    port = int(postgres.extra["dsn"].rsplit(":", 1)[1].split("/")[0])
+    proxy = TcpProxy(port)
+    broker.extra["broker"].create_topic(topic_name, PARTITIONS)
+    produce_all(broker.address, topic_name, values, keys, parts)
+    out, late = f"file://{tmp_path}/out", f"file://{tmp_path}/late"
+    data = _spec(pipeline_name, broker.address, topic_name, out, late,
+                 windows=[{"name": "tier_10s", "type": "tumbling", "size": "10s", "group_by": ["tenant_id", "tier"],
+                           "aggregations": ["count", "sum(value)", "min(value)", "max(value)", "mean(value)"]}]
+                 ).model_dump(mode="python")
+    data["enrich"] = [{"name": "users", "key": ["user_id"], "fields": {"tier": "string"},
+                       "source": {"postgres": {"dsn": postgres.extra["dsn"].replace(f":{port}/", f":{proxy.port}/"),
+                                               "table": table, "connect_timeout": "1s"}},
+                       "l1": {"max_entries": 200, "ttl": "1s"}, "negative_ttl": "1s", "retry_backoff": "100ms",
+                       "on_miss": "default", "defaults": {"tier": "unknown"}}]
+    data["source"]["kafka"].update({"max_batch_records": 500, "max_rate": 800})
+    data["health"] = {"stall_timeout": "3s", "heartbeat_timeout": "4s"}
+    spec = parse_spec(data)
+    statuses: list[dict] = []
+
+    def outage():
+        proxy.set_broken(True)
+        time.sleep(10)
+        proxy.set_broken(False)
+
+    threading.Timer(3.0, outage).start()
+    try:
+        report = run_pipeline(spec, until_end=True, on_status=statuses.append, status_every_s=0.5)
+    finally:
+        proxy.close()
+    assert proxy.refused > 0
+    assert any(w.get("health") == "waiting on store" and "enrich:users" in (w.get("backpressure") or "")
+               for st in statuses for w in st), "no worker reported waiting on the lookup store"
+    assert all(w.get("restarts", 0) == 0 for w in statuses[-1])
+    assert report.records == len(values) and report.rejected == 0
+    assert sum(w["enrich"]["users"]["unresolved"] for w in report.workers) == 0
+    raw = pd.DataFrame({"partition": df["partition"], "offset": df["offset"], "tenant_id": df["tenant_id"],
+                        "ts": df["ts"], "value": df["value"], "user_id": [json.loads(v)["user_id"] for v in values]})
+    joined = duckdb.sql("select r.*, coalesce(u.tier, 'unknown') as tier from raw r left join users u using (user_id)"
+                        " order by r.partition, r.offset").df()
+    want, _ = reference.windows(joined, "tumbling", ["tenant_id", "tier"], 2000, 1000, size=10_000)
+    reference.compare(read_windows(out, spec.name, "tier_10s").to_pandas(), want, ["tenant_id", "tier"])

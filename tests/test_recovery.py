@@ -474,10 +474,10 @@ def test_sink_outage_longer_than_every_timeout_is_backpressure_not_a_stall(env):
         run.wait_for(_mid_stream, what="a checkpoint mid-stream")
         proxy.set_broken(True)
         t0 = time.monotonic()
-        st = run.wait_for(lambda s: any(w.get("health") == "waiting on sink" for w in s["workers"]), timeout_s=30,
+        st = run.wait_for(lambda s: any(w.get("health") == "waiting on store" for w in s["workers"]), timeout_s=30,
                           what="a worker reporting that it waits on the sink")
-        waiting = next(w for w in st["workers"] if w.get("health") == "waiting on sink")
-        assert "postgres" in waiting["backpressure"] and waiting["sink_wait"]["sink"] == "postgres"
+        waiting = next(w for w in st["workers"] if w.get("health") == "waiting on store")
+        assert "postgres" in waiting["backpressure"] and waiting["store_wait"]["store"] == "postgres"
         while time.monotonic() - t0 < OUTAGE_S:
             st = run.status() or st
             assert not st["degraded"], st["degraded"]
@@ -493,5 +493,5 @@ def test_sink_outage_longer_than_every_timeout_is_backpressure_not_a_stall(env):
     assert not any("restarted" in e["event"] for e in final["events"])
     assert all(w["positions"] == w["end_offsets"] for w in report.workers)
     assert any(w["positions"] != positions_during[w["index"]] for w in report.workers)  # it caught up afterwards
-    assert sum(w["sink_wait_s"] for w in report.workers) > OUTAGE_S * 0.5
+    assert sum(w["store_wait_s"] for w in report.workers) > OUTAGE_S * 0.5
     _check(env, d)

@@ -6,9 +6,12 @@ found below are written back above (read-through), and keys found nowhere are
 cached as missing for ``negative_ttl``. Independent enrichers run concurrently.
 
 Degraded modes: when Redis fails, lookups go straight to PostgreSQL for a
-while (counted as ``l2_errors``); when PostgreSQL fails, the lookup is retried
-with exponential backoff and jitter ``retries`` times, then the miss policy
-applies to the keys it could not resolve (they are *not* cached as missing).
+while (counted as ``l2_errors``); when PostgreSQL fails, the batch waits
+(retrying with backoff and jitter, the worker's partitions paused and the wait
+in its heartbeat) until it is back, so records are never windowed with
+enrichment a store outage withheld. Only an explicit ``retries`` or
+``max_outage`` ends the wait: then the miss policy applies to the keys it could
+not resolve (detail ``lookup store unavailable``; not cached as missing).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import pyarrow as pa
 from pipeline.decode import FIELD_TYPES as _TYPES
 from pipeline.enrich import (MISSING, IpRanges, LruTtlCache, encode_keys, ip_keys, join_rows, json_key_hints, key_strings,
                              split_key)
+from pipeline.retry import RetryPolicy, call_with_retries
 from pipeline.sketch import bucket_of, quantiles
 from pipeline.spec import Enricher, PipelineSpec
 
@@ -34,6 +38,7 @@ __all__ = ["EnricherRuntime", "Enrichment", "EnrichStats"]
 _NEG = "\x00missing"  # the L2 value of a key known to have no row
 _US = "\x1f"
 _PY = {"string": str, "float64": float, "int64": int, "bool": bool}
+_HINT_POLICY = RetryPolicy(attempts=0, max_total_s=None)  # lookahead prefetch: no retries, no waiting
 _L2_COOLDOWN_S = 5.0  # after a Redis error, skip L2 this long instead of timing out on every batch
 # SET with expiry for every key of a write-back, in one round trip
 _SET_MANY = "for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[1]) end return #KEYS"
@@ -84,6 +89,10 @@ class EnricherRuntime:
         self.channel = cfg.invalidation_channel or f"{self.prefix}invalidate"
         self._pg = None
         self._redis = None
+        self.policy = RetryPolicy(attempts=cfg.retries, backoff_s=cfg.retry_backoff / 1000.0, max_backoff_s=10.0,
+                                  max_total_s=None if cfg.max_outage is None else cfg.max_outage / 1000.0)
+        # (store, attempt, error, since) while a lookup waits on PostgreSQL: the loop pauses and reports it
+        self.on_wait = None
         self._last_l1: object = ()
         self._set_many = None
         self._l2_down_until = 0.0
@@ -113,8 +122,8 @@ class EnricherRuntime:
                                        connect_timeout=max(1, pg.connect_timeout // 1000))
         return self._pg
 
-    def _query_l3(self, keys: list[str]) -> dict[str, dict]:
-        """One query for all ``keys``; retried with backoff; raises after the last attempt."""
+    def _query_l3(self, keys: list[str], policy: RetryPolicy | None = None) -> dict[str, dict]:
+        """One query for all ``keys``, retried by ``policy`` (the enricher's); raises ``GaveUp`` when it is exhausted."""
         pg = self.cfg.source.postgres
         fields = list(self.cfg.fields)
         n = len(self.cfg.key)
@@ -136,27 +145,33 @@ class EnricherRuntime:
                 sql = f"select {cols} from {pg.table} where {tuple_expr} in (select * from unnest({', '.join(['%(k' + str(i) + ')s::text[]' for i in range(n)])}))"
                 parts = [split_key(k, n) for k in keys]
                 params = {f"k{i}": [p[i] for p in parts] for i in range(n)}
-        delay = self.cfg.retry_backoff / 1000.0
-        for attempt in range(self.cfg.retries + 1):
+        def query() -> list[tuple]:
             try:
                 with self._conn().cursor() as cur:
                     cur.execute(sql, params)
-                    rows = cur.fetchall()
-                self.stats.l3_queries += 1
-                return self._rows_by_key(rows, n)
+                    return cur.fetchall()
             except Exception:
                 self.stats.l3_errors += 1
-                if self._pg is not None:
-                    try:
-                        self._pg.close()
-                    except Exception:  # the connection is already broken; a new one is made next try
-                        pass
-                    self._pg = None
-                if attempt == self.cfg.retries:
-                    raise
-                time.sleep(delay * (0.5 + random.random()))
-                delay *= 2
-        return {}
+                self._drop_conn()
+                raise
+
+        policy = policy or self.policy
+
+        def waiting(attempt: int, exc: BaseException, since: float) -> None:
+            if self.on_wait is not None and policy is self.policy:  # a prefetch hint never reports a wait
+                self.on_wait(f"enrich:{self.cfg.name}", attempt, exc, since)
+
+        rows = call_with_retries(query, policy, f"lookup {self.cfg.name}", on_retry=waiting)
+        self.stats.l3_queries += 1
+        return self._rows_by_key(rows, n)
+
+    def _drop_conn(self) -> None:
+        if self._pg is not None:
+            try:
+                self._pg.close()
+            except Exception:  # the connection is already broken; a new one is made next try
+                pass
+            self._pg = None
 
     def _rows_by_key(self, rows: list[tuple], n: int) -> dict[str, tuple]:
         """key -> field values (a tuple in ``fields`` order) for PostgreSQL rows ``(keys..., fields...)``."""
@@ -304,12 +319,19 @@ class EnricherRuntime:
         keys = json_key_hints(values, self.cfg.key[0])
         _, todo = self.l1.get_many(keys)
         if todo:
-            self.resolve(todo, count=False)
+            self.resolve(todo, count=False, policy=_HINT_POLICY)  # a hint: one attempt, never waits
         self.stats.prefetched += len(todo)
         return len(todo)
 
-    def resolve(self, keys: list[str], count: bool = True) -> tuple[dict[str, dict | object], list[str]]:
-        """Rows for distinct ``keys``: (found incl. MISSING, keys left unresolved because L3 failed)."""
+    def resolve(self, keys: list[str], count: bool = True, policy: RetryPolicy | None = None
+                ) -> tuple[dict[str, dict | object], list[str]]:
+        """Rows for distinct ``keys``: (found incl. MISSING, keys left unresolved because L3 failed).
+
+        With the enricher's policy (the default) a PostgreSQL outage makes this
+        wait, reporting through ``on_wait``, until the store is back or the
+        spec's ``retries`` / ``max_outage`` are spent; only then are keys left
+        unresolved (the miss policy applies, and they are not cached as missing).
+        """
         t0 = time.perf_counter()
         found, todo = self.l1.get_many(keys)
         if count:
@@ -326,7 +348,7 @@ class EnricherRuntime:
             todo = [k for k in todo if k not in from_l2]
         if todo:
             try:
-                rows = self._query_l3(todo)
+                rows = self._query_l3(todo, policy)
             except Exception:
                 unresolved = todo
                 rows = None

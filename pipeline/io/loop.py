@@ -41,7 +41,7 @@ class LoopStats:
     sink_retries: int = 0
     offset_resets: int = 0  # checkpointed positions the broker no longer had, moved by the spec's policy
     records_skipped: int = 0  # records those moves skipped (deleted by retention before they were read)
-    sink_wait_s: float = 0.0  # time spent waiting on failing sinks (backpressure)
+    store_wait_s: float = 0.0  # time spent waiting on failing sinks (backpressure)
     backpressure_pauses: int = 0  # times a failing sink paused fetching  # records of window groups whose user function raised (dead-lettered, still in the windows)
     windows_emitted: int = 0
     files_written: int = 0
@@ -115,10 +115,12 @@ class PartitionLoop:
             from pipeline.io.lookups import Enrichment
 
             self.enrichment = Enrichment(spec)
+            for runtime in self.enrichment.runtimes:
+                runtime.on_wait = self._backpressure  # a lookup store outage pauses the partitions like a sink's
             self.enrichment.warm()
         self.source = make_source(kafka, spec.group_id)
         self.paused = False
-        self.sink_wait: dict | None = None  # while a sink write is retried: which, since when, why
+        self.store_wait: dict | None = None  # while a sink write is retried: which, since when, why
         for sink in self.sinks:
             sink.on_retry = self._backpressure  # a failing sink pauses fetching until its write went through
         if self.validation is not None:
@@ -234,9 +236,9 @@ class PartitionLoop:
             if p in ends and self.positions[p] >= ends[p]:
                 tracker.caught_up(p, asked_at)
 
-    def _backpressure(self, sink: str, attempt: int, exc: BaseException, since: float) -> None:
-        """A sink write is being retried: pause fetching and say so in the heartbeat (``sink_wait``)."""
-        self.sink_wait = {"sink": sink, "since": time.time() - (time.monotonic() - since), "attempts": attempt,
+    def _backpressure(self, store: str, attempt: int, exc: BaseException, since: float) -> None:
+        """A sink write or a lookup is being retried: pause fetching and say so in the heartbeat (``store_wait``)."""
+        self.store_wait = {"store": store, "since": time.time() - (time.monotonic() - since), "attempts": attempt,
                           "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         self.stats.sink_retries += 1
         if not self.paused:
@@ -251,9 +253,9 @@ class PartitionLoop:
         try:
             self._write_all(result)
         finally:
-            if self.sink_wait is not None:
-                self.stats.sink_wait_s += time.time() - self.sink_wait["since"]
-                self.sink_wait = None
+            if self.store_wait is not None:
+                self.stats.store_wait_s += time.time() - self.store_wait["since"]
+                self.store_wait = None
             if self.paused:
                 try:
                     self.source.resume()
@@ -422,7 +424,7 @@ class PartitionLoop:
             "fenced": self.fenced,
             "restored_slots": self.restored_slots,
             "first_batch_at": self.first_batch_at,
-            "sink_wait": dict(self.sink_wait) if self.sink_wait is not None else None,
+            "store_wait": dict(self.store_wait) if self.store_wait is not None else None,
             "offset_reset_detail": list(self.offset_resets),
             "enrich": self.enrichment.stats() if self.enrichment is not None else {},
             **self.stats.as_dict(),

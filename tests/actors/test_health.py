@@ -1,4 +1,4 @@
-"""The coordinator's health policy, without Ray: alive / waiting on sink / stalled / dead -> action."""
+"""The coordinator's health policy, without Ray: alive / waiting on a store / stalled / dead -> action."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from actors.health import Action, Observation, Slot, judge
 
 HB, STALL = 5.0, 30.0
-SINK_WAIT = {"sink": "postgres", "since": 0.0, "attempts": 40, "error": "OperationalError: connection refused"}
+SINK_WAIT = {"store": "postgres", "since": 0.0, "attempts": 40, "error": "OperationalError: connection refused"}
 
 
 @pytest.mark.parametrize("obs, slot, now, action, reason", [
@@ -21,17 +21,17 @@ SINK_WAIT = {"sink": "postgres", "since": 0.0, "attempts": 40, "error": "Operati
      Action.RESTART, "stalled: offsets did not move for 31s with 10 records waiting"),
     (Observation(True, state="running", positions={0: 5}, lag=0), Slot(0.0, {0: 5}, 0.0), 300.0, Action.NONE, ""),
     # three minutes without progress, but waiting on a sink: backpressure, never a restart
-    (Observation(True, state="running", positions={0: 5}, lag=10_000, sink_wait=SINK_WAIT), Slot(0.0, {0: 5}, 0.0), 180.0,
-     Action.BACKPRESSURE, "waiting on sink postgres (40 attempts): OperationalError: connection refused"),
+    (Observation(True, state="running", positions={0: 5}, lag=10_000, store_wait=SINK_WAIT), Slot(0.0, {0: 5}, 0.0), 180.0,
+     Action.BACKPRESSURE, "waiting on postgres (40 attempts): OperationalError: connection refused"),
 ])
 def test_verdicts(obs, slot, now, action, reason):
     v = judge(obs, slot, now, HB, STALL)
     assert (v.action, v.reason) == (action, reason)
 
 
-def test_the_stall_clock_restarts_after_a_sink_wait():
+def test_the_stall_clock_restarts_after_a_store_wait():
     slot = Slot(0.0, {0: 5}, 0.0)
-    assert judge(Observation(True, state="running", positions={0: 5}, lag=9, sink_wait=SINK_WAIT), slot, 100.0, HB, STALL).action \
+    assert judge(Observation(True, state="running", positions={0: 5}, lag=9, store_wait=SINK_WAIT), slot, 100.0, HB, STALL).action \
         is Action.BACKPRESSURE
     # the sink is back; the worker has 30 s from the end of the wait to move its offsets
     assert judge(Observation(True, state="running", positions={0: 5}, lag=9), slot, 120.0, HB, STALL).action is Action.NONE
