@@ -134,7 +134,9 @@ class Coordinator:
         saved = latest["partitions"] if latest else {}
         return {p: saved.get(p, {"offset": 0, "path": None}) for p in partitions}
 
-    def _launch(self, index: int, partitions: list[int], epoch: int, entries: dict[int, dict]) -> dict:
+    def _launch(self, index: int, partitions: list[int], epoch: int, entries: dict[int, dict], resumed: bool) -> dict:
+        """Start worker ``index`` for ``partitions`` from ``entries``; ``resumed`` when their previous owner
+        did not stop cleanly (it may have written output past the checkpoint: the new one holds it back)."""
         name = actor_name(self.spec.name, f"worker-{index}")
         try:  # a worker that died with the coordinator may still hold its name: take it back
             ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
@@ -151,7 +153,7 @@ class Coordinator:
                      "track": Slot(last_ok=time.monotonic(), progress_t=time.monotonic()), "backpressure": None})
         self.slots[index] = slot
         info = ray.get(handle.start.remote(partitions, epoch, entries, {p: self.end[p] for p in partitions} if self.end else None,
-                                           self.until_end), timeout=120)
+                                           self.until_end, resumed), timeout=120)
         slot["pid"] = info["pid"]
         return info
 
@@ -181,8 +183,10 @@ class Coordinator:
             self._check_cpus(self.spec.workers)
             entries = self._entries(partitions)
             epoch = self._new_epoch()
+            latest = self.store.latest() if self.store is not None else None
+            resumed = latest is not None and not latest.get("final")  # the previous run did not end cleanly
             for i, parts in enumerate(plan(partitions, self.spec.workers)):
-                self._launch(i, parts, epoch, {p: entries[p] for p in parts})
+                self._launch(i, parts, epoch, {p: entries[p] for p in parts}, resumed)
             self.phase = "running"
             resumed = self.last_checkpoint["id"] if self.last_checkpoint else None
             self._event(f"started {self.spec.workers} workers at epoch {epoch}" + (f", resumed from checkpoint {resumed}" if resumed else ""))
@@ -320,7 +324,7 @@ class Coordinator:
         for index, parts in groups.items():
             epoch = self._new_epoch()
             try:
-                self._launch(index, parts, epoch, self._entries(parts))
+                self._launch(index, parts, epoch, self._entries(parts), resumed=True)
             except Exception as exc:  # the next tick finds them orphaned (or the worker dead) and tries again
                 self._event(f"worker {index}: start for partitions {parts} failed: {type(exc).__name__}: {exc}", worker=index)
                 continue
@@ -346,7 +350,7 @@ class Coordinator:
         s["epoch"] = epoch  # fence the old one at once, even before the new one runs
         t0 = time.time()
         try:
-            info = self._launch(index, s["partitions"], epoch, self._entries(s["partitions"]))
+            info = self._launch(index, s["partitions"], epoch, self._entries(s["partitions"]), resumed=True)
         except Exception as exc:  # the next tick sees it dead again and counts another restart
             self._event(f"worker {index}: restart failed: {type(exc).__name__}: {exc}", worker=index)
             return
@@ -354,7 +358,7 @@ class Coordinator:
                     worker=index, epoch=epoch, detected=t0)
 
     # -- checkpoints ----------------------------------------------------------
-    def _checkpoint(self) -> dict | None:
+    def _checkpoint(self, final: bool = False) -> dict | None:
         """Snapshot every live worker; write the manifest when there is something new. None when nothing was written."""
         self.last_checkpoint_t = time.monotonic()
         self.checkpoint_id += 1
@@ -393,7 +397,9 @@ class Coordinator:
         previous = self._entries(all_parts)
         merged = {p: entries.get(p, previous[p]) for p in all_parts}
         try:
-            manifest = self.store.write_manifest(cid, merged, self.next_epoch - 1)
+            # final: every worker drained and is in it, so a later run resumes exactly here (no replayed output)
+            final = final and len(entries) == len(all_parts)
+            manifest = self.store.write_manifest(cid, merged, self.next_epoch - 1, {"final": True} if final else None)
         except Exception as exc:
             self.checkpoints_failed += 1
             self._event(f"checkpoint {cid}: manifest not written: {type(exc).__name__}: {str(exc)[:300]}")
@@ -425,7 +431,7 @@ class Coordinator:
 
     def _finalize(self) -> None:
         if self.store is not None:
-            self._checkpoint()
+            self._checkpoint(final=not self.degraded and not self.failure)
         results = []
         to_end = self.until_end and not self.stopping
         for i, s in sorted(self.slots.items()):
@@ -491,7 +497,7 @@ class Coordinator:
             epoch = self._new_epoch()
             entries = self._entries(partitions)
             for i, parts in enumerate(plan(partitions, workers)):
-                self._launch(i, parts, epoch, {p: entries[p] for p in parts})
+                self._launch(i, parts, epoch, {p: entries[p] for p in parts}, resumed=False)  # a clean handoff
             self._event(f"scaled from {before} to {workers} workers at epoch {epoch} through checkpoint "
                         f"{manifest['id'] if manifest else '?'}")
             return self._plan_info()

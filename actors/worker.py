@@ -47,14 +47,17 @@ class PartitionWorker:
         return os.getpid()
 
     def start(self, partitions: list[int], epoch: int, entries: dict[int, dict], end_offsets: dict[int, int] | None,
-              until_end: bool) -> dict:
-        """Restore ``partitions`` from their checkpoint entries (offset, path) and start consuming."""
+              until_end: bool, resumed: bool = False) -> dict:
+        """Restore ``partitions`` from their checkpoint entries (offset, path) and start consuming.
+
+        ``resumed``: the previous owner may have written output past these positions (see ``PartitionLoop``)."""
         snapshots = {}
         for p, e in entries.items():
             if e.get("path"):
                 snapshots[int(p)] = self.store.read_partition(e["path"])
         start = {int(p): int(e.get("offset", 0)) for p, e in entries.items()}
-        self.loop = PartitionLoop(self.spec, partitions, start, end_offsets, epoch, snapshots, fence=self._fence)
+        self.loop = PartitionLoop(self.spec, partitions, start, end_offsets, epoch, snapshots, fence=self._fence,
+                                  resumed=resumed)
         self.state = "running"
         self.thread = threading.Thread(target=self._run, args=(until_end,), name="partition-loop", daemon=True)
         self.thread.start()

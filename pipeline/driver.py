@@ -111,7 +111,7 @@ def run_pipeline(
 def _run_inline(spec, until_end, on_status, every, stop, partitions, end) -> list[dict]:
     """One loop over every partition in this process; checkpoints like the coordinator does, when configured."""
     from pipeline.io.checkpoints import CheckpointStore
-    from pipeline.io.loop import PartitionLoop
+    from pipeline.io.loop import HeldOutput, PartitionLoop
 
     kafka = spec.source.kafka
     timeout = kafka.connect_timeout / 1000.0
@@ -122,15 +122,16 @@ def _run_inline(spec, until_end, on_status, every, stop, partitions, end) -> lis
     snapshots = {p: store.read_partition(e["path"]) for p, e in entries.items() if e.get("path") and p in partitions}
     start = {p: int(entries.get(p, {}).get("offset", 0)) for p in partitions}
     epoch = int(latest.get("epoch", 0)) + 1 if latest else 1
-    loop = PartitionLoop(spec, partitions, start, end, epoch, snapshots)
+    resumed = latest is not None and not latest.get("final")  # the previous run did not end cleanly
+    loop = PartitionLoop(spec, partitions, start, end, epoch, snapshots, resumed=resumed)
     next_id = [max(store.all_ids(), default=0) if store else 0]
 
-    def checkpoint() -> None:
+    def checkpoint(final: bool = False) -> None:
         next_id[0] += 1
         cid = next_id[0]
         got = loop.call_between_batches(
             lambda: loop.snapshot(cid, lambda p, data: store.write_partition(cid, p, epoch, data)), spec.checkpoint.timeout / 1000.0)
-        store.write_manifest(cid, got, epoch)
+        store.write_manifest(cid, got, epoch, {"final": True} if final else None)
         store.prune(spec.checkpoint.keep)
         try:
             from pipeline.io.kafka import commit_offsets
@@ -148,7 +149,10 @@ def _run_inline(spec, until_end, on_status, every, stop, partitions, end) -> lis
         try:
             loop.run(until_end, finish=False)
             if store is not None:
-                checkpoint()  # the final checkpoint, before the end-of-input flush
+                try:
+                    checkpoint(final=True)  # the final checkpoint, before the end-of-input flush
+                except HeldOutput as exc:  # stopped during a replay: the previous checkpoint stays the latest
+                    print(f"final checkpoint skipped: {exc}", file=sys.stderr, flush=True)
             result.append({"index": 0, **loop.finish(until_end and loop.done and not stop.is_set())})
         except BaseException as exc:  # re-raised in the caller's thread
             errors.append(exc)

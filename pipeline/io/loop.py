@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.io.kafka import DeadLetterProducer, OffsetOutOfRange, make_source
+from pipeline.io.kafka import BrokerUnavailable, DeadLetterProducer, OffsetOutOfRange, make_source
 from pipeline.io.sinks.common import make_sink
 from pipeline.io.sinks.parquet import LateParquetWriter
 from pipeline.checkpoint import decode_partition, encode_partition, restore_partition
@@ -23,11 +23,15 @@ from pipeline.process import Batch, BatchResult, PipelineState, advance, process
 from pipeline.spec import PipelineSpec
 from pipeline.watermarks import NEG_INF, POS_INF
 
-__all__ = ["Fenced", "LoopStats", "PartitionLoop", "resolve_positions"]
+__all__ = ["Fenced", "HeldOutput", "LoopStats", "PartitionLoop", "resolve_positions"]
 
 
 class Fenced(RuntimeError):
     """The loop's epoch is stale: another worker owns its partitions now."""
+
+
+class HeldOutput(RuntimeError):
+    """A checkpoint was asked for while a resumed loop holds window output back (see ``PartitionLoop``)."""
 
 
 @dataclass
@@ -39,6 +43,8 @@ class LoopStats:
     late: int = 0
     udf_errors: int = 0
     sink_retries: int = 0
+    held_partitions: int = 0  # partitions replaying output a crashed owner may have written (held back)
+    held_rows: int = 0  # window rows held back during that replay (only the highest revision is written)
     offset_resets: int = 0  # checkpointed positions the broker no longer had, moved by the spec's policy
     records_skipped: int = 0  # records those moves skipped (deleted by retention before they were read)
     store_wait_s: float = 0.0  # time spent waiting on failing sinks (backpressure)
@@ -79,7 +85,11 @@ class PartitionLoop:
         epoch: int = 0,
         snapshots: dict[int, bytes] | None = None,
         fence: Callable[[], bool] | None = None,
+        resumed: bool = False,
     ):
+        """``resumed``: this loop takes over partitions whose previous owner may have written output past
+        their start positions (it crashed, or the run was killed); their window output is held back until
+        they pass the broker's end offset as of now (see ``_hold``)."""
         self.spec = spec
         self.partitions = sorted(int(p) for p in partitions)
         self.epoch = epoch
@@ -140,6 +150,24 @@ class PartitionLoop:
         else:
             self.offset_resets = []
         self.source.assign(self.positions, fresh)
+        # Revisions never go backwards in a sink: a replay re-emits, in order, revisions the previous owner
+        # already wrote (and maybe raised since). Closed windows are held back while the positions are below
+        # the end offset as of now (which the previous owner cannot have passed), then only the highest
+        # revision of each window is written. No checkpoint is taken meanwhile (it would lose the held rows).
+        self.hold_until: dict[int, int] = {}
+        self._held: list = []
+        if resumed and self.partitions:
+            ends = self.source.end_offsets(self.partitions, kafka.connect_timeout / 1000.0)
+            unknown = [p for p in self.partitions if p not in ends]
+            if unknown:  # the worker fails and is started again: never resume without knowing where to hold
+                raise BrokerUnavailable(f"cannot read the end offsets of partitions {unknown} to resume them")
+            for p in self.partitions:
+                until = ends[p]
+                if self.end_offsets is not None:
+                    until = min(until, self.end_offsets.get(p, 0))
+                if self.positions[p] < until:
+                    self.hold_until[p] = until
+            self.stats.held_partitions = len(self.hold_until)
         self._stop = threading.Event()
         self._requests: list[tuple[Callable[[], object], "Future"]] = []
         self._requests_lock = threading.Lock()
@@ -187,6 +215,7 @@ class PartitionLoop:
             for p in np.unique(batch.partitions).tolist():
                 self.positions[p] = max(self.positions.get(p, 0), int(batch.offsets[batch.partitions == p].max()) + 1)
             self._finish_reached()
+            self._release_held()
         self._check_backlog()
         self.stats.records += result.records
         self.stats.rejected += result.rejected
@@ -212,6 +241,17 @@ class PartitionLoop:
         for p in self.partitions:
             if p not in self.state.tracker.finished and self.positions[p] >= self.end_offsets.get(p, 0):
                 self.state.tracker.finish(p)
+
+    def _release_held(self) -> None:
+        """Write the held windows (highest revision each) once every held partition passed its end offset."""
+        if not self.hold_until:
+            return
+        if any(self.positions[p] < e for p, e in self.hold_until.items()):
+            return
+        self.hold_until = {}
+        held, self._held = _highest_revisions(self.spec, self._held), []
+        if held:
+            self._write(BatchResult(closed=held))
 
     def _check_backlog(self) -> None:
         """Confirm quiet partitions as caught up when their position reached the broker's end offset.
@@ -272,7 +312,14 @@ class PartitionLoop:
                 self.fenced = True
                 self._stop.set()
                 raise Fenced(f"epoch {self.epoch} is stale: partitions {self.partitions} were reassigned")
-        for table in result.closed:
+        closed = result.closed
+        if self.hold_until and closed:
+            self._held += closed
+            self.stats.held_rows += sum(t.num_rows for t in closed)
+            closed = []
+            if len(self._held) > 256:
+                self._held = _highest_revisions(self.spec, self._held)
+        for table in closed:
             self.stats.windows_emitted += table.num_rows
             for sink in self.sinks:
                 self.stats.files_written += sink.write(table)
@@ -357,7 +404,15 @@ class PartitionLoop:
 
     # -- checkpoints --------------------------------------------------------
     def snapshot(self, checkpoint_id: int, write: Callable[[int, bytes], str]) -> dict[int, dict]:
-        """Snapshot every partition (between batches) and store it with ``write(partition, data) -> path``."""
+        """Snapshot every partition (between batches) and store it with ``write(partition, data) -> path``.
+
+        Refused while window output is held back after a resume: the state no
+        longer holds those windows, so the checkpoint would lose them (the
+        previous checkpoint stays the latest for these partitions)."""
+        if self.hold_until:
+            behind = {p: (self.positions[p], e) for p, e in self.hold_until.items() if self.positions[p] < e}
+            raise HeldOutput(f"replaying output written before the restart, no checkpoint until partitions pass their end "
+                             f"offsets (position, end): {behind}")
         out = {}
         for p in self.partitions:
             data = encode_partition(self.state, p, self.positions[p], self.epoch, checkpoint_id)
@@ -426,9 +481,30 @@ class PartitionLoop:
             "first_batch_at": self.first_batch_at,
             "store_wait": dict(self.store_wait) if self.store_wait is not None else None,
             "offset_reset_detail": list(self.offset_resets),
+            "holding": {int(p): int(e) for p, e in self.hold_until.items()},
             "enrich": self.enrichment.stats() if self.enrichment is not None else {},
             **self.stats.as_dict(),
         }
+
+
+def _highest_revisions(spec: PipelineSpec, tables: list) -> list:
+    """Per window: one table with the highest revision of each window identity among ``tables``."""
+    import pyarrow as pa
+
+    from pipeline.identity import identity_columns
+
+    by_window: dict[str, list] = {}
+    for t in tables:
+        if t.num_rows:
+            by_window.setdefault(t.column("window")[0].as_py(), []).append(t)
+    out = []
+    for window, ts in by_window.items():
+        table = pa.concat_tables(ts)
+        df = table.to_pandas()
+        # a handful of closed-window rows (one per group and window): pandas is the simple, null-safe tool
+        df = df.sort_values("revision", kind="stable").drop_duplicates(identity_columns(spec, window), keep="last")
+        out.append(pa.Table.from_pandas(df, schema=table.schema, preserve_index=False))
+    return out
 
 
 def resolve_positions(positions: dict[int, int], ranges: dict[int, tuple[int, int]], policy: str,
