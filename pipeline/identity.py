@@ -23,9 +23,16 @@ POSTGRES_MAX_IDENT = 63
 
 
 def identity_columns(spec: PipelineSpec, window: str) -> list[str]:
-    """Columns naming one window row: bounds, group keys and the source partition (state is per partition)."""
+    """Columns naming one window row: start (and, for tumbling/sliding, end), group keys and the source partition.
+
+    A session's end is not part of its identity: a session extended after it
+    was written (a backfill flushed it at the end of input, the resumed run
+    added records) is the same session with a higher revision, and replaces
+    the earlier row instead of standing beside it.
+    """
     w = next(w for w in spec.windows if w.name == window)
-    return ["window_start", "window_end", *w.group_by, "partition"]
+    bounds = ["window_start"] if w.type == "session" else ["window_start", "window_end"]
+    return [*bounds, *w.group_by, "partition"]
 
 
 def identity_key(pipeline: str, row: dict, ident: list[str]) -> str:

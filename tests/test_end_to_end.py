@@ -331,3 +331,54 @@ def test_lookup_store_down_10s_mid_run_pauses_instead_of_windowing_nulls(broker,
                         " order by r.partition, r.offset").df()
     want, _ = reference.windows(joined, "tumbling", ["tenant_id", "tier"], 2000, 1000, size=10_000)
     reference.compare(read_windows(out, spec.name, "tier_10s").to_pandas(), want, ["tenant_id", "tier"])
+
+
+def test_backfill_ending_with_open_sessions_then_resumed_leaves_one_row_per_session(broker, tmp_path, topic_name,
+                                                                                     pipeline_name, postgres):
+    """A backfill ends with open sessions (flushed at the end of input), a resumed run extends them: every
+    sink holds one row per session, equal to one uninterrupted run (DuckDB reference over all records)."""
+    from pipeline.io.sinks.postgres import read_table
+
+    n = 6000
+    rng = np.random.default_rng(41)
+    # in time order per partition, with pauses longer than the gap now and then: sessions open across the cut
+    ts = BASE_MS + np.cumsum(rng.choice([20, 40, 4000], n, p=[0.6, 0.397, 0.003]))
+    df = pd.DataFrame({"tenant_id": [f"tenant-{i:03d}" for i in rng.integers(0, 6, n)], "event_type": "click",
+                       "ts": ts, "value": rng.normal(10, 2, n).round(3)})
+    df["partition"] = df["tenant_id"].map(lambda t: int(t.split("-")[1]) % 2)
+    df["offset"] = df.groupby("partition").cumcount()
+    values = [json.dumps(r).encode() for r in df[["tenant_id", "event_type", "ts", "value"]].to_dict("records")]
+    parts = df["partition"].tolist()
+    broker.extra["broker"].create_topic(topic_name, 2)
+    out = f"file://{tmp_path}/out"
+    data = _spec(pipeline_name, broker.address, topic_name, out, f"file://{tmp_path}/late",
+                 windows=[{"name": "sess", "type": "session", "gap": "2s", "group_by": ["tenant_id"],
+                           "aggregations": ["count", "sum(value)", "min(value)", "max(value)", "mean(value)"]}]
+                 ).model_dump(mode="python")
+    data["sinks"].append({"postgres": {"dsn": postgres.extra["dsn"]}})
+    data["checkpoint"] = {"uri": f"file://{tmp_path}/chk", "interval": "1h"}
+    spec = parse_spec(data)
+    cut = n // 2
+    produce_all(broker.address, topic_name, values[:cut], None, parts[:cut])
+    run_pipeline(spec, until_end=True, inline=True)
+    first = read_windows(out, spec.name, "sess").to_pandas()
+    produce_all(broker.address, topic_name, values[cut:], None, parts[cut:])
+    run_pipeline(spec, until_end=True, inline=True)
+    want, _ = reference.windows(df, "session", ["tenant_id"], 2000, 1000, gap=2000)
+    got = {"parquet": read_windows(out, spec.name, "sess").to_pandas(),
+           "postgres": pd.DataFrame(read_table(postgres.extra["dsn"], "raystream_", spec.name, "sess"))}
+    for sink, rows in got.items():
+        for c in ("window_start", "window_end"):
+            if not str(rows[c].dtype).startswith("int"):
+                rows[c] = pd.to_datetime(rows[c], utc=True).astype("datetime64[ms, UTC]").astype("int64")
+        assert not rows.duplicated(["tenant_id", "partition", "window_start"]).any(), sink
+        try:
+            reference.compare(rows, want, ["tenant_id"])
+        except AssertionError as exc:
+            raise AssertionError(f"sink {sink}: {exc}") from None
+    # the cut really fell inside sessions: some rows of the first run were extended by the second
+    first_ends = {(r.tenant_id, r.partition, pd.Timestamp(r.window_start).value // 10**6): pd.Timestamp(r.window_end).value // 10**6
+                  for r in first.itertuples()}
+    final = got["parquet"]
+    assert any(first_ends.get((r.tenant_id, r.partition, int(r.window_start)), int(r.window_end)) != int(r.window_end)
+               for r in final.itertuples())

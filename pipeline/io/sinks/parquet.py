@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.identity import identity_columns
 from pipeline.io.storage import Location, open_location
 from pipeline.spec import ParquetSink, PipelineSpec
 
@@ -44,7 +45,7 @@ class ParquetWindowSink:
     def __init__(self, spec: PipelineSpec, cfg: ParquetSink):
         self.pipeline = spec.name
         self.types = {w.name: w.type for w in spec.windows}
-        self.identity = {w.name: ",".join(["window", "window_start", "window_end", *w.group_by, "partition"]) for w in spec.windows}
+        self.identity = {w.name: ",".join(["window", *identity_columns(spec, w.name)]) for w in spec.windows}
         self.location: Location = open_location(cfg.uri, cfg.s3_endpoint_url, cfg.s3_region)
         self.files_written = 0
         self.name = f"parquet:{cfg.uri}"

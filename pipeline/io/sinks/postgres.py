@@ -76,7 +76,8 @@ class PostgresSink:
 
     def _ensure_table(self, cur, table: str, window: str, schema: pa.Schema) -> list[str]:
         ident = identity_columns(self.spec, window)
-        cols = [*ident, *value_columns(self.spec, window), "revision"]
+        bounds = [c for c in ("window_start", "window_end") if c not in ident]
+        cols = [*ident, *bounds, *value_columns(self.spec, window), "revision"]
         if table not in self.created:
             defs = [sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(_pg_type(schema.field(c).type))) for c in cols]
             defs.append(sql.SQL("updated_at timestamptz NOT NULL DEFAULT now()"))
