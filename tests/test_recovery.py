@@ -569,3 +569,54 @@ def test_revisions_never_go_backwards_through_a_replay_and_a_zombie(env):
     assert not lowered, lowered[:10]
     assert any(json.loads(m.value())["window"] == "tumble" for m in read_to_end(env["broker"].address, spec.sinks[4].kafka.topic)[:50])
     _check(env, d)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MiB tmpfs: a disk that really fills up (ENOSPC from the kernel)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and mount permission): {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_for_checkpoints_and_the_local_sink(env, small_disk):
+    """The disk holding the Parquet output and the checkpoints fills up mid-run for 8 s: writes wait
+    (the worker says so, nothing is restarted), checkpoints fail and are retried; after space is freed
+    the run finishes and every sink equals the reference."""
+    d = _dict(env, checkpoint_uri=f"file://{small_disk}/chk")
+    d["sinks"][0] = {"parquet": {"uri": f"file://{small_disk}/out"}, "retry_backoff": "100ms"}
+    d["health"] = {"heartbeat_timeout": "4s", "stall_timeout": "4s"}
+    run = Runner(parse_spec(d))
+    filler = small_disk / "filler"
+    st = run.wait_for(_mid_stream, what="a checkpoint mid-stream")
+    failed_before = st["checkpoints_failed"]
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as exc:
+            assert exc.errno == 28  # ENOSPC: the disk is full
+    try:
+        st = run.wait_for(lambda s: any(w.get("health") == "waiting on store" for w in s["workers"]), timeout_s=30,
+                          what="a worker waiting on the full disk")
+        assert any("parquet" in (w.get("backpressure") or "") and "No space left" in (w.get("store_wait") or {}).get("error", "")
+                   for w in st["workers"])
+        time.sleep(8)
+        st = run.status() or st
+        assert not st["degraded"]
+    finally:
+        filler.unlink()
+    report = run.join()
+    final = run.statuses[-1]
+    assert final["checkpoints_failed"] > failed_before or any("checkpoint" in e["event"] and "failed" in e["event"]
+                                                               for e in final["events"])
+    assert all(w["restarts"] == 0 for w in final["workers"]), [e["event"] for e in final["events"]]
+    assert all(w["positions"] == w["end_offsets"] for w in report.workers)
+    _check(env, d)
