@@ -95,6 +95,8 @@ def run(
     inline: bool = typer.Option(False, "--inline", help="run in this process without Ray (one loop over all partitions)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no live table"),
     report: Optional[Path] = typer.Option(None, "--report", help="write the final per-worker counters as JSON here"),
+    from_checkpoint: Optional[int] = typer.Option(None, "--from-checkpoint",
+                                                  help="resume from this checkpoint id instead of the newest (a loud warning names both)"),
 ) -> None:
     """Run a pipeline until stopped (SIGINT/SIGTERM) or, with --until-end, to the end of its input."""
     try:
@@ -102,11 +104,12 @@ def run(
     except SpecError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(EXIT_SPEC)
-    _run_and_report(s, until_end=until_end, address=address, inline=inline, quiet=quiet, report_path=report)
+    _run_and_report(s, until_end=until_end, address=address, inline=inline, quiet=quiet, report_path=report,
+                    from_checkpoint=from_checkpoint)
 
 
 def _run_and_report(s, until_end: bool, address, inline: bool, quiet: bool, duration: Optional[float] = None,
-                    report_path: Optional[Path] = None) -> None:
+                    report_path: Optional[Path] = None, from_checkpoint: Optional[int] = None) -> None:
     from pipeline.driver import run_pipeline
 
     stop = threading.Event()
@@ -123,7 +126,8 @@ def _run_and_report(s, until_end: bool, address, inline: bool, quiet: bool, dura
     try:
         if live is not None:
             live.start()
-        report = run_pipeline(s, until_end=until_end, address=address, inline=inline, on_status=on_status, stop=stop,
+        report = run_pipeline(s, until_end=until_end, address=address, inline=inline, on_status=on_status,
+                              from_checkpoint=from_checkpoint, stop=stop,
                               handle_signals=True)
     except KafkaFailure as exc:
         console.print(f"[red]error:[/] {exc}")

@@ -50,6 +50,7 @@ class RunReport:
     workers: list[dict] = field(default_factory=list)
     wall_s: float = 0.0
     stopped: bool = False
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def records(self) -> int:
@@ -82,6 +83,7 @@ def run_pipeline(
     status_every_s: float = 1.0,
     stop: threading.Event | None = None,
     handle_signals: bool = False,
+    from_checkpoint: int | None = None,
 ) -> RunReport:
     """Run ``spec`` until stopped (``stop`` set) or, with ``until_end``, to the end offsets.
 
@@ -93,6 +95,7 @@ def run_pipeline(
     if handle_signals:
         _stop_on_signals(stop)
     partitions = _preflight(spec)
+    warnings = _restore_point(spec, from_checkpoint)
     kafka = spec.source.kafka
     end = end_offsets(kafka.bootstrap_servers, kafka.topic, partitions, kafka.connect_timeout / 1000.0) if until_end else None
     t0 = time.perf_counter()
@@ -105,7 +108,25 @@ def run_pipeline(
         problems = shortfalls(workers, end)
         if problems:
             raise IncompleteRun("the run ended short of its end offsets: " + "; ".join(problems))
-    return RunReport(workers=workers, wall_s=time.perf_counter() - t0, stopped=stop.is_set())
+    return RunReport(workers=workers, wall_s=time.perf_counter() - t0, stopped=stop.is_set(), warnings=warnings)
+
+
+def _restore_point(spec: PipelineSpec, from_checkpoint: int | None) -> list[str]:
+    """Choose the checkpoint the run resumes from; warnings (printed loudly) say when it is not the newest."""
+    if spec.checkpoint is None:
+        if from_checkpoint is not None:
+            raise ValueError("--from-checkpoint needs a 'checkpoint' section in the spec")
+        return []
+    from pipeline.io.checkpoints import CheckpointStore
+
+    store = CheckpointStore(spec.checkpoint, spec.name)
+    if from_checkpoint is not None:
+        store.rewind(from_checkpoint)
+    else:
+        store.latest()  # an unreadable newest manifest is reported here
+    for w in store.warnings:
+        print(f"WARNING: {w}", file=sys.stderr, flush=True)
+    return list(store.warnings)
 
 
 def _run_inline(spec, until_end, on_status, every, stop, partitions, end) -> list[dict]:

@@ -620,3 +620,52 @@ def test_disk_full_for_checkpoints_and_the_local_sink(env, small_disk):
     assert all(w["restarts"] == 0 for w in final["workers"]), [e["event"] for e in final["events"]]
     assert all(w["positions"] == w["end_offsets"] for w in report.workers)
     _check(env, d)
+
+
+def test_restore_from_an_older_checkpoint_and_past_a_corrupted_manifest(broker, postgres, tmp_path, topic_name,
+                                                                       pipeline_name, dataset):
+    """An operator resumes from checkpoint N-3 (``--from-checkpoint``), and later the newest manifest is
+    corrupted: each run says loudly which checkpoint it uses instead of which, replays from there, and the
+    sinks still equal the reference (re-emissions carry the same revisions)."""
+    from pipeline.io.checkpoints import CheckpointStore
+    from pipeline.io.kafka import produce_all as produce
+
+    values, keys, df = dataset
+    broker.extra["broker"].create_topic(topic_name, PARTITIONS)
+    produce(broker.address, topic_name, values, keys, df["partition"].tolist())
+    d = {
+        "name": pipeline_name,
+        "source": {"kafka": {"bootstrap_servers": broker.address, "topic": topic_name, "max_batch_records": 1000,
+                             "max_rate": 6000}},
+        "event_time": {"field": "ts", "max_out_of_orderness": "1s", "idle_timeout": "30s"},
+        "windows": WINDOWS[:1],
+        "sinks": [{"parquet": {"uri": f"file://{tmp_path}/out"}}, {"postgres": {"dsn": postgres.extra["dsn"]}}],
+        "checkpoint": {"uri": f"file://{tmp_path}/chk", "interval": "500ms", "keep": 10},
+    }
+    spec = parse_spec(d)
+    run_pipeline(spec, until_end=True, inline=True)
+    store = CheckpointStore(spec.checkpoint, pipeline_name)
+    ids = store.ids()
+    assert len(ids) >= 4, ids
+    older = ids[-4]
+    behind = N - sum(e["offset"] for e in store.manifest(older)["partitions"].values())
+    assert behind > 0
+    w = spec.windows[0]
+    want, _ = reference.windows(df, w.type, w.group_by, 1000, 0, size=w.size)
+
+    def check():
+        reference.compare(read_windows(f"file://{tmp_path}/out", pipeline_name, w.name).to_pandas(), want, w.group_by)
+        reference.compare(pd.DataFrame(read_table(postgres.extra["dsn"], "raystream_", pipeline_name, w.name)), want, w.group_by)
+
+    report = run_pipeline(spec, until_end=True, inline=True, from_checkpoint=older)
+    assert report.records == behind  # read again from checkpoint `older`, not from 0 and not from the newest
+    assert any(f"restoring from checkpoint {older}, older than the latest {ids[-1]}" in x for x in report.warnings), report.warnings
+    check()
+    # the newest manifest is corrupted: the run before it is used, and says so
+    newest = CheckpointStore(spec.checkpoint, pipeline_name).ids()
+    path = tmp_path / "chk" / pipeline_name / f"chk-{newest[-1]:08d}" / "_manifest.json"
+    path.write_text('{"id": 1, "partitions": {"0": ')
+    report = run_pipeline(spec, until_end=True, inline=True)
+    assert any(f"checkpoint {newest[-1]} has an unreadable manifest" in x and f"older checkpoint {newest[-2]}" in x
+               for x in report.warnings), report.warnings
+    check()

@@ -32,6 +32,7 @@ class CheckpointStore:
         self.cfg = cfg
         self.pipeline = pipeline
         self.location: Location = open_location(cfg.uri, cfg.s3_endpoint_url, cfg.s3_region)
+        self.warnings: list[str] = []
 
     @staticmethod
     def folder(checkpoint_id: int) -> str:
@@ -84,8 +85,43 @@ class CheckpointStore:
         return m
 
     def latest(self) -> dict | None:
+        """The newest readable manifest (None without any).
+
+        A newer manifest that cannot be read (corrupted, truncated) is skipped
+        for the one before it, with a warning naming both ids in ``warnings``.
+        """
         ids = self.ids()
-        return self.manifest(ids[-1]) if ids else None
+        for i in range(len(ids) - 1, -1, -1):
+            try:
+                return self.manifest(ids[i])
+            except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
+                older = ids[i - 1] if i else None
+                msg = (f"checkpoint {ids[i]} has an unreadable manifest ({type(exc).__name__}: {exc}); "
+                       + (f"restoring from the older checkpoint {older}" if older is not None else "no older checkpoint"))
+                if msg not in self.warnings:
+                    self.warnings.append(msg)
+        return None
+
+    def rewind(self, checkpoint_id: int) -> dict:
+        """Make checkpoint ``checkpoint_id`` the one a run resumes from, although newer ones exist.
+
+        Steps, in order: 1. read its manifest (it must be complete and
+        readable); 2. write its entries as a new manifest with the next id,
+        marked ``restored_from`` and not final (the run that follows replays
+        and holds back output it may already have written); 3. record a
+        warning naming both ids. Newer checkpoints stay on disk until pruned.
+        """
+        target = self.manifest(checkpoint_id)
+        newest = self.latest()
+        cid = max(self.all_ids(), default=0) + 1
+        manifest = self.write_manifest(cid, target["partitions"], int((newest or target).get("epoch", 0)),
+                                       {"restored_from": checkpoint_id})
+        offsets = ", ".join(f"{p}: {e['offset']}" for p, e in sorted(target["partitions"].items()))
+        self.warnings.append(
+            f"restoring from checkpoint {checkpoint_id}, older than the latest {newest['id'] if newest else '?'}: "
+            f"its input is read again, windows are re-emitted with the same revisions, and the consumer group's "
+            f"offsets move back to {{{offsets}}} (written as checkpoint {cid})")
+        return manifest
 
     def prune(self, keep: int) -> list[int]:
         """Delete all but the newest ``keep`` complete checkpoints, and abandoned folders older than them.
@@ -98,8 +134,13 @@ class CheckpointStore:
             return []
         needed = set()
         for cid in kept:
-            for e in self.manifest(cid)["partitions"].values():
-                needed.add(e["path"].split("/", 1)[0])
+            try:
+                entries = self.manifest(cid)["partitions"].values()
+            except (ValueError, KeyError, TypeError, FileNotFoundError):
+                continue  # an unreadable manifest names nothing to keep (latest() skips it too)
+            for e in entries:
+                if e.get("path"):  # a partition never checkpointed has no file
+                    needed.add(e["path"].split("/", 1)[0])
         deleted = []
         for cid in self.all_ids():
             if cid >= kept[0] or self.folder(cid) in needed:
