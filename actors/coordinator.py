@@ -32,7 +32,7 @@ from actors.assignment import plan
 from actors.health import Action, Observation, Slot, judge
 from actors.runtime import NAMESPACE, actor_name
 from actors.worker import PartitionWorker
-from pipeline.io.checkpoints import CheckpointStore
+from pipeline.io.checkpoints import CheckpointStore, commit_checkpoint
 from pipeline.io.kafka import commit_offsets, end_offsets, ensure_topic, topic_partitions
 from pipeline.spec import PipelineSpec
 
@@ -371,7 +371,7 @@ class Coordinator:
         deadline = time.monotonic() + timeout + 5
         hb = self.spec.health.heartbeat_timeout / 1000.0
         while pending and time.monotonic() < deadline:
-            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=min(hb, max(0.0, deadline - time.monotonic())))
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=min(1.0, hb, max(0.0, deadline - time.monotonic())))
             for ref in ready:
                 i, epoch = pending.pop(ref)
                 try:
@@ -381,39 +381,40 @@ class Coordinator:
                     continue
                 if self.slots[i]["epoch"] == epoch:
                     entries.update({int(p): e for p, e in got.items()})
-            # a worker that stopped answering is not waited for: the monitor restarts it
+            # a worker that stopped answering is not waited for (the monitor restarts it), nor one that waits
+            # on a store (it answers between batches only after the store is back): this round keeps its entries
             for ref, (i, _) in list(pending.items()):
                 try:
-                    ray.get(self.slots[i]["handle"].status.remote(), timeout=2.0)
+                    st = ray.get(self.slots[i]["handle"].status.remote(), timeout=2.0)
                 except Exception:
                     pending.pop(ref)
                     self._event(f"checkpoint {cid}: worker {i} does not answer; checkpointed without it", worker=i)
+                    continue
+                self.slots[i]["status"] = st
+                if st.get("store_wait"):
+                    pending.pop(ref)
+                    self._event(f"checkpoint {cid}: worker {i} waits on {st['store_wait'].get('store')}; "
+                                f"checkpointed without it", worker=i)
         for ref, (i, _) in pending.items():
             self._event(f"checkpoint {cid}: worker {i} timed out", worker=i)
         if not entries:
             self.checkpoints_failed += 1
             return None
         all_parts = sorted(p for s in self.slots.values() for p in s["partitions"])
-        previous = self._entries(all_parts)
-        merged = {p: entries.get(p, previous[p]) for p in all_parts}
         try:
             # final: every worker drained and is in it, so a later run resumes exactly here (no replayed output)
-            final = final and len(entries) == len(all_parts)
-            manifest = self.store.write_manifest(cid, merged, self.next_epoch - 1, {"final": True} if final else None)
+            manifest, problems = commit_checkpoint(
+                self.store, cid, entries, all_parts, self.next_epoch - 1, self.spec.checkpoint.keep,
+                lambda offsets: commit_offsets(self.kafka.bootstrap_servers, self.spec.group_id, self.kafka.topic,
+                                               offsets, 5.0),
+                final=final)
         except Exception as exc:
             self.checkpoints_failed += 1
             self._event(f"checkpoint {cid}: manifest not written: {type(exc).__name__}: {str(exc)[:300]}")
             return None
+        for problem in problems:
+            self._event(f"checkpoint {cid}: {problem}")
         self.last_checkpoint = self._summary(manifest)
-        try:
-            self.store.prune(self.spec.checkpoint.keep)
-        except Exception as exc:  # old checkpoints stay until the next prune
-            self._event(f"checkpoint {cid}: prune failed: {exc}")
-        offsets = {p: e["offset"] for p, e in merged.items() if e.get("path")}
-        try:
-            commit_offsets(self.kafka.bootstrap_servers, self.spec.group_id, self.kafka.topic, offsets, 5.0)
-        except Exception as exc:  # lag tools lag a little; the checkpoint itself is complete
-            self._event(f"checkpoint {cid}: offset commit failed: {exc}")
         return manifest
 
     def checkpoint(self) -> dict | None:

@@ -131,7 +131,8 @@ def _restore_point(spec: PipelineSpec, from_checkpoint: int | None) -> list[str]
 
 def _run_inline(spec, until_end, on_status, every, stop, partitions, end) -> list[dict]:
     """One loop over every partition in this process; checkpoints like the coordinator does, when configured."""
-    from pipeline.io.checkpoints import CheckpointStore
+    from pipeline.io.checkpoints import CheckpointStore, commit_checkpoint
+    from pipeline.io.kafka import commit_offsets
     from pipeline.io.loop import HeldOutput, PartitionLoop
 
     kafka = spec.source.kafka
@@ -152,14 +153,11 @@ def _run_inline(spec, until_end, on_status, every, stop, partitions, end) -> lis
         cid = next_id[0]
         got = loop.call_between_batches(
             lambda: loop.snapshot(cid, lambda p, data: store.write_partition(cid, p, epoch, data)), spec.checkpoint.timeout / 1000.0)
-        store.write_manifest(cid, got, epoch, {"final": True} if final else None)
-        store.prune(spec.checkpoint.keep)
-        try:
-            from pipeline.io.kafka import commit_offsets
-
-            commit_offsets(kafka.bootstrap_servers, spec.group_id, kafka.topic, {p: e["offset"] for p, e in got.items()}, 5.0)
-        except Exception:  # offsets for lag tools only; the checkpoint is complete
-            pass
+        _, problems = commit_checkpoint(
+            store, cid, got, partitions, epoch, spec.checkpoint.keep,
+            lambda offsets: commit_offsets(kafka.bootstrap_servers, spec.group_id, kafka.topic, offsets, 5.0), final=final)
+        for problem in problems:
+            print(f"checkpoint {cid}: {problem}", file=sys.stderr, flush=True)
 
     watcher = threading.Thread(target=lambda: (stop.wait(), loop.stop()), daemon=True)
     watcher.start()

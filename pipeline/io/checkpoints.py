@@ -20,7 +20,7 @@ import time
 from pipeline.io.storage import Location, open_location
 from pipeline.spec import CheckpointSpec
 
-__all__ = ["CheckpointStore"]
+__all__ = ["CheckpointStore", "commit_checkpoint"]
 
 _CHK = re.compile(r"^chk-(\d+)/_manifest\.json$")
 
@@ -148,3 +148,38 @@ class CheckpointStore:
             self.location.delete(f"{self.pipeline}/{self.folder(cid)}")
             deleted.append(cid)
         return deleted
+
+
+def commit_checkpoint(store: CheckpointStore, checkpoint_id: int, entries: dict[int, dict], partitions: list[int],
+                      epoch: int, keep: int, commit_offsets, final: bool = False) -> tuple[dict, list[str]]:
+    """Complete checkpoint ``checkpoint_id`` from the partition snapshots written for it (coordinator and inline runs).
+
+    Steps, in order:
+    1. every partition of the run gets an entry: its new snapshot, else the
+       previous manifest's entry (a partition that missed this round keeps its
+       last snapshot), else "from the start" (offset 0, no file);
+    2. write the manifest: the checkpoint exists from here on; it is marked
+       ``final`` only when asked and every partition has a new snapshot in it;
+    3. prune to the newest ``keep`` checkpoints;
+    4. commit the manifest's offsets to the consumer group with
+       ``commit_offsets(offsets)`` (for lag tools).
+    A failure in step 2 raises (the checkpoint does not exist); failures in
+    steps 3-4 are returned as problems (old files stay for the next prune; lag
+    tools lag a little).
+    """
+    previous = store.latest()
+    saved = previous["partitions"] if previous else {}
+    merged = {p: entries.get(p) or saved.get(p) or {"offset": 0, "path": None} for p in sorted(partitions)}
+    final = final and all(p in entries for p in partitions)
+    manifest = store.write_manifest(checkpoint_id, merged, epoch, {"final": True} if final else None)
+    problems = []
+    try:
+        store.prune(keep)
+    except Exception as exc:  # step 3 is housekeeping: the checkpoint is complete
+        problems.append(f"prune failed: {type(exc).__name__}: {exc}")
+    offsets = {p: e["offset"] for p, e in merged.items() if e.get("path")}
+    try:
+        commit_offsets(offsets)
+    except Exception as exc:  # step 4 only informs lag tools: the checkpoint is complete
+        problems.append(f"offset commit failed: {type(exc).__name__}: {exc}")
+    return manifest, problems
