@@ -206,6 +206,14 @@ class Coordinator:
                 st = ray.get(h.status.remote(), timeout=10)
             except Exception:  # no such worker, or it died with the coordinator gone: the monitor handles it
                 continue
+            if not st.get("partitions"):
+                # created but never started (the coordinator died between creating and starting it): its
+                # partitions are orphans; free the name so they can be given to this index again
+                try:
+                    ray.kill(h, no_restart=True)
+                except Exception:  # already gone
+                    pass
+                continue
             self.slots[i] = {"handle": h, "partitions": st["partitions"], "epoch": st.get("epoch", 0), "restarts": [],
                              "given_up": None, "last_ok": time.monotonic(), "progress": None, "progress_t": time.monotonic(),
                              "status": st, "pid": st.get("pid"), "launched": time.time()}
@@ -364,8 +372,9 @@ class Coordinator:
         self.checkpoint_id += 1
         cid = self.checkpoint_id
         timeout = self.spec.checkpoint.timeout / 1000.0
+        # a worker waiting on a store answers only after it is back: it misses this round (keeps its entries)
         refs = {i: (s["handle"].checkpoint.remote(cid, s["epoch"], timeout), s["epoch"])
-                for i, s in self.slots.items() if not s["given_up"]}
+                for i, s in self.slots.items() if not s["given_up"] and not (s.get("status") or {}).get("store_wait")}
         entries: dict[int, dict] = {}
         pending = {ref: (i, epoch) for i, (ref, epoch) in refs.items()}
         deadline = time.monotonic() + timeout + 5

@@ -19,11 +19,19 @@ import ray
 from actors.runtime import NAMESPACE, actor_name
 from pipeline.io.checkpoints import CheckpointStore
 from pipeline.io.loop import Fenced, PartitionLoop
+from pipeline.retry import RetryPolicy, call_with_retries
 from pipeline.spec import PipelineSpec
 
 __all__ = ["PartitionWorker"]
 
 FENCE_VALID_S = 1.0
+# until the coordinator answers (it may be restarting): 0.1 s doubling to 2 s apart, no limit
+_FENCE_POLICY = RetryPolicy(attempts=None, backoff_s=0.1, max_backoff_s=2.0, max_total_s=None)
+
+
+class _Stopping(BaseException):
+    """The loop is stopping while it waits for the coordinator: write nothing (a BaseException, so the
+    retry policy, which retries every Exception, lets it through)."""
 
 
 @ray.remote(max_restarts=0, max_concurrency=8)
@@ -78,19 +86,23 @@ class PartitionWorker:
         began = time.monotonic()
         if began - self._fence_ok_at < FENCE_VALID_S:
             return True
-        delay = 0.1
-        while True:
+
+        def ask() -> int:
+            if self.loop is not None and self.loop._stop.is_set():
+                raise _Stopping()
             try:
                 if self._coordinator is None:
                     self._coordinator = ray.get_actor(actor_name(self.spec.name, "coordinator"), namespace=NAMESPACE)
-                current = ray.get(self._coordinator.epoch_of.remote(self.index), timeout=10)
-                break
-            except Exception:  # the coordinator is restarting: wait for it, never write unconfirmed
-                self._coordinator = None
-                if self.loop is not None and self.loop._stop.is_set():
-                    return False
-                time.sleep(delay)
-                delay = min(2.0, delay * 2)
+                return ray.get(self._coordinator.epoch_of.remote(self.index), timeout=10)
+            except Exception:
+                self._coordinator = None  # restarting: look it up again next time
+                raise
+
+        try:
+            # the coordinator is restarting: wait for it, never write unconfirmed
+            current = call_with_retries(ask, _FENCE_POLICY, "epoch check")
+        except _Stopping:
+            return False
         ok = current == self.loop.epoch
         if ok:
             self._fence_ok_at = began
@@ -102,6 +114,9 @@ class PartitionWorker:
             raise RuntimeError("no loop or no checkpoint store")
         if epoch != self.loop.epoch or self.state not in ("running", "drained"):
             raise RuntimeError(f"worker {self.index} is {self.state} at epoch {self.loop.epoch}, not {epoch}")
+        if self.loop.store_wait:
+            # the loop answers between batches only once the store is back: do not hold a thread for it
+            raise RuntimeError(f"worker {self.index} waits on {self.loop.store_wait.get('store')}: no checkpoint now")
 
         def snap():
             return self.loop.snapshot(checkpoint_id, lambda p, data: self.store.write_partition(checkpoint_id, p, epoch, data))

@@ -195,10 +195,14 @@ def check_all_sinks(spec_dict, df, broker, postgres, redis_server, vm):
 
 @pytest.fixture
 def env(broker, postgres, redis_server, victoria_metrics, ray_local, tmp_path, topic_name, pipeline_name, dataset):
+    from actors.coordinator import kill_pipeline_actors
+
     values, keys, df = dataset
     _start(broker, topic_name, values, keys, df)
-    return {"broker": broker, "postgres": postgres, "redis": redis_server, "vm": victoria_metrics, "tmp": tmp_path,
-            "topic": topic_name, "name": pipeline_name, "df": df}
+    yield {"broker": broker, "postgres": postgres, "redis": redis_server, "vm": victoria_metrics, "tmp": tmp_path,
+           "topic": topic_name, "name": pipeline_name, "df": df}
+    # a drill that failed leaves its detached actors holding CPUs: the next test must not inherit them
+    kill_pipeline_actors(pipeline_name, 64)
 
 
 def _dict(env, **kw):
@@ -489,8 +493,9 @@ def test_sink_outage_longer_than_every_timeout_is_backpressure_not_a_stall(env):
     finally:
         proxy.close()
     final = run.statuses[-1]
-    assert all(w["restarts"] == 0 for w in final["workers"]), [e["event"] for e in final["events"]]
-    assert not any("restarted" in e["event"] for e in final["events"])
+    events = [e["event"] for e in final["events"] if "checkpointed without it" not in e["event"]]
+    assert all(w["restarts"] == 0 for w in final["workers"]), ([w["restarts"] for w in final["workers"]], events)
+    assert not any("restarted" in e for e in events), events
     assert all(w["positions"] == w["end_offsets"] for w in report.workers)
     assert any(w["positions"] != positions_during[w["index"]] for w in report.workers)  # it caught up afterwards
     assert sum(w["store_wait_s"] for w in report.workers) > OUTAGE_S * 0.5

@@ -367,27 +367,28 @@ class DeadLetterProducer:
     def write(self, rejects, retries: int = 8, backoff_s: float = 0.2, max_total_s: float = 120.0) -> int:
         """Produce every row of a reject table; returns how many.
 
-        Rows whose delivery failed are produced again with exponential backoff
-        and jitter (bounded in attempts and time); the loop waits meanwhile
-        (backpressure). Raises ``KafkaFailure`` when rows are still undelivered.
+        Rows whose delivery failed are produced again by the shared
+        ``RetryPolicy`` (exponential backoff with jitter, bounded in attempts
+        and time); the loop waits meanwhile (backpressure). Raises
+        ``KafkaFailure`` when rows are still undelivered.
         """
         if rejects is None or rejects.num_rows == 0:
             return 0
-        import random
+        from pipeline.retry import GaveUp, RetryPolicy, call_with_retries
 
         now = str(int(time.time() * 1000)).encode()
         rows = rejects.to_pylist()  # rejects are rare; headers are per record
         pending = list(range(len(rows)))
         t0 = time.monotonic()
-        attempt = 0
         # one list for the whole call: a message still queued after a flush reports here later
         failed: list[int] = []
         errors: list[str] = []
-        while True:
 
-            def ack(i):
-                return lambda err, _msg: (failed.append(i), errors.append(str(err))) if err is not None else None
+        def ack(i):
+            return lambda err, _msg: (failed.append(i), errors.append(str(err))) if err is not None else None
 
+        def attempt() -> int:
+            nonlocal pending
             for i in pending:
                 row = rows[i]
                 headers = [
@@ -411,16 +412,20 @@ class DeadLetterProducer:
                 remaining = self.producer.flush(5)  # queued messages end delivered or failed (message.timeout.ms)
             if not remaining and not failed:
                 return rejects.num_rows
-            attempt += 1
-            self.retried += 1
-            delay = random.uniform(0, min(10.0, backoff_s * 2 ** (attempt - 1)))
-            if attempt > retries or time.monotonic() - t0 + delay > max_total_s:
-                err = errors[0] if errors else f"{remaining} records not delivered in 30s"
-                raise KafkaFailure(f"dead-letter topic {self.topic}: {err} (after {attempt} attempts)")
-            time.sleep(delay)
             # undelivered after flush's timeout are still queued in the client: only resend the failed ones
+            err = errors[0] if errors else f"{remaining} records not delivered in 30s"
             pending = sorted(set(failed))
             failed.clear()
+            raise KafkaFailure(err)
+
+        def retried(_attempt: int, _exc: BaseException, _since: float) -> None:
+            self.retried += 1
+
+        try:
+            return call_with_retries(attempt, RetryPolicy(retries, backoff_s, 10.0, max_total_s),
+                                     f"dead-letter topic {self.topic}", on_retry=retried, retry_on=(KafkaFailure,))
+        except GaveUp as exc:
+            raise KafkaFailure(str(exc)) from exc.__cause__
 
     def close(self) -> None:
         self.producer.flush(10)

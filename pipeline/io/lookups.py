@@ -17,7 +17,6 @@ not resolve (detail ``lookup store unavailable``; not cached as missing).
 from __future__ import annotations
 
 import queue
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -374,23 +373,31 @@ class EnricherRuntime:
             return self._ranges
         fields = list(self.cfg.fields)
         cols = ", ".join(f'"{c}"' for c in fields)
-        delay = self.cfg.retry_backoff / 1000.0
-        for attempt in range(self.cfg.retries + 1):
+
+        def load() -> list[tuple]:
             try:
                 with self._conn().cursor() as cur:
                     cur.execute(f'select "{self.key_columns[0]}"::text, {cols} from {self.cfg.source.postgres.table}')
-                    rows = cur.fetchall()
-                self.stats.l3_queries += 1
-                self._ranges = IpRanges([r[0] for r in rows], [self._coerce(r[1:]) for r in rows])
-                self._ranges_at = now
-                return self._ranges
+                    return cur.fetchall()
             except Exception:
                 self.stats.l3_errors += 1
-                self._pg = None
-                if attempt == self.cfg.retries:
-                    return self._ranges
-                time.sleep(delay * (0.5 + random.random()))
-                delay *= 2
+                self._drop_conn()
+                raise
+
+        def waiting(attempt: int, exc: BaseException, since: float) -> None:
+            if self.on_wait is not None:
+                self.on_wait(f"enrich:{self.cfg.name}", attempt, exc, since)
+
+        # with a copy in hand a refresh is tried once (the copy stays when PostgreSQL is down);
+        # without one, the batch waits for the table like any lookup
+        policy = _HINT_POLICY if self._ranges is not None else self.policy
+        try:
+            rows = call_with_retries(load, policy, f"ip ranges {self.cfg.name}", on_retry=waiting)
+        except Exception:  # GaveUp: keep the old copy (or none: the miss policy applies)
+            return self._ranges
+        self.stats.l3_queries += 1
+        self._ranges = IpRanges([r[0] for r in rows], [self._coerce(r[1:]) for r in rows])
+        self._ranges_at = now
         return self._ranges
 
     def lookup(self, table: pa.Table) -> tuple[dict, tuple[np.ndarray, list], list[str]]:

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.io.kafka import BrokerUnavailable, DeadLetterProducer, OffsetOutOfRange, make_source
-from pipeline.io.sinks.common import make_sink
+from pipeline.io.sinks.common import Backpressure, make_sink
 from pipeline.io.sinks.parquet import LateParquetWriter
 from pipeline.checkpoint import decode_partition, encode_partition, restore_partition
 from pipeline.process import Batch, BatchResult, PipelineState, advance, process_batch
@@ -131,8 +131,7 @@ class PartitionLoop:
         self.source = make_source(kafka, spec.group_id)
         self.paused = False
         self.store_wait: dict | None = None  # while a sink write is retried: which, since when, why
-        for sink in self.sinks:
-            sink.on_retry = self._backpressure  # a failing sink pauses fetching until its write went through
+        self._store_retry = threading.Event()  # waited on between attempts of a failing sink (never set)
         if self.validation is not None:
             self.source.version_header = spec.validate_.version_header
         self.stats = LoopStats()
@@ -242,6 +241,15 @@ class PartitionLoop:
             if p not in self.state.tracker.finished and self.positions[p] >= self.end_offsets.get(p, 0):
                 self.state.tracker.finish(p)
 
+    def _write_sink(self, sink, table) -> int:
+        """Write ``table`` to ``sink``; each ``Backpressure`` pauses the partitions, is reported, and waited out."""
+        while True:
+            try:
+                return sink.write(table)
+            except Backpressure as bp:
+                self._backpressure(bp.store, bp.attempt, bp.error, bp.since)
+                self._store_retry.wait(bp.delay_s)
+
     def _release_held(self) -> None:
         """Write the held windows (highest revision each) once every held partition passed its end offset."""
         if not self.hold_until:
@@ -322,7 +330,7 @@ class PartitionLoop:
         for table in closed:
             self.stats.windows_emitted += table.num_rows
             for sink in self.sinks:
-                self.stats.files_written += sink.write(table)
+                self.stats.files_written += self._write_sink(sink, table)
         if result.late is not None:
             if self.late_writer is not None:
                 self.late_writer.write(result.late)

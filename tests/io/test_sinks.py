@@ -166,14 +166,17 @@ def test_kafka_sink_changelog(broker, topic_name):
 
 
 def test_failing_sink_retries_then_raises(postgres):
-    from pipeline.io.sinks.common import SinkError
+    from pipeline.io.sinks.common import Backpressure, SinkError
 
     tables, _ = _emitted()
     spec = _spec({"postgres": {"dsn": "postgresql://postgres@127.0.0.1:1/postgres", "connect_timeout": "1s"},
                   "retries": 2, "retry_backoff": "10ms"})
     sink = make_sink(spec, spec.sinks[0])
-    with pytest.raises(SinkError, match="after 3 attempts"):
+    with pytest.raises(Backpressure) as bp:  # a failed attempt is a typed signal for the loop
         sink.write(tables[0])
+    assert bp.value.store == "postgres" and bp.value.attempt == 1 and bp.value.delay_s <= 0.01
+    with pytest.raises(SinkError, match="after 3 attempts"):
+        sink.write_waiting(tables[0])  # attempts 2 and 3, then the policy is spent
     assert sink.retried == 2
 
 

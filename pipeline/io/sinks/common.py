@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Callable, Protocol
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.identity import identity_columns, identity_key
-from pipeline.retry import GaveUp, RetryPolicy, call_with_retries
+from pipeline.retry import RetryPolicy
 from pipeline.spec import PipelineSpec, SinkSpec
 
-__all__ = ["WindowSink", "RetryingSink", "identity_columns", "identity_key", "make_sink", "row_dicts", "value_columns", "SinkError"]
+__all__ = ["Backpressure", "WindowSink", "RetryingSink", "identity_columns", "identity_key", "make_sink", "row_dicts", "value_columns", "SinkError"]
 
 
 class SinkError(RuntimeError):
@@ -50,39 +51,69 @@ def row_dicts(table: pa.Table) -> list[dict]:
     return [dict(zip(names, vals)) for vals in zip(*cols.values())]
 
 
-class RetryingSink:
-    """Retries a sink's writes by one ``RetryPolicy`` (exponential backoff, full jitter).
+class Backpressure(Exception):
+    """A sink cannot take a write now: the caller pauses its partitions and tries again after ``delay_s``.
 
-    The worker loop waits while it retries, which is the backpressure: no new
-    records are polled while a store is failing. ``on_retry(sink, attempt,
-    error, since)`` tells the loop, which pauses its partitions and reports the
-    wait in its heartbeat. With no ``retries`` and no ``max_outage`` (the
-    default) it waits until the sink is back; when the policy is exhausted it
-    raises ``SinkError`` naming the sink and the last error.
+    ``attempt`` counts the failed attempts of this write, ``since`` is the
+    monotonic time of the first, ``error`` the store's last error.
     """
 
-    def __init__(self, inner: WindowSink, policy: RetryPolicy,
-                 on_retry: Callable[[str, int, BaseException, float], None] | None = None):
+    def __init__(self, store: str, attempt: int, since: float, delay_s: float, error: BaseException):
+        super().__init__(f"sink {store}: attempt {attempt} failed ({type(error).__name__}: {error}); retry in {delay_s:.2f}s")
+        self.store, self.attempt, self.since, self.delay_s, self.error = store, attempt, since, delay_s, error
+
+
+class RetryingSink:
+    """One attempt per ``write``; a failure is a typed ``Backpressure`` signal until the policy is spent.
+
+    The worker loop catches ``Backpressure``, pauses its partitions, reports
+    the wait in its heartbeat and calls ``write`` again after the delay (one
+    ``RetryPolicy``: exponential backoff, full jitter). With no ``retries`` and
+    no ``max_outage`` (the default) that goes on until the sink is back; when
+    the policy is spent ``write`` raises ``SinkError`` naming the sink and the
+    last error.
+    """
+
+    def __init__(self, inner: WindowSink, policy: RetryPolicy, clock=time.monotonic):
         self.inner = inner
         self.name = inner.name
         self.policy = policy
-        self.on_retry = on_retry
+        self.clock = clock
         self.retried = 0
         self.failures = 0
+        self._attempt = 0
+        self._since: float | None = None
 
     def write(self, table: pa.Table) -> int:
-        def retried(attempt: int, exc: BaseException, since: float) -> None:
-            self.failures += 1
-            self.retried += 1
-            if self.on_retry is not None:
-                self.on_retry(self.name, attempt, exc, since)
-
         try:
-            return call_with_retries(lambda: self.inner.write(table), self.policy, f"sink {self.name}", on_retry=retried,
-                                     reset=getattr(self.inner, "reset", None))
-        except GaveUp as exc:
+            written = self.inner.write(table)
+        except Exception as exc:  # every store raises its own error types
             self.failures += 1
-            raise SinkError(f"{exc}") from exc.__cause__
+            self._attempt += 1
+            now = self.clock()
+            if self._since is None:
+                self._since = now
+            delay = self.policy.delay(self._attempt)
+            if self.policy.exhausted(self._attempt, now - self._since, delay):
+                attempts, self._attempt, self._since = self._attempt, 0, None
+                raise SinkError(f"sink {self.name}: write failed after {attempts} attempts: {type(exc).__name__}: {exc}") from exc
+            self.retried += 1
+            if hasattr(self.inner, "reset"):
+                try:
+                    self.inner.reset()  # reconnect before the next attempt
+                except Exception:  # the next attempt reports the store's state
+                    pass
+            raise Backpressure(self.name, self._attempt, self._since, delay, exc) from exc
+        self._attempt, self._since = 0, None
+        return written
+
+    def write_waiting(self, table: pa.Table) -> int:
+        """``write`` until it goes through or fails for good, waiting out each ``Backpressure`` (tools, tests)."""
+        while True:
+            try:
+                return self.write(table)
+            except Backpressure as bp:
+                time.sleep(bp.delay_s)
 
     def close(self) -> None:
         self.inner.close()
