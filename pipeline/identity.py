@@ -14,15 +14,57 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 
 from pipeline.spec import PipelineSpec
 
-__all__ = ["identity_columns", "identity_key", "sql_table", "window_digest", "POSTGRES_MAX_IDENT"]
+__all__ = ["SinkContext", "WindowLayout", "identity_columns", "identity_key", "sql_table", "value_columns",
+           "window_digest", "POSTGRES_MAX_IDENT"]
 
 POSTGRES_MAX_IDENT = 63
 
 
-def identity_columns(spec: PipelineSpec, window: str) -> list[str]:
+@dataclass(frozen=True)
+class WindowLayout:
+    """What a sink needs to know of one window: its kind, keys, identity and value columns."""
+
+    name: str
+    type: str
+    group_by: tuple[str, ...]
+    identity: tuple[str, ...]
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SinkContext:
+    """What every sink gets besides its own config: the pipeline's name, its windows, and its source
+    (the Kafka sink defaults to the source's brokers and partition count). Not the whole spec."""
+
+    pipeline: str
+    windows: dict[str, WindowLayout]
+    source_bootstrap: str
+    source_topic: str
+    connect_timeout_s: float
+
+    @classmethod
+    def of(cls, spec: "PipelineSpec | SinkContext") -> "SinkContext":
+        if isinstance(spec, SinkContext):
+            return spec
+        windows = {w.name: WindowLayout(w.name, w.type, tuple(w.group_by), tuple(identity_columns(spec, w.name)),
+                                        tuple(a.column for a in w.aggregations)) for w in spec.windows}
+        kafka = spec.source.kafka
+        return cls(spec.name, windows, kafka.bootstrap_servers, kafka.topic, kafka.connect_timeout / 1000.0)
+
+
+def value_columns(spec: "PipelineSpec | SinkContext", window: str) -> list[str]:
+    """The aggregation columns of a window row, in spec order."""
+    if isinstance(spec, SinkContext):
+        return list(spec.windows[window].values)
+    w = next(w for w in spec.windows if w.name == window)
+    return [a.column for a in w.aggregations]
+
+
+def identity_columns(spec: "PipelineSpec | SinkContext", window: str) -> list[str]:
     """Columns naming one window row: start (and, for tumbling/sliding, end), group keys and the source partition.
 
     A session's end is not part of its identity: a session extended after it
@@ -30,6 +72,8 @@ def identity_columns(spec: PipelineSpec, window: str) -> list[str]:
     added records) is the same session with a higher revision, and replaces
     the earlier row instead of standing beside it.
     """
+    if isinstance(spec, SinkContext):
+        return list(spec.windows[window].identity)
     w = next(w for w in spec.windows if w.name == window)
     bounds = ["window_start"] if w.type == "session" else ["window_start", "window_end"]
     return [*bounds, *w.group_by, "partition"]

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import time
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.identity import identity_columns, identity_key
+from pipeline.identity import SinkContext, identity_columns, identity_key, value_columns
 from pipeline.retry import RetryPolicy
 from pipeline.spec import PipelineSpec, SinkSpec
 
-__all__ = ["Backpressure", "WindowSink", "RetryingSink", "identity_columns", "identity_key", "make_sink", "row_dicts", "value_columns", "SinkError"]
+__all__ = ["Backpressure", "SINKS", "SinkContext", "WindowSink", "value_columns", "RetryingSink", "identity_columns", "identity_key", "make_sink", "row_dicts", "value_columns", "SinkError"]
 
 
 class SinkError(RuntimeError):
@@ -26,11 +25,6 @@ class WindowSink(Protocol):
     def write(self, table: pa.Table) -> int: ...
 
     def close(self) -> None: ...
-
-
-def value_columns(spec: PipelineSpec, window: str) -> list[str]:
-    w = next(w for w in spec.windows if w.name == window)
-    return [a.column for a in w.aggregations]
 
 
 def _plain(v):
@@ -125,27 +119,21 @@ def sink_policy(cfg: SinkSpec) -> RetryPolicy:
                        max_total_s=None if cfg.max_outage is None else cfg.max_outage / 1000.0)
 
 
-def make_sink(spec: PipelineSpec, cfg: SinkSpec) -> WindowSink:
-    """The sink for one ``sinks:`` entry, wrapped in retries."""
-    kind = cfg.kind
-    if kind == "parquet":
-        from pipeline.io.sinks.parquet import ParquetWindowSink
+# kind -> (module, class): imported when first used, so a sink module may import this one
+# (identity, rows, retries) without a cycle, and a pipeline loads only the clients it writes to
+SINKS: dict[str, tuple[str, str]] = {
+    "parquet": ("pipeline.io.sinks.parquet", "ParquetWindowSink"),
+    "postgres": ("pipeline.io.sinks.postgres", "PostgresSink"),
+    "redis": ("pipeline.io.sinks.redis", "RedisSink"),
+    "influxdb": ("pipeline.io.sinks.influx", "InfluxSink"),
+    "kafka": ("pipeline.io.sinks.kafka", "KafkaSink"),
+}
 
-        inner = ParquetWindowSink(spec, cfg.parquet)
-    elif kind == "postgres":
-        from pipeline.io.sinks.postgres import PostgresSink
 
-        inner = PostgresSink(spec, cfg.postgres)
-    elif kind == "redis":
-        from pipeline.io.sinks.redis import RedisSink
+def make_sink(spec: "PipelineSpec | SinkContext", cfg: SinkSpec) -> WindowSink:
+    """The sink for one ``sinks:`` entry: its own config and the pipeline's ``SinkContext``, wrapped in retries."""
+    import importlib
 
-        inner = RedisSink(spec, cfg.redis)
-    elif kind == "influxdb":
-        from pipeline.io.sinks.influx import InfluxSink
-
-        inner = InfluxSink(spec, cfg.influxdb)
-    else:
-        from pipeline.io.sinks.kafka import KafkaSink
-
-        inner = KafkaSink(spec, cfg.kafka)
+    module, name = SINKS[cfg.kind]
+    inner = getattr(importlib.import_module(module), name)(SinkContext.of(spec), getattr(cfg, cfg.kind))
     return RetryingSink(inner, sink_policy(cfg))

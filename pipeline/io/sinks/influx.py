@@ -14,7 +14,7 @@ import pyarrow as pa
 from influxdb_client import InfluxDBClient, Point, WritePrecision
 from influxdb_client.client.write_api import SYNCHRONOUS
 
-from pipeline.io.sinks.common import row_dicts, value_columns
+from pipeline.io.sinks.common import SinkContext, row_dicts, value_columns
 from pipeline.spec import InfluxSink as InfluxSinkSpec, PipelineSpec
 
 __all__ = ["InfluxSink", "NULL_TAG"]
@@ -25,20 +25,20 @@ NULL_TAG = "∅"
 class InfluxSink:
     """Writes closed windows as InfluxDB points."""
 
-    def __init__(self, spec: PipelineSpec, cfg: InfluxSinkSpec):
-        self.spec = spec
+    def __init__(self, ctx: "SinkContext | PipelineSpec", cfg: InfluxSinkSpec):
+        self.ctx = ctx = SinkContext.of(ctx)
         self.cfg = cfg
         self.name = "influxdb"
         self.client = InfluxDBClient(url=cfg.url, token=cfg.token.get_secret_value(), org=cfg.org, timeout=cfg.timeout)
         self.api = self.client.write_api(write_options=SYNCHRONOUS)
-        self.keys = {w.name: w.group_by for w in spec.windows}
+        self.keys = {name: list(w.group_by) for name, w in ctx.windows.items()}
 
     def points(self, table: pa.Table) -> list[Point]:
         window = table.column("window")[0].as_py()
-        values = value_columns(self.spec, window)
+        values = value_columns(self.ctx, window)
         out = []
         for row in row_dicts(table):
-            p = (Point(f"{self.cfg.measurement_prefix}{window}").tag("pipeline", self.spec.name).tag("window", window)
+            p = (Point(f"{self.cfg.measurement_prefix}{window}").tag("pipeline", self.ctx.pipeline).tag("window", window)
                  .tag("partition", str(row["partition"])))
             for k in self.keys[window]:
                 v = row[k]

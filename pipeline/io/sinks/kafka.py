@@ -13,7 +13,7 @@ import json
 import pyarrow as pa
 
 from pipeline.io.kafka import ensure_topic, topic_partitions
-from pipeline.io.sinks.common import identity_columns, identity_key, row_dicts
+from pipeline.io.sinks.common import SinkContext, identity_columns, identity_key, row_dicts
 from pipeline.spec import KafkaSink as KafkaSinkSpec, PipelineSpec
 
 __all__ = ["KafkaSink"]
@@ -22,15 +22,15 @@ __all__ = ["KafkaSink"]
 class KafkaSink:
     """Produces closed windows to a topic, keyed by window identity."""
 
-    def __init__(self, spec: PipelineSpec, cfg: KafkaSinkSpec):
+    def __init__(self, ctx: "SinkContext | PipelineSpec", cfg: KafkaSinkSpec):
         from confluent_kafka import Producer
 
-        self.spec = spec
+        self.ctx = ctx = SinkContext.of(ctx)
         self.cfg = cfg
         self.name = f"kafka:{cfg.topic}"
-        self.servers = cfg.bootstrap_servers or spec.source.kafka.bootstrap_servers
-        timeout = spec.source.kafka.connect_timeout / 1000.0
-        ensure_topic(self.servers, cfg.topic, len(topic_partitions(self.servers, spec.source.kafka.topic, timeout)), timeout,
+        self.servers = cfg.bootstrap_servers or ctx.source_bootstrap
+        timeout = ctx.connect_timeout_s
+        ensure_topic(self.servers, cfg.topic, len(topic_partitions(self.servers, ctx.source_topic, timeout)), timeout,
                      config={"cleanup.policy": "compact"})
         conf = {"bootstrap.servers": self.servers, "enable.idempotence": True, "acks": "all", "linger.ms": 5,
                 "message.timeout.ms": 60_000, **{k: v for k, v in cfg.config.items()}}
@@ -45,11 +45,11 @@ class KafkaSink:
         if table is None or table.num_rows == 0:
             return 0
         window = table.column("window")[0].as_py()
-        ident = identity_columns(self.spec, window)
+        ident = identity_columns(self.ctx, window)
         self.errors.clear()
         for row in row_dicts(table):
-            key = identity_key(self.spec.name, row, ident)
-            value = json.dumps({"pipeline": self.spec.name, **row}, separators=(",", ":"))
+            key = identity_key(self.ctx.pipeline, row, ident)
+            value = json.dumps({"pipeline": self.ctx.pipeline, **row}, separators=(",", ":"))
             while True:
                 try:
                     self.producer.produce(self.cfg.topic, value=value.encode(), key=key.encode(),
@@ -64,7 +64,7 @@ class KafkaSink:
 
     def _partitions(self) -> int:
         if not hasattr(self, "_nparts"):
-            self._nparts = len(topic_partitions(self.servers, self.cfg.topic, self.spec.source.kafka.connect_timeout / 1000.0))
+            self._nparts = len(topic_partitions(self.servers, self.cfg.topic, self.ctx.connect_timeout_s))
         return self._nparts
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.identity import identity_columns
+from pipeline.identity import SinkContext
 from pipeline.io.storage import Location, open_location
 from pipeline.spec import ParquetSink, PipelineSpec
 
@@ -42,10 +42,11 @@ def _runs(*keys: np.ndarray) -> list[tuple[int, int]]:
 class ParquetWindowSink:
     """Writes closed-window tables produced by ``process_batch``."""
 
-    def __init__(self, spec: PipelineSpec, cfg: ParquetSink):
-        self.pipeline = spec.name
-        self.types = {w.name: w.type for w in spec.windows}
-        self.identity = {w.name: ",".join(["window", *identity_columns(spec, w.name)]) for w in spec.windows}
+    def __init__(self, ctx: "SinkContext | PipelineSpec", cfg: ParquetSink):
+        ctx = SinkContext.of(ctx)
+        self.pipeline = ctx.pipeline
+        self.types = {name: w.type for name, w in ctx.windows.items()}
+        self.identity = {name: ",".join(["window", *w.identity]) for name, w in ctx.windows.items()}
         self.location: Location = open_location(cfg.uri, cfg.s3_endpoint_url, cfg.s3_region)
         self.files_written = 0
         self.name = f"parquet:{cfg.uri}"

@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 
 from pipeline.identity import sql_table
-from pipeline.io.sinks.common import identity_columns, row_dicts, value_columns
+from pipeline.io.sinks.common import SinkContext, identity_columns, row_dicts, value_columns
 from pipeline.spec import PipelineSpec, PostgresSink as PostgresSinkSpec
 
 __all__ = ["PostgresSink", "table_name"]
@@ -47,8 +47,8 @@ def _pg_type(t: pa.DataType) -> str:
 class PostgresSink:
     """Upserts closed-window tables into PostgreSQL."""
 
-    def __init__(self, spec: PipelineSpec, cfg: PostgresSinkSpec):
-        self.spec = spec
+    def __init__(self, ctx: "SinkContext | PipelineSpec", cfg: PostgresSinkSpec):
+        self.ctx = SinkContext.of(ctx)
         self.cfg = cfg
         self.name = "postgres"
         self.conn: psycopg.Connection | None = None
@@ -75,9 +75,9 @@ class PostgresSink:
         self.created.clear()
 
     def _ensure_table(self, cur, table: str, window: str, schema: pa.Schema) -> list[str]:
-        ident = identity_columns(self.spec, window)
+        ident = identity_columns(self.ctx, window)
         bounds = [c for c in ("window_start", "window_end") if c not in ident]
-        cols = [*ident, *bounds, *value_columns(self.spec, window), "revision"]
+        cols = [*ident, *bounds, *value_columns(self.ctx, window), "revision"]
         if table not in self.created:
             defs = [sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(_pg_type(schema.field(c).type))) for c in cols]
             defs.append(sql.SQL("updated_at timestamptz NOT NULL DEFAULT now()"))
@@ -91,9 +91,9 @@ class PostgresSink:
         if table is None or table.num_rows == 0:
             return 0
         window = table.column("window")[0].as_py()
-        target = table_name(self.cfg.table_prefix, self.spec.name, window)
+        target = table_name(self.cfg.table_prefix, self.ctx.pipeline, window)
         conn = self._connect()
-        ident = identity_columns(self.spec, window)
+        ident = identity_columns(self.ctx, window)
         with conn.cursor() as cur:
             cols = self._ensure_table(cur, target, window, table.schema)
             tmp = f"_rs_stage_{target[-10:]}"  # the digest: unique per window, like the table

@@ -17,7 +17,7 @@ import json
 import pyarrow as pa
 import redis
 
-from pipeline.io.sinks.common import identity_columns, identity_key, row_dicts
+from pipeline.io.sinks.common import SinkContext, identity_columns, identity_key, row_dicts
 from pipeline.spec import PipelineSpec, RedisSink as RedisSinkSpec
 
 __all__ = ["RedisSink"]
@@ -39,18 +39,18 @@ return 1
 class RedisSink:
     """Writes closed windows as Redis hashes and publishes each update."""
 
-    def __init__(self, spec: PipelineSpec, cfg: RedisSinkSpec):
-        self.spec = spec
+    def __init__(self, ctx: "SinkContext | PipelineSpec", cfg: RedisSinkSpec):
+        self.ctx = ctx = SinkContext.of(ctx)
         self.cfg = cfg
         self.name = "redis"
-        self.prefix = cfg.prefix or f"raystream:{spec.name}:"
+        self.prefix = cfg.prefix or f"raystream:{ctx.pipeline}:"
         self.channel = cfg.channel or f"{self.prefix}updates"
         self.client = redis.Redis.from_url(cfg.url.get_secret_value(), socket_timeout=10, socket_connect_timeout=5)
         self.script = self.client.register_script(_UPSERT)
         self.updated = 0
 
     def key(self, window: str, row: dict) -> str:
-        return f"{self.prefix}{window}:{identity_key(self.spec.name, row, identity_columns(self.spec, window))}"
+        return f"{self.prefix}{window}:{identity_key(self.ctx.pipeline, row, identity_columns(self.ctx, window))}"
 
     def write(self, table: pa.Table) -> int:
         if table is None or table.num_rows == 0:
@@ -63,7 +63,7 @@ class RedisSink:
             fields = []
             for k, v in row.items():
                 fields += [k, json.dumps(v)]
-            message = json.dumps({"pipeline": self.spec.name, "key": key, **row}, separators=(",", ":"))
+            message = json.dumps({"pipeline": self.ctx.pipeline, "key": key, **row}, separators=(",", ":"))
             self.script(keys=[key, index], args=[row["revision"], self.cfg.ttl, self.channel, message, row["window_start"], *fields],
                         client=pipe)
         self.updated += sum(int(r) for r in pipe.execute())
