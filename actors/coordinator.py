@@ -25,6 +25,8 @@ import os
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
 
 import ray
 
@@ -36,9 +38,26 @@ from pipeline.io.checkpoints import CheckpointStore, commit_checkpoint
 from pipeline.io.kafka import commit_offsets, end_offsets, ensure_topic, topic_partitions
 from pipeline.spec import PipelineSpec
 
-__all__ = ["Coordinator", "PipelineDegraded", "kill_pipeline_actors"]
+__all__ = ["Coordinator", "PipelineDegraded", "WorkerSlot", "kill_pipeline_actors"]
 
 TICK_S = 0.5
+
+
+@dataclass
+class WorkerSlot:
+    """The coordinator's record of one worker index: who runs it, what it owns, how it has been doing."""
+
+    handle: Any                       # the PartitionWorker actor
+    partitions: list[int]
+    epoch: int                        # the only epoch allowed to write for these partitions
+    status: dict = field(default_factory=dict)          # its last heartbeat (``status``)
+    pid: int | None = None
+    launched: float = field(default_factory=time.time)
+    track: Slot = field(default_factory=lambda: Slot(last_ok=time.monotonic(), progress_t=time.monotonic()))
+    restarts: list[float] = field(default_factory=list)  # restart times within health.restart_window
+    restart_total: int = 0
+    given_up: str | None = None       # why it is no longer restarted (the pipeline is degraded)
+    backpressure: str | None = None   # what it waits on, while it does
 
 
 class PipelineDegraded(RuntimeError):
@@ -147,14 +166,14 @@ class Coordinator:
             name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=self.spec.worker_cpus,
         ).remote(self.spec, index)
         # the slot (and its epoch) is visible before start: the new loop's fence must see its own epoch
-        slot = self.slots.get(index, {"restarts": [], "given_up": None})
-        slot.update({"handle": handle, "partitions": partitions, "epoch": epoch, "last_ok": time.monotonic(),
-                     "progress": None, "progress_t": time.monotonic(), "status": {}, "launched": time.time(),
-                     "track": Slot(last_ok=time.monotonic(), progress_t=time.monotonic()), "backpressure": None})
+        previous = self.slots.get(index)
+        slot = WorkerSlot(handle, partitions, epoch)
+        if previous is not None:  # restarts are counted per index across launches
+            slot.restarts, slot.restart_total = previous.restarts, previous.restart_total
         self.slots[index] = slot
         info = ray.get(handle.start.remote(partitions, epoch, entries, {p: self.end[p] for p in partitions} if self.end else None,
                                            self.until_end, resumed), timeout=120)
-        slot["pid"] = info["pid"]
+        slot.pid = info["pid"]
         return info
 
     def _check_cpus(self, workers: int) -> None:
@@ -193,8 +212,8 @@ class Coordinator:
             return self._plan_info()
 
     def _plan_info(self) -> dict:
-        return {"partitions": sorted(p for s in self.slots.values() for p in s["partitions"]),
-                "assignment": [self.slots[i]["partitions"] for i in sorted(self.slots)],
+        return {"partitions": sorted(p for s in self.slots.values() for p in s.partitions),
+                "assignment": [self.slots[i].partitions for i in sorted(self.slots)],
                 "end_offsets": self.end, "epoch": self.next_epoch - 1,
                 "resumed_from": self.last_checkpoint["id"] if self.last_checkpoint else None}
 
@@ -214,9 +233,7 @@ class Coordinator:
                 except Exception:  # already gone
                     pass
                 continue
-            self.slots[i] = {"handle": h, "partitions": st["partitions"], "epoch": st.get("epoch", 0), "restarts": [],
-                             "given_up": None, "last_ok": time.monotonic(), "progress": None, "progress_t": time.monotonic(),
-                             "status": st, "pid": st.get("pid"), "launched": time.time()}
+            self.slots[i] = WorkerSlot(h, st["partitions"], st.get("epoch", 0), status=st, pid=st.get("pid"))
             if st.get("end_offsets") is not None:
                 self.end = {**(self.end or {}), **{int(p): o for p, o in st["end_offsets"].items()}}
             self.next_epoch = max(self.next_epoch, int(st.get("epoch", 0)) + 1)
@@ -233,16 +250,16 @@ class Coordinator:
         with self.lock:
             self.stopping = True
             for s in self.slots.values():
-                if not s["given_up"]:
+                if not s.given_up:
                     try:
-                        s["handle"].stop.remote()
+                        s.handle.stop.remote()
                     except Exception:  # a dead worker is handled by the monitor
                         pass
 
     def epoch_of(self, index: int) -> int:
         """Current epoch of worker ``index`` (read without the lock: workers ask it while a checkpoint waits on them)."""
         slot = self.slots.get(index)
-        return -1 if slot is None else slot["epoch"]
+        return -1 if slot is None else slot.epoch
 
     def pid(self) -> int:
         return os.getpid()
@@ -271,7 +288,7 @@ class Coordinator:
         if time.monotonic() - self.broker_ends_t < 2.0:
             return
         try:
-            parts = sorted(p for s in self.slots.values() for p in s["partitions"])
+            parts = sorted(p for s in self.slots.values() for p in s.partitions)
             self.broker_ends = end_offsets(self.kafka.bootstrap_servers, self.kafka.topic, parts, 3.0)
             self.broker_ends_t = time.monotonic()
         except Exception:  # broker paused: lag is unknown for now, so no stall verdicts either
@@ -284,30 +301,29 @@ class Coordinator:
         stall = self.spec.health.stall_timeout / 1000.0
         self._refresh_ends()
         self._cover()
-        refs = {i: s["handle"].status.remote() for i, s in self.slots.items() if not s["given_up"]}
+        refs = {i: s.handle.status.remote() for i, s in self.slots.items() if not s.given_up}
         for i, ref in refs.items():
             s = self.slots[i]
-            track = s.setdefault("track", Slot(last_ok=s["last_ok"], progress_t=s["progress_t"]))
+            track = s.track
             try:
                 st = ray.get(ref, timeout=min(2.0, hb))
                 positions = {int(p): int(o) for p, o in (st.get("positions") or {}).items()}
                 lag = sum(max(0, self.broker_ends.get(p, 0) - o) for p, o in positions.items()) if self.broker_ends else 0
                 obs = Observation(True, state=st["state"], error=st.get("error"), positions=positions, lag=lag,
                                   store_wait=st.get("store_wait"))
-                s["status"] = st
+                s.status = st
             except ray.exceptions.GetTimeoutError:
                 obs = Observation(False)
             except ray.exceptions.RayError:
                 obs = Observation(False, died=True)
             verdict = judge(obs, track, time.monotonic(), hb, stall)
-            s["last_ok"] = track.last_ok
-            s["backpressure"] = verdict.reason if verdict.action is Action.BACKPRESSURE else None
+            s.backpressure = verdict.reason if verdict.action is Action.BACKPRESSURE else None
             if verdict.action is Action.RESTART:
                 self._restart(i, verdict.reason)
 
     def _orphans(self) -> list[int]:
         """Partitions of the run that no live worker owns (given-up workers still count as owners: degraded)."""
-        owned = {p for s in self.slots.values() for p in s["partitions"]}
+        owned = {p for s in self.slots.values() for p in s.partitions}
         return sorted(set(self.partitions or []) - owned)
 
     def _cover(self) -> None:
@@ -342,23 +358,23 @@ class Coordinator:
         s = self.slots[index]
         now = time.monotonic()
         window = self.spec.health.restart_window / 1000.0
-        s["restarts"] = [t for t in s["restarts"] if now - t <= window] + [now]
-        s["restart_total"] = s.get("restart_total", 0) + 1
+        s.restarts = [t for t in s.restarts if now - t <= window] + [now]
+        s.restart_total = s.restart_total + 1
         try:
-            ray.kill(s["handle"], no_restart=True)
+            ray.kill(s.handle, no_restart=True)
         except Exception:  # already gone
             pass
-        if len(s["restarts"]) > self.spec.health.max_restarts:
-            s["given_up"] = reason
+        if len(s.restarts) > self.spec.health.max_restarts:
+            s.given_up = reason
             self.degraded = (f"worker {index} (partitions {s['partitions']}) restarted {len(s['restarts']) - 1} times within "
                              f"{window:.0f}s, last because {reason}; it is no longer restarted")
             self._event(self.degraded, worker=index)
             return
         epoch = self._new_epoch()
-        s["epoch"] = epoch  # fence the old one at once, even before the new one runs
+        s.epoch = epoch  # fence the old one at once, even before the new one runs
         t0 = time.time()
         try:
-            info = self._launch(index, s["partitions"], epoch, self._entries(s["partitions"]), resumed=True)
+            info = self._launch(index, s.partitions, epoch, self._entries(s.partitions), resumed=True)
         except Exception as exc:  # the next tick sees it dead again and counts another restart
             self._event(f"worker {index}: restart failed: {type(exc).__name__}: {exc}", worker=index)
             return
@@ -373,8 +389,8 @@ class Coordinator:
         cid = self.checkpoint_id
         timeout = self.spec.checkpoint.timeout / 1000.0
         # a worker waiting on a store answers only after it is back: it misses this round (keeps its entries)
-        refs = {i: (s["handle"].checkpoint.remote(cid, s["epoch"], timeout), s["epoch"])
-                for i, s in self.slots.items() if not s["given_up"] and not (s.get("status") or {}).get("store_wait")}
+        refs = {i: (s.handle.checkpoint.remote(cid, s.epoch, timeout), s.epoch)
+                for i, s in self.slots.items() if not s.given_up and not (s.status or {}).get("store_wait")}
         entries: dict[int, dict] = {}
         pending = {ref: (i, epoch) for i, (ref, epoch) in refs.items()}
         deadline = time.monotonic() + timeout + 5
@@ -388,18 +404,18 @@ class Coordinator:
                 except Exception as exc:  # a failed snapshot only means this round keeps the previous entries
                     self._event(f"checkpoint {cid}: worker {i} failed: {type(exc).__name__}: {str(exc)[:300]}", worker=i)
                     continue
-                if self.slots[i]["epoch"] == epoch:
+                if self.slots[i].epoch == epoch:
                     entries.update({int(p): e for p, e in got.items()})
             # a worker that stopped answering is not waited for (the monitor restarts it), nor one that waits
             # on a store (it answers between batches only after the store is back): this round keeps its entries
             for ref, (i, _) in list(pending.items()):
                 try:
-                    st = ray.get(self.slots[i]["handle"].status.remote(), timeout=2.0)
+                    st = ray.get(self.slots[i].handle.status.remote(), timeout=2.0)
                 except Exception:
                     pending.pop(ref)
                     self._event(f"checkpoint {cid}: worker {i} does not answer; checkpointed without it", worker=i)
                     continue
-                self.slots[i]["status"] = st
+                self.slots[i].status = st
                 if st.get("store_wait"):
                     pending.pop(ref)
                     self._event(f"checkpoint {cid}: worker {i} waits on {st['store_wait'].get('store')}; "
@@ -409,7 +425,7 @@ class Coordinator:
         if not entries:
             self.checkpoints_failed += 1
             return None
-        all_parts = sorted(p for s in self.slots.values() for p in s["partitions"])
+        all_parts = sorted(p for s in self.slots.values() for p in s.partitions)
         try:
             # final: every worker drained and is in it, so a later run resumes exactly here (no replayed output)
             manifest, problems = commit_checkpoint(
@@ -435,8 +451,8 @@ class Coordinator:
     def _all_drained(self) -> bool:
         if self._orphans():
             return False  # a partition nobody owns is never "done"
-        live = [s for s in self.slots.values() if not s["given_up"]]
-        return bool(live) and all(s["status"].get("state") == "drained" for s in live) or (
+        live = [s for s in self.slots.values() if not s.given_up]
+        return bool(live) and all(s.status.get("state") == "drained" for s in live) or (
             not live and bool(self.slots))
 
     def _finalize(self) -> None:
@@ -445,11 +461,11 @@ class Coordinator:
         results = []
         to_end = self.until_end and not self.stopping
         for i, s in sorted(self.slots.items()):
-            if s["given_up"]:
-                results.append({"index": i, "state": "given_up", "error": s["given_up"], **s["status"]})
+            if s.given_up:
+                results.append({"index": i, "state": "given_up", "error": s.given_up, **s.status})
                 continue
             try:
-                results.append(ray.get(s["handle"].finish.remote(to_end), timeout=300))
+                results.append(ray.get(s.handle.finish.remote(to_end), timeout=300))
             except Exception as exc:
                 self.failure = f"worker {i} failed to finish: {type(exc).__name__}: {exc}"
                 results.append({"index": i, "state": "failed", "error": self.failure})
@@ -486,21 +502,21 @@ class Coordinator:
                 raise RuntimeError("scaling moves state through checkpoints: the spec has no 'checkpoint' section")
             self._check_cpus(workers)
             for s in self.slots.values():
-                s["handle"].stop.remote()
+                s.handle.stop.remote()
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                states = ray.get([s["handle"].status.remote() for s in self.slots.values()], timeout=30)
+                states = ray.get([s.handle.status.remote() for s in self.slots.values()], timeout=30)
                 if all(st["state"] in ("drained", "failed", "fenced") for st in states):
                     break
                 time.sleep(0.1)
             manifest = self._checkpoint()
             for s in self.slots.values():
                 try:
-                    ray.get(s["handle"].finish.remote(False), timeout=60)
+                    ray.get(s.handle.finish.remote(False), timeout=60)
                 except Exception:  # a worker that failed has nothing to flush
                     pass
-                ray.kill(s["handle"], no_restart=True)
-            partitions = sorted(p for s in self.slots.values() for p in s["partitions"])
+                ray.kill(s.handle, no_restart=True)
+            partitions = sorted(p for s in self.slots.values() for p in s.partitions)
             before = len(self.slots)
             self.slots = {}
             self.spec = self.spec.model_copy(update={"workers": workers})
@@ -514,7 +530,7 @@ class Coordinator:
 
     def open_windows(self, window: str, filters: dict[str, str]) -> list[dict]:
         """Open windows of every live worker (the serving layer's ``include_open``)."""
-        refs = [s["handle"].open_windows.remote(window, filters) for s in self.slots.values() if not s["given_up"]]
+        refs = [s.handle.open_windows.remote(window, filters) for s in self.slots.values() if not s.given_up]
         out: list[dict] = []
         for ref in refs:
             try:
@@ -529,16 +545,16 @@ class Coordinator:
         ends = self.broker_ends or self.end or {}
         ck = (self.last_checkpoint or {}).get("offsets", {})
         for i, s in sorted(self.slots.items()):
-            st = dict(s.get("status") or {})
+            st = dict(s.status or {})
             positions = {int(p): int(o) for p, o in (st.get("positions") or {}).items()}
-            health = "given up" if s["given_up"] else "waiting on store" if s.get("backpressure") else (
-                "dead?" if time.monotonic() - s["last_ok"] > self.spec.health.heartbeat_timeout / 1000.0 else st.get("state", "starting"))
+            health = "given up" if s.given_up else "waiting on store" if s.backpressure else (
+                "dead?" if time.monotonic() - s.track.last_ok > self.spec.health.heartbeat_timeout / 1000.0 else st.get("state", "starting"))
             workers.append({
-                **st, "index": i, "partitions": s["partitions"], "epoch": s["epoch"], "positions": positions,
+                **st, "index": i, "partitions": s.partitions, "epoch": s.epoch, "positions": positions,
                 "lag": sum(max(0, ends.get(p, 0) - o) for p, o in positions.items()) if ends else None,
-                "checkpointed": {p: ck.get(p) for p in s["partitions"]}, "restarts": s.get("restart_total", 0),
-                "health": health, "given_up": s["given_up"], "pid": s.get("pid", st.get("pid")),
-                "backpressure": s.get("backpressure"),
+                "checkpointed": {p: ck.get(p) for p in s.partitions}, "restarts": s.restart_total,
+                "health": health, "given_up": s.given_up, "pid": s.pid or st.get("pid"),
+                "backpressure": s.backpressure,
             })
         return {"pipeline": self.spec.name, "phase": self.phase, "degraded": self.degraded, "failure": self.failure,
                 "epoch": self.next_epoch - 1, "coordinator_pid": os.getpid(), "coordinator_restarted": self.restarted,
@@ -549,7 +565,7 @@ class Coordinator:
         with self.lock:
             for s in self.slots.values():
                 try:
-                    ray.kill(s["handle"], no_restart=True)
+                    ray.kill(s.handle, no_restart=True)
                 except Exception:  # already gone
                     pass
             self.slots = {}

@@ -198,13 +198,11 @@ def test_cli_run_until_end_exits_zero(broker, tmp_path, topic_name):
     reference.compare(got, want, ["tenant_id", "event_type"], sketch=("p95_value",))
 
 
-def test_enriched_windows_on_ray_equal_duckdb_join(broker, ray_local, postgres, redis_server, tmp_path, topic_name, pipeline_name):
-    """Windows grouped by an enriched field (user tier) = DuckDB join + group-by over the raw events."""
-    import duckdb
+def _users_table(postgres, pipeline_name: str) -> tuple[pd.DataFrame, str]:
+    """A PostgreSQL table of users (1 in 7 of the user ids the data set uses), each with a tier."""
     import psycopg
 
-    values, keys, parts, df, _, _ = _dataset(12_000, seed=21)
-    users = pd.DataFrame({"user_id": [f"u{i:06d}" for i in range(0, 100_000, 7)]})  # 1 in 7 users known
+    users = pd.DataFrame({"user_id": [f"u{i:06d}" for i in range(0, 100_000, 7)]})
     users["tier"] = [["free", "pro", "team", "enterprise"][i % 4] for i in range(len(users))]
     table = f"users_{pipeline_name}"
     with psycopg.connect(postgres.extra["dsn"], autocommit=True) as conn:
@@ -212,6 +210,15 @@ def test_enriched_windows_on_ray_equal_duckdb_join(broker, ray_local, postgres, 
         with conn.cursor().copy(f"copy {table} from stdin") as cp:
             for row in users.itertuples(index=False):
                 cp.write_row(tuple(row))
+    return users, table
+
+
+def test_enriched_windows_on_ray_equal_duckdb_join(broker, ray_local, postgres, redis_server, tmp_path, topic_name, pipeline_name):
+    """Windows grouped by an enriched field (user tier) = DuckDB join + group-by over the raw events."""
+    import duckdb
+
+    values, keys, parts, df, _, _ = _dataset(12_000, seed=21)
+    users, table = _users_table(postgres, pipeline_name)
     broker.extra["broker"].create_topic(topic_name, PARTITIONS)
     produce_all(broker.address, topic_name, values, keys, parts)
     out, late = f"file://{tmp_path}/out", f"file://{tmp_path}/late"
@@ -277,19 +284,11 @@ def test_lookup_store_down_10s_mid_run_pauses_instead_of_windowing_nulls(broker,
     import threading
 
     import duckdb
-    import psycopg
 
     from tests.services import TcpProxy
 
     values, keys, parts, df, _, _ = _dataset(12_000, seed=23)
-    users = pd.DataFrame({"user_id": [f"u{i:06d}" for i in range(0, 100_000, 7)]})
-    users["tier"] = [["free", "pro", "team", "enterprise"][i % 4] for i in range(len(users))]
-    table = f"users_{pipeline_name}"
-    with psycopg.connect(postgres.extra["dsn"], autocommit=True) as conn:
-        conn.execute(f"create table {table} (user_id text primary key, tier text)")
-        with conn.cursor().copy(f"copy {table} from stdin") as cp:
-            for row in users.itertuples(index=False):
-                cp.write_row(tuple(row))
+    users, table = _users_table(postgres, pipeline_name)
     port = int(postgres.extra["dsn"].rsplit(":", 1)[1].split("/")[0])
     proxy = TcpProxy(port)
     broker.extra["broker"].create_topic(topic_name, PARTITIONS)
@@ -382,3 +381,24 @@ def test_backfill_ending_with_open_sessions_then_resumed_leaves_one_row_per_sess
     final = got["parquet"]
     assert any(first_ends.get((r.tenant_id, r.partition, int(r.window_start)), int(r.window_end)) != int(r.window_end)
                for r in final.itertuples())
+
+
+@pytest.mark.parametrize("skew_s", [3600, -3600])
+def test_worker_wall_clock_an_hour_off_changes_nothing(broker, tmp_path, topic_name, monkeypatch, skew_s):
+    """The worker's wall clock an hour off (every ``time.time`` in the process), idle advance on: output
+    equals the reference, nothing is rejected (the future guard compares event time with the record's Kafka
+    timestamp, not the worker's clock; idleness and health run on the monotonic clock)."""
+    values, keys, parts, df, _, _ = _dataset(6_000, seed=8)
+    broker.extra["broker"].create_topic(topic_name, PARTITIONS)
+    produce_all(broker.address, topic_name, values, keys, parts)
+    data = _spec("skewed", broker.address, topic_name, f"file://{tmp_path}/out", f"file://{tmp_path}/late",
+                 workers=1).model_dump(mode="python")
+    data["event_time"].update({"idle_timeout": "1s", "max_future": "10m"})  # far less than the skew
+    spec = parse_spec(data)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + skew_s)
+    report = run_pipeline(spec, until_end=True, inline=True)
+    monkeypatch.undo()
+    assert abs(report.workers[0]["first_batch_at"] - real() - skew_s) < 60  # the run really saw the skewed clock
+    assert report.rejected == 0 and report.records == len(values)
+    _check_outputs(spec, df, f"file://{tmp_path}/out", f"file://{tmp_path}/late")
