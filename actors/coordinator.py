@@ -366,7 +366,7 @@ class Coordinator:
             pass
         if len(s.restarts) > self.spec.health.max_restarts:
             s.given_up = reason
-            self.degraded = (f"worker {index} (partitions {s['partitions']}) restarted {len(s['restarts']) - 1} times within "
+            self.degraded = (f"worker {index} (partitions {s.partitions}) restarted {len(s.restarts) - 1} times within "
                              f"{window:.0f}s, last because {reason}; it is no longer restarted")
             self._event(self.degraded, worker=index)
             return
