@@ -456,6 +456,9 @@ class Coordinator:
             not live and bool(self.slots))
 
     def _finalize(self) -> None:
+        given_up = {i: s.given_up for i, s in self.slots.items() if s.given_up}
+        if given_up and not self.degraded:  # never finish quietly without a worker's output
+            self.degraded = "; ".join(f"worker {i} is no longer restarted: {why}" for i, why in sorted(given_up.items()))
         if self.store is not None:
             self._checkpoint(final=not self.degraded and not self.failure)
         results = []
