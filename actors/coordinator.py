@@ -353,6 +353,8 @@ class Coordinator:
                 self._event(f"worker {index}: start for partitions {parts} failed: {type(exc).__name__}: {exc}", worker=index)
                 continue
             self._event(f"worker {index} started for orphaned partitions {parts} at epoch {epoch}", worker=index, epoch=epoch)
+            if self.stopping:  # a clean stop was asked before this worker existed: it drains too
+                self.slots[index].handle.stop.remote()
 
     def _restart(self, index: int, reason: str) -> None:
         s = self.slots[index]
@@ -380,6 +382,8 @@ class Coordinator:
             return
         self._event(f"worker {index} restarted at epoch {epoch} from offsets {info['positions']}: {reason}",
                     worker=index, epoch=epoch, detected=t0)
+        if self.stopping:  # a clean stop was asked before this worker existed: it drains too
+            self.slots[index].handle.stop.remote()
 
     # -- checkpoints ----------------------------------------------------------
     def _checkpoint(self, final: bool = False) -> dict | None:

@@ -88,14 +88,14 @@ class PartitionWorker:
             return True
 
         def ask() -> int:
-            if self.loop is not None and self.loop._stop.is_set():
-                raise _Stopping()
             try:
                 if self._coordinator is None:
                     self._coordinator = ray.get_actor(actor_name(self.spec.name, "coordinator"), namespace=NAMESPACE)
                 return ray.get(self._coordinator.epoch_of.remote(self.index), timeout=10)
             except Exception:
                 self._coordinator = None  # restarting: look it up again next time
+                if self.loop is not None and self.loop._stop.is_set():
+                    raise _Stopping() from None  # stopping and unconfirmed: write nothing
                 raise
 
         try:
