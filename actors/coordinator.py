@@ -159,7 +159,7 @@ class Coordinator:
         name = actor_name(self.spec.name, f"worker-{index}")
         try:  # a worker that died with the coordinator may still hold its name: take it back
             ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-        except (ValueError, ray.exceptions.RayError):
+        except (ValueError, ray.exceptions.RayError):  # no such actor (the usual case) or already dead
             pass
         _wait_name_free(name)
         handle = PartitionWorker.options(

@@ -446,12 +446,15 @@ def test_faults_in_a_row_workers_and_coordinator(env):
                       what="worker 0's replacement")
     w0 = next(w for w in st["workers"] if w["index"] == 0)
     os.kill(w0["pid"], signal.SIGKILL)
+    coordinator_kills = 0
     for _ in range(3):
         time.sleep(0.7)  # checkpoints run every 1 s: some of these land during one
         try:
             control.kill_coordinator(env["name"])
+            coordinator_kills += 1
         except Exception:  # restarting right now: the next round kills it
-            pass
+            continue
+    assert coordinator_kills >= 1  # the fault really fired
     st = run.wait_for(lambda s: all(w.get("pid") not in (None, k0["pid"], k1["pid"], w0["pid"]) and w.get("first_batch_at")
                                     for w in s["workers"]) and len(s["workers"]) == 2,
                       timeout_s=120, what="both workers replaced and consuming")
