@@ -260,6 +260,9 @@ class RedisSink(_Model):
     ttl: Duration = Field(default=86_400_000, description="expiry of each window hash")
     prefix: str | None = Field(default=None, description="key prefix; default raystream:<pipeline>:")
     channel: str | None = Field(default=None, description="pub/sub channel of window updates; default <prefix>updates")
+    tenant_key: str | None = Field(default="tenant_id", description=(
+        "group key with an index per value (<prefix><window>:tenant:<len>:<value>), so the serving layer resumes "
+        "a session from that tenant's windows alone; null: none"))
 
 
 class InfluxSink(_Model):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jwt
 
-__all__ = ["AuthError", "Authenticator", "Principal"]
+__all__ = ["AuthError", "Authenticator", "Principal", "UnknownKey"]
 
 _ASYMMETRIC = {"RS256", "ES256"}
 
@@ -38,39 +38,94 @@ class Principal:
     claims: dict
 
 
+class UnknownKey(AuthError):
+    """The token names a ``kid`` the cached JWKS does not have (the caller may refetch it once and retry)."""
+
+
 class Authenticator:
-    """Verifies bearer tokens and extracts the tenant claim."""
+    """Verifies bearer tokens and extracts the tenant claim.
+
+    ``jwks`` is a JWKS document, a file path or an ``https://`` URL. Keys are
+    cached; a token naming an unknown ``kid`` may trigger a refetch
+    (``refresh``), at most one per ``refresh_min_s`` however many such tokens
+    arrive, so rotated keys are picked up and random ``kid``s cost nothing. A
+    malformed key in the set is skipped (with the reason in ``skipped``); a set
+    with no usable key is refused at start. When a refetch fails, the cached
+    keys stay in force.
+    """
 
     def __init__(self, jwks: dict | str | Path, issuer: str, audience: str, tenant_claim: str = "tenant",
-                 hs256_secret: str | None = None, leeway_s: int = 0):
-        if isinstance(jwks, (str, Path)):
-            jwks = json.loads(Path(jwks).read_text())
-        self._jwks = jwks
+                 hs256_secret: str | None = None, leeway_s: int = 0, refresh_min_s: float = 30.0):
+        self.source = jwks if isinstance(jwks, dict) else str(jwks)
+        self.refresh_min_s = refresh_min_s
+        self.refetches = 0
+        self.skipped: list[str] = []
+        self._fetched_at = time.monotonic()
         self._keys: dict[str, tuple[object, str]] | None = None
-        self._load()  # refuse a bad JWKS at once
+        self._jwks = self._fetch()
+        if not self._load():  # refuse a JWKS without one usable key at once
+            raise ValueError(f"JWKS has no usable RS256/ES256 key: {self.skipped}")
         self.issuer, self.audience = issuer, audience
         self.tenant_claim = tenant_claim
         self.hs256_secret = hs256_secret
         self.leeway_s = leeway_s
 
+    def _fetch(self) -> dict:
+        if isinstance(self.source, dict):
+            return self.source
+        if self.source.startswith(("https://", "http://")):
+            import urllib.request
+
+            with urllib.request.urlopen(self.source, timeout=3) as r:  # noqa: S310 (scheme checked above)
+                return json.loads(r.read(1 << 20))
+        return json.loads(Path(self.source).read_text())
+
     def _load(self) -> dict[str, tuple[object, str]]:
-        keys = {}
-        for k in self._jwks.get("keys", []):
-            jwk = jwt.PyJWK.from_dict(k)
-            alg = k.get("alg") or {"RSA": "RS256", "EC": "ES256"}.get(k.get("kty"))
-            if alg not in _ASYMMETRIC:
-                raise ValueError(f"JWKS key {k.get('kid')!r}: algorithm {alg!r} is not RS256/ES256")
-            keys[k.get("kid", "")] = (jwk.key, alg)
-        self._keys = keys
+        keys, skipped = {}, []
+        for k in self._jwks.get("keys", []) if isinstance(self._jwks, dict) else []:
+            try:
+                alg = k.get("alg") or {"RSA": "RS256", "EC": "ES256"}.get(k.get("kty"))
+                if alg not in _ASYMMETRIC:
+                    raise ValueError(f"algorithm {alg!r} is not RS256/ES256")
+                keys[str(k.get("kid", ""))] = (jwt.PyJWK.from_dict(k).key, alg)
+            except Exception as exc:  # a malformed key is skipped, never a 500
+                skipped.append(f"{k.get('kid') if isinstance(k, dict) else k!r}: {type(exc).__name__}: {exc}")
+        self._keys, self.skipped = keys, skipped
         return keys
 
     @property
     def keys(self) -> dict[str, tuple[object, str]]:
         return self._keys if self._keys is not None else self._load()
 
+    def may_refresh(self) -> bool:
+        return not isinstance(self.source, dict) and time.monotonic() - self._fetched_at >= self.refresh_min_s
+
+    def refresh(self) -> bool:
+        """Refetch the JWKS unless done less than ``refresh_min_s`` ago; True when new keys were loaded."""
+        import threading
+
+        with self.__dict__.setdefault("_refresh_lock", threading.Lock()):  # one refetch at a time; the others wait for it
+            if not self.may_refresh():
+                return False
+            self._fetched_at = time.monotonic()  # also on failure: an endpoint that is down is not hammered
+            return self._refetch()
+
+    def _refetch(self) -> bool:
+        self.refetches += 1
+        try:
+            doc = self._fetch()
+        except Exception:  # endpoint down or garbage: the cached keys stay in force
+            return False
+        old_doc, old_keys, old_skipped = self._jwks, self._keys, self.skipped
+        self._jwks = doc
+        if not self._load():
+            self._jwks, self._keys, self.skipped = old_doc, old_keys, old_skipped
+            return False
+        return True
+
     def __getstate__(self) -> dict:
         # key objects do not pickle: a Serve replica rebuilds them from the JWKS
-        return {**self.__dict__, "_keys": None, "_verified": {}}
+        return {k: v for k, v in self.__dict__.items() if k != "_refresh_lock"} | {"_keys": None, "_verified": {}}
 
     def verify(self, authorization: str | None) -> Principal:
         """``Authorization`` header value -> Principal; raises AuthError (401) on anything wrong.
@@ -101,7 +156,7 @@ class Authenticator:
         if alg in _ASYMMETRIC:
             entry = self.keys.get(header.get("kid", "")) or (next(iter(self.keys.values())) if len(self.keys) == 1 and "kid" not in header else None)
             if entry is None:
-                raise AuthError("unknown signing key")
+                raise UnknownKey("unknown signing key")
             key, key_alg = entry
             if key_alg != alg:
                 raise AuthError(f"token algorithm {alg} does not match its key ({key_alg})")

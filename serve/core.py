@@ -13,20 +13,13 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from serve.auth import AuthError, Authenticator, Principal
+from serve.auth import AuthError, Authenticator, Principal, UnknownKey
 from serve.config import ServeConfig
-from serve.query import BadQuery, aquery_windows, catalog
+from serve.errors import ApiError
+from serve.query import MAX_MS, aquery_windows, catalog
+from serve.tenancy import scope_filters, visible_rows
 
 __all__ = ["ApiError", "Core", "shared_core"]
-
-
-class ApiError(Exception):
-    """A request that cannot be answered: HTTP-style ``status`` (400/401/403/404/409/413/429/503) and why."""
-
-    def __init__(self, status: int, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
 
 
 class Core:
@@ -36,8 +29,10 @@ class Core:
         from pipeline.io.registry import Registry
 
         self.cfg = cfg
-        self.auth = Authenticator(cfg.auth.jwks_file, cfg.auth.issuer, cfg.auth.audience, cfg.auth.tenant_claim,
-                                  cfg.auth.hs256_secret.get_secret_value() if cfg.auth.hs256_secret else None)
+        self.auth = Authenticator(cfg.auth.jwks, cfg.auth.issuer, cfg.auth.audience, cfg.auth.tenant_claim,
+                                  cfg.auth.hs256_secret.get_secret_value() if cfg.auth.hs256_secret else None,
+                                  refresh_min_s=cfg.auth.jwks_refresh_min_s)
+
         self.windows = catalog(cfg.specs())
         self.dsn = cfg.postgres_dsn.get_secret_value()
         self.registry = Registry(self.dsn)
@@ -82,16 +77,34 @@ class Core:
 
     # -- callers ----------------------------------------------------------------------
     def principal(self, authorization: str | None) -> Principal:
+        """The caller of an ``Authorization`` header value (cached keys only); ApiError 401/403."""
         try:
             return self.auth.verify(authorization)
         except AuthError as exc:
             raise ApiError(exc.status, str(exc)) from None
 
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """``principal``, refetching the JWKS (off the event loop, rate limited) when the token names an unknown key."""
+        try:
+            return self.auth.verify(authorization)
+        except UnknownKey:
+            if not self.auth.may_refresh():
+                raise ApiError(401, "unknown signing key") from None
+        except AuthError as exc:
+            raise ApiError(exc.status, str(exc)) from None
+        await asyncio.to_thread(self.auth.refresh)
+        return self.principal(authorization)
+
     async def admit(self, who: Principal, endpoint: str) -> None:
         """The tenant's token bucket for ``endpoint``: ApiError 429 with the wait when empty."""
         if self.limiter is None:
             return
-        ok, retry = await self.limiter.acheck(who.tenant, endpoint)
+        import redis
+
+        try:
+            ok, retry = await self.limiter.acheck(who.tenant, endpoint)
+        except (redis.RedisError, OSError):  # fail closed: without the shared buckets no tenant's bound can be kept
+            raise ApiError(503, "rate limiter unavailable", retry_after=1) from None
         if not ok:
             raise ApiError(429, f"rate limit of {endpoint} reached for this tenant", retry_after=int(retry) or 1)
 
@@ -109,15 +122,21 @@ class Core:
         import psycopg
 
         info = self.window(pipeline, window)
-        if not 1 <= limit <= self.cfg.max_page_size:
-            raise ApiError(400, f"limit is between 1 and {self.cfg.max_page_size}")
+        if not isinstance(limit, int) or not 1 <= limit <= self.cfg.max_page_size:
+            raise ApiError(400, f"limit is between 1 and {self.cfg.max_page_size}", parameter="limit")
+        for name, v in (("start", start), ("end", end)):
+            if v is not None and not (isinstance(v, int) and 0 <= v <= MAX_MS):
+                raise ApiError(400, f"{name} is epoch milliseconds between 0 and {MAX_MS}", parameter=name)
+        if order not in ("asc", "desc"):
+            raise ApiError(400, "order is asc or desc", parameter="order")
+        filters = scope_filters(who, filters, self.cfg.tenant_key, (*info.keys, "partition"))
         try:
             pool = await self.apg()
             async with pool.connection(timeout=10) as conn:
                 rows, nxt = await aquery_windows(conn, self.cfg.table_prefix, info, self.cfg.tenant_key, who.tenant, filters,
                                                  start, end, order, fields, limit, cursor)
-        except BadQuery as exc:
-            raise ApiError(exc.status, str(exc)) from None
+        except psycopg.errors.DataError:  # a cursor value of the wrong type for its column
+            raise ApiError(400, "cursor is not one this API gave out", parameter="cursor") from None
         except psycopg.errors.UndefinedTable:
             rows, nxt = [], None  # nothing emitted yet
         except (psycopg.OperationalError, TimeoutError) as exc:
@@ -125,7 +144,7 @@ class Core:
             raise ApiError(503, f"store unavailable: {first}") from None
         result: dict = {"items": rows, "next_cursor": nxt}
         if include_open:
-            result["open"] = await asyncio.to_thread(open_windows, info, self.cfg.tenant_key, who.tenant, filters, start, end,
+            result["open"] = await asyncio.to_thread(open_windows, info, self.cfg.tenant_key, who, filters, start, end,
                                                      fields)
         return result
 
@@ -137,8 +156,8 @@ class Core:
             self._pool = None
 
 
-def open_windows(info, tenant_key: str, tenant: str, filters: dict, start, end, fields) -> list[dict]:
-    """Open windows of the tenant from the running pipeline's workers (queryable state)."""
+def open_windows(info, tenant_key: str, who: Principal, filters: dict, start, end, fields) -> list[dict]:
+    """Open windows of the caller's tenant from the running pipeline's workers (queryable state)."""
     import ray
 
     from actors.runtime import NAMESPACE, actor_name
@@ -147,11 +166,11 @@ def open_windows(info, tenant_key: str, tenant: str, filters: dict, start, end, 
         raise ApiError(503, "include_open needs the serving layer to run on the pipeline's Ray cluster")
     try:
         coord = ray.get_actor(actor_name(info.pipeline, "coordinator"), namespace=NAMESPACE)
-        rows = ray.get(coord.open_windows.remote(info.window, {**filters, tenant_key: tenant}), timeout=20)
+        rows = ray.get(coord.open_windows.remote(info.window, {**filters, tenant_key: who.tenant}), timeout=20)
     except ValueError:
         raise ApiError(503, f"pipeline {info.pipeline!r} is not running: no open windows to read") from None
-    rows = [r for r in rows if str(r.get(tenant_key)) == tenant
-            and (start is None or r["window_start"] >= start) and (end is None or r["window_start"] < end)]
+    rows = [r for r in visible_rows(who, rows, tenant_key)
+            if (start is None or r["window_start"] >= start) and (end is None or r["window_start"] < end)]
     rows.sort(key=lambda r: (r["window_start"], str([r.get(k) for k in info.keys]), r["partition"]))
     if fields:
         rows = [{k: r.get(k) for k in fields} for r in rows]

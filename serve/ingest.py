@@ -18,8 +18,11 @@ import time
 import fastjsonschema
 
 from serve.config import IngestConfig
+from serve.errors import ApiError
 
-__all__ = ["Ingestor", "Verdict"]
+__all__ = ["Ingestor", "QUEUE_MESSAGES", "Verdict"]
+
+QUEUE_MESSAGES = 100_000  # the producer's local queue (queue.buffering.max.messages): a request that does not fit is refused
 
 Verdict = dict  # {"index", "status": "accepted"|"rejected", "reason"?, "detail"?, "schema"?}
 
@@ -57,7 +60,8 @@ class Ingestor:
                 from confluent_kafka import Producer
 
                 self._producer = Producer({"bootstrap.servers": self.cfg.bootstrap_servers, "enable.idempotence": True,
-                                           "acks": "all", "linger.ms": 2, "message.timeout.ms": 10_000})
+                                           "acks": "all", "linger.ms": 2, "message.timeout.ms": 10_000,
+                                           "queue.buffering.max.messages": QUEUE_MESSAGES})
             return self._producer
 
     def close(self) -> None:
@@ -91,20 +95,26 @@ class Ingestor:
         return results, to_send, label
 
     def send(self, to_send: list[tuple[int, bytes]], tenant: str, label: str) -> dict[int, str | None]:
-        """Produce without waiting; returns the dict the delivery callbacks fill (index -> error or None)."""
+        """Produce without waiting (never blocks the event loop); returns the dict the delivery callbacks fill
+        (index -> error or None).
+
+        ApiError 503 (Retry-After 1) when the producer's queue cannot take the whole request, before anything is
+        sent; a record the queue refuses anyway (its byte limit) is marked ``queue_full`` and never sent.
+        """
         done: dict[int, str | None] = {}
         if not to_send:
             return done
         p = self.producer()
+        p.poll(0)  # serve callbacks of earlier requests: frees queue space
+        if len(p) + len(to_send) > QUEUE_MESSAGES:
+            raise ApiError(503, "the broker is not keeping up: the producer queue is full", retry_after=1)
         key, headers = tenant.encode(), [("raystream.schema", label.encode())]
         for i, value in to_send:
-            while True:
-                try:
-                    p.produce(self.cfg.topic, value=value, key=key, headers=headers,
-                              on_delivery=lambda err, _m, i=i: done.__setitem__(i, None if err is None else str(err)))
-                    break
-                except BufferError:  # local queue full: let deliveries drain, then go on
-                    p.poll(0.05)
+            try:
+                p.produce(self.cfg.topic, value=value, key=key, headers=headers,
+                          on_delivery=lambda err, _m, i=i: done.__setitem__(i, None if err is None else str(err)))
+            except BufferError:  # the queue's byte limit: this record is refused, not waited for
+                done[i] = "queue_full"
         return done
 
     def _await(self, done: dict, n: int, timeout_s: float) -> None:
@@ -121,10 +131,12 @@ class Ingestor:
         await asyncio.get_running_loop().run_in_executor(None, self._await, done, sent, timeout_s)
         for r in results:
             if r["status"] == "accepted" and done.get(r["index"], "not acknowledged") is not None:
-                r.update(status="rejected", reason="broker_unavailable", detail=done.get(r["index"]) or "not acknowledged")
+                why = done.get(r["index"]) or "not acknowledged"
+                r.update(status="rejected", reason="queue_full" if why == "queue_full" else "broker_unavailable", detail=why)
 
     async def ingest(self, records: list, tenant: str) -> tuple[list[Verdict], str]:
-        results, to_send, label = self.check(records, tenant)
+        # off the event loop: validation is per record, and the schema cache may ask PostgreSQL
+        results, to_send, label = await asyncio.to_thread(self.check, records, tenant)
         done = self.send(to_send, tenant, label)
         await self.confirm(results, done, len(to_send))
         return results, label

@@ -18,16 +18,18 @@ from psycopg import sql
 
 from pipeline.io.sinks.postgres import table_name
 from pipeline.spec import PipelineSpec
+from serve.errors import ApiError
 
-__all__ = ["BadQuery", "WindowInfo", "aquery_windows", "build_query", "catalog", "query_windows"]
+__all__ = ["BadQuery", "MAX_MS", "WindowInfo", "aquery_windows", "build_query", "catalog", "query_windows"]
+
+MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last instant PostgreSQL's to_timestamp and Python both take
 
 
-class BadQuery(ValueError):
+class BadQuery(ApiError):
     """A request naming something not allowed (400), or a window that cannot be tenant-scoped (403)."""
 
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+    def __init__(self, message: str, status: int = 400, parameter: str | None = None):
+        super().__init__(status, message, parameter=parameter)
 
 
 @dataclass(frozen=True)
@@ -51,13 +53,23 @@ def _encode_cursor(values: list) -> str:
     return base64.urlsafe_b64encode(json.dumps(values, default=str).encode()).decode()
 
 
-def _decode_cursor(cursor: str) -> list:
+def _decode_cursor(cursor: str, n: int) -> list:
+    """The sort key a cursor carries: window_start as epoch ms in range, then ``n - 1`` scalars."""
+    bad = BadQuery("cursor is not one this API gave out", parameter="cursor")
     try:
         out = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-    except ValueError:
-        raise BadQuery("cursor is not one this API gave out") from None
-    if not isinstance(out, list):
-        raise BadQuery("cursor is not one this API gave out")
+    except (ValueError, UnicodeError):
+        raise bad from None
+    if not isinstance(out, list) or len(out) != n:
+        raise bad
+    first, last = out[0], out[-1]
+    if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first <= MAX_MS:
+        raise bad
+    if isinstance(last, bool) or not isinstance(last, int) or not 0 <= last < 2**31:  # the partition
+        raise bad
+    for v in out[1:]:
+        if isinstance(v, (dict, list)) or (isinstance(v, float) and v != v) or (isinstance(v, str) and "\x00" in v):
+            raise bad
     return out
 
 
@@ -74,16 +86,19 @@ def build_query(prefix: str, info: WindowInfo, tenant_key: str, tenant: str, fil
     allowed_filters = set(info.keys) | {"partition"}
     for name in filters:
         if name not in allowed_filters:
-            raise BadQuery(f"cannot filter on {name!r}; allowed: {sorted(allowed_filters)}")
+            raise BadQuery(f"cannot filter on {name!r}; allowed: {sorted(allowed_filters)}", parameter=name)
     if tenant_key in filters and filters[tenant_key] != tenant:
-        raise BadQuery("a token may only read its own tenant", 403)
+        raise BadQuery("a token may only read its own tenant", 403, parameter=tenant_key)
     if order not in ("asc", "desc"):
-        raise BadQuery("order is asc or desc")
+        raise BadQuery("order is asc or desc", parameter="order")
     cols = list(info.columns)
     if fields:
         bad = [f for f in fields if f not in cols]
         if bad:
-            raise BadQuery(f"unknown fields {bad}; allowed: {cols}")
+            raise BadQuery(f"unknown fields {bad}; allowed: {cols}", parameter="fields")
+    for name, value in filters.items():
+        if not isinstance(value, str) or "\x00" in value:
+            raise BadQuery(f"filter {name} is a text value without NUL", parameter=name)
     sort_cols = ["window_start", *info.keys, "partition"]
     where = [sql.SQL("{} = %s").format(sql.Identifier(tenant_key))]
     params: list = [tenant]
@@ -99,9 +114,7 @@ def build_query(prefix: str, info: WindowInfo, tenant_key: str, tenant: str, fil
         where.append(sql.SQL("window_start < to_timestamp(%s / 1000.0)"))
         params.append(end_ms)
     if cursor:
-        last = _decode_cursor(cursor)
-        if len(last) != len(sort_cols):
-            raise BadQuery("cursor is not one this API gave out")
+        last = _decode_cursor(cursor, len(sort_cols))
         # row comparison on the sort key; window_start travels as epoch ms
         op = sql.SQL(">") if order == "asc" else sql.SQL("<")
         where.append(sql.SQL("({}) {} (to_timestamp(%s / 1000.0), {})").format(

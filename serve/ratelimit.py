@@ -68,17 +68,21 @@ class RateLimiter:
         import redis.asyncio as aredis
 
         loop = asyncio.get_running_loop()
-        if getattr(self, "_aloop", None) is not loop:
-            self._aloop = loop
-            self._aclient = aredis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
-            self._ascript = self._aclient.register_script(_BUCKET)
+        clients = self.__dict__.setdefault("_aclients", {})
+        entry = clients.get(id(loop))
+        if entry is None or entry[0] is not loop:
+            # one client per event loop (Serve's and direct_port's): an asyncio client belongs to the loop that made it
+            for k in [k for k, v in clients.items() if v[0].is_closed()]:
+                del clients[k]
+            client = aredis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
+            entry = clients[id(loop)] = (loop, client.register_script(_BUCKET))
         cap, rate = self.endpoints.get(endpoint, (self.capacity, self.per_second))
-        allowed, retry_ms = await self._ascript(keys=[self.key(endpoint, tenant)], args=[cap, rate])
+        allowed, retry_ms = await entry[1](keys=[self.key(endpoint, tenant)], args=[cap, rate])
         return bool(allowed), math.ceil(int(retry_ms) / 1000) if not allowed else 0.0
 
     def __getstate__(self) -> dict:
         # a Serve replica opens its own connection pool
-        return {k: v for k, v in self.__dict__.items() if k not in ("client", "script", "_aloop", "_aclient", "_ascript")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("client", "script", "_aclients")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)

@@ -25,7 +25,7 @@ def start_serve(cfg: ServeConfig, address: str | None = None) -> dict[str, str]:
     from serve.grpc_api import GRPC_SERVICER
 
     grpc_options = None
-    if cfg.grpc_port is not None:
+    if cfg.grpc_port is not None and cfg.grpc_proxy:  # off by default: Serve's gRPC proxy binds [::] whatever host says
         grpc_options = {"host": cfg.host, "port": cfg.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]}
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, grpc_options=grpc_options)
     serve.run(deployment(cfg), name=APP_NAME, route_prefix="/")

@@ -2,12 +2,18 @@
 
 A client connects with ``?access_token=<JWT>`` (or an ``Authorization``
 header), then sends ``{"subscribe": {"pipeline", "window", "filters",
-"session"}}``. Updates come from the Redis sink's pub/sub channel, filtered to
+"session"}}``. The token holds for the whole session: when it expires the
+socket is closed with 4401, unless the client sent a fresh token of the same
+tenant first (``{"type": "token", "access_token": …}``). A tenant has at most
+``max_streams_per_tenant`` open subscriptions over all replicas (WebSocket and
+gRPC together, leases in Redis; beyond, 4429), and subscribing and resuming
+take from the tenant's ``subscribe`` / ``resume`` token buckets. Updates come from the Redis sink's pub/sub channel, filtered to
 the token's tenant and the filters. Each connection has a session id (sent
 back in ``{"type": "subscribed"}``); the revisions it delivered are kept in
 Redis (``raystream:ws:<session>``) for ``session_ttl``, so a client that
-reconnects with ``"session": id`` first gets every window whose stored
-revision is newer than what it saw, then live updates (what a session saw is
+reconnects with ``"session": id`` first gets every window of its tenant
+(read from the Redis sink's per-tenant index, never another tenant's) whose
+stored revision is newer than what it saw, then live updates (what a session saw is
 written every 100 ms and when it ends, so a resumed client may see a revision
 twice, never miss one). Heartbeats: the server
 sends ``{"type": "ping"}`` every ``heartbeat`` seconds and closes a socket that
@@ -27,9 +33,10 @@ from collections import OrderedDict
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
-from serve.auth import AuthError
+from serve.errors import ApiError
+from serve.tenancy import can_see, scope_filters, tenant_of
 
-__all__ = ["Feed", "Pending", "SubscribeError", "TEXT", "add_stream_route", "run_session"]
+__all__ = ["Feed", "Pending", "SubscribeError", "TEXT", "add_stream_route", "run_session", "tenant_index"]
 
 TEXT = "__text__"  # key of a row's ready-encoded update message (never sent as a field)
 
@@ -63,12 +70,43 @@ class Pending:
         return len(self.rows)
 
 
-class SubscribeError(Exception):
-    """A subscription that cannot start: ``status`` as in HTTP (400/403/404)."""
+class SubscribeError(ApiError):
+    """A subscription that cannot start: ``status`` as in HTTP (400/403/404/429)."""
 
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+
+def tenant_index(prefix: str, window: str, tenant: str) -> str:
+    """The Redis sink's sorted set of one tenant's window keys (the tenant length-prefixed: no tenant reaches another's)."""
+    return f"{prefix}{window}:tenant:{len(tenant)}:{tenant}"
+
+
+# KEYS[1] the tenant's lease set; ARGV: lease ttl ms, cap, lease id. 1 = held, 0 = the tenant is at its cap
+_LEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[3]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+class Lease:
+    """One open subscription counted against its tenant's cap over every replica (expires unless renewed)."""
+
+    def __init__(self, redis, tenant: str, cap: int, ttl_s: float):
+        self.redis, self.cap, self.ttl_ms = redis, cap, int(ttl_s * 1000)
+        self.key = f"raystream:streams:{len(tenant)}:{tenant}"
+        self.id = uuid.uuid4().hex
+
+    async def renew(self) -> bool:
+        return bool(await self.redis.eval(_LEASE, 1, self.key, self.ttl_ms, self.cap, self.id))
+
+    async def release(self) -> None:
+        try:
+            await self.redis.zrem(self.key, self.id)
+        except Exception:  # Redis is gone: the lease expires by itself
+            pass
 
 
 class Hub:
@@ -141,7 +179,7 @@ class Hub:
                     row = json.loads(m["data"])
                 except ValueError:
                     continue
-                feeds = tuple(self.feeds.get((row.get("window"), str(row.get(self.tenant_key))), ()))
+                feeds = tuple(self.feeds.get((row.get("window"), tenant_of(row, self.tenant_key)), ()))
                 if feeds:  # the WebSocket message, encoded once for every subscriber
                     data = m["data"].decode() if isinstance(m["data"], bytes) else m["data"]
                     row[TEXT] = '{"type":"update","row":' + data + "}"
@@ -182,21 +220,23 @@ class Feed:
         sc = core.cfg.stream
         if sc is None:
             raise SubscribeError(404, "streaming is not configured")
+        if not isinstance(pipeline, str) or not isinstance(window, str):
+            raise SubscribeError(400, "pipeline and window are strings", parameter="pipeline")
         info = core.windows.get((pipeline, window))
         if info is None:
             raise SubscribeError(404, "no such window")
         tkey = core.cfg.tenant_key
         if tkey not in info.keys:
             raise SubscribeError(403, f"window is not grouped by {tkey}")
-        filters = {str(k): v for k, v in (filters or {}).items()}
-        bad = [k for k in filters if k not in (*info.keys, "partition")]
-        if bad:
-            raise SubscribeError(400, f"cannot filter on {bad}")
-        if str(filters.get(tkey, who.tenant)) != who.tenant:
-            raise SubscribeError(403, "a token may only read its own tenant")
-        filters[tkey] = who.tenant
+        if not isinstance(filters, dict):
+            raise SubscribeError(400, "filters is an object of group key -> value", parameter="filters")
+        if session is not None and not (isinstance(session, str) and 0 < len(session) <= 128):
+            raise SubscribeError(400, "session is the id a subscription was given", parameter="session")
+        filters = scope_filters(who, {str(k): v for k, v in filters.items()}, tkey, (*info.keys, "partition"))
         self.sc, self.info, self.window, self.pipeline = sc, info, window, pipeline
         self.filters = filters
+        self.tkey = tkey
+        self.who = who
         self.resuming = bool(session)
         self.session = str(session or uuid.uuid4())
         self.skey = f"raystream:ws:{len(who.tenant)}:{who.tenant}:{self.session}"  # a session id never crosses tenants
@@ -207,23 +247,43 @@ class Feed:
         self.core = core
         self.hub: Hub | None = None
         self.redis = None
+        self.lease: Lease | None = None
 
     def wanted(self, row: dict) -> bool:
-        return row.get("window") == self.window and row.get("pipeline", self.pipeline) == self.pipeline and all(
-            str(row.get(k)) == str(v) for k, v in self.filters.items())
+        return (row.get("window") == self.window and row.get("pipeline", self.pipeline) == self.pipeline
+                and can_see(self.who, row, self.tkey)
+                and all(str(row.get(k)) == str(v) for k, v in self.filters.items() if k != self.tkey))
 
     def _enqueue(self, row: dict) -> None:
         self.pending.add(row)
         self.wake.set()
 
-    async def start(self) -> dict:
-        """Subscribe and queue what a resumed session has not seen; returns the ``subscribed`` message."""
+    async def admit(self) -> None:
+        """The tenant's subscribe (and resume) token buckets, then a lease under its cap: SubscribeError 429 when over."""
+        await self.core.admit(self.who, "subscribe")
+        if self.resuming:
+            await self.core.admit(self.who, "resume")
         self.hub = _hub(self.core, self.sc.redis_url.get_secret_value(), f"{self.prefix}updates")
         self.redis = self.hub.redis
+        lease = Lease(self.redis, self.tenant, self.sc.max_streams_per_tenant, 3 * self.sc.heartbeat + 5)
+        if not await lease.renew():
+            raise SubscribeError(429, f"this tenant has {self.sc.max_streams_per_tenant} open subscriptions already")
+        self.lease = lease
+
+    async def renew(self) -> None:
+        """Keep the lease (every heartbeat)."""
+        if self.lease is not None:
+            await self.lease.renew()
+
+    async def start(self) -> dict:
+        """Subscribe and queue what a resumed session has not seen; returns the ``subscribed`` message."""
+        if self.lease is None:
+            await self.admit()
         await self.hub.join(self)
         seen = {k.decode(): int(v) for k, v in (await self.redis.hgetall(self.skey)).items()}
         if seen or self.resuming:
-            for key in await self.redis.zrange(f"{self.prefix}{self.window}:index", 0, -1):
+            # the tenant's own index: a resume never reads another tenant's windows
+            for key in await self.redis.zrange(tenant_index(self.prefix, self.window, self.tenant), 0, -1):
                 h = await self.redis.hgetall(key)
                 if not h:
                     continue
@@ -260,6 +320,8 @@ class Feed:
             self.hub.mark(self.skey, marks, int(self.sc.session_ttl))
 
     async def close(self) -> None:
+        if self.lease is not None:
+            await self.lease.release()
         if self.hub is not None:
             self.hub.leave(self)
             pending = self.hub.marks.pop(self.skey, None)
@@ -278,8 +340,8 @@ class Gone(Exception):
 class _StarletteSocket:
     """``/v1/stream`` behind Serve's HTTP proxy."""
 
-    def __init__(self, ws: WebSocket):
-        self.ws = ws
+    def __init__(self, ws: WebSocket, max_bytes: int = 1 << 16):
+        self.ws, self.max_bytes = ws, max_bytes
 
     def credentials(self) -> str | None:
         token = self.ws.query_params.get("access_token")
@@ -290,9 +352,17 @@ class _StarletteSocket:
 
     async def receive_json(self):
         try:
-            return await self.ws.receive_json()
+            message = await self.ws.receive()
         except (WebSocketDisconnect, RuntimeError):
             raise Gone() from None
+        if message["type"] == "websocket.disconnect":
+            raise Gone()
+        data = message.get("text") if message.get("text") is not None else message.get("bytes") or b""
+        if len(data) > self.max_bytes:  # the direct port's server cuts sooner; behind Serve's proxy this is the bound
+            await self.close(1009, f"message over {self.max_bytes} bytes")
+            raise Gone()
+        try:
+            return json.loads(data)
         except ValueError:
             return None  # not JSON: ignored (a first message that is not a subscription closes with 4400)
 
@@ -309,23 +379,28 @@ class _StarletteSocket:
             pass  # already closed
 
 
+def _exp(who) -> float:
+    return float(who.claims.get("exp", 0))
+
+
 async def run_session(core, sock) -> None:
-    """One subscriber, whatever carries its socket: auth, subscribe, replay, live updates, heartbeats."""
+    """One subscriber, whatever carries its socket: auth, subscribe, replay, live updates, heartbeats, token expiry."""
     import anyio
 
     sc = core.cfg.stream
     # accept first, then refuse with a close code and reason a client can read (a refused handshake says only 403)
     await sock.accept()
     try:
-        who = core.auth.verify(sock.credentials())
-    except AuthError as exc:
+        who = await core.authenticate(sock.credentials())
+    except ApiError as exc:
         await sock.close(4401 if exc.status == 401 else 4403, str(exc))
         return
     try:
         msg = await asyncio.wait_for(sock.receive_json(), timeout=30)
         sub = msg["subscribe"]
-        feed = Feed(core, who, sub["pipeline"], sub["window"], dict(sub.get("filters") or {}), sub.get("session"))
-    except SubscribeError as exc:
+        feed = Feed(core, who, sub["pipeline"], sub["window"], sub.get("filters") or {}, sub.get("session"))
+        await feed.admit()
+    except ApiError as exc:
         await sock.close(4000 + exc.status, str(exc))
         return
     except Gone:
@@ -334,6 +409,7 @@ async def run_session(core, sock) -> None:
         await sock.close(4400, "first message: {\"subscribe\": {\"pipeline\", \"window\", \"filters\"}}")
         return
     last_pong = [time.monotonic()]
+    expires = [_exp(who)]
     try:
         try:
             first = await feed.start()
@@ -345,8 +421,28 @@ async def run_session(core, sock) -> None:
         async def receive():
             while True:
                 msg = await sock.receive_json()
-                if isinstance(msg, dict) and msg.get("type") == "pong":
+                if not isinstance(msg, dict):
+                    continue
+                if msg.get("type") == "pong":
                     last_pong[0] = time.monotonic()
+                elif msg.get("type") == "token":  # a fresh token of the same tenant extends the session
+                    try:
+                        fresh = await core.authenticate(f"Bearer {msg.get('access_token')}")
+                    except ApiError as exc:
+                        await sock.close(4401, str(exc))
+                        return
+                    if fresh.tenant != who.tenant:
+                        await sock.close(4403, "a session keeps its tenant")
+                        return
+                    expires[0] = max(expires[0], _exp(fresh))
+
+        async def expiry():
+            while True:
+                left = expires[0] - time.time()
+                if left <= 0:
+                    await sock.close(4401, "token expired")
+                    return
+                await asyncio.sleep(min(left, 60.0))
 
         async def heartbeat():
             while True:
@@ -355,6 +451,7 @@ async def run_session(core, sock) -> None:
                     await sock.close(4408, "missed pongs")
                     return
                 await sock.send_text(json.dumps({"type": "ping", "time": time.time()}))
+                await feed.renew()
 
         async def send():
             while True:
@@ -379,7 +476,7 @@ async def run_session(core, sock) -> None:
 
         # when one side ends, the others are cancelled
         async with anyio.create_task_group() as tg:
-            for fn in (feed.listen, receive, heartbeat, send):
+            for fn in (feed.listen, receive, expiry, heartbeat, send):
                 tg.start_soon(until_first_ends, fn, tg)
     finally:
         with anyio.CancelScope(shield=True):
@@ -389,4 +486,4 @@ async def run_session(core, sock) -> None:
 def add_stream_route(app: FastAPI, core) -> None:
     @app.websocket("/v1/stream")
     async def stream(ws: WebSocket):
-        await run_session(core, _StarletteSocket(ws))
+        await run_session(core, _StarletteSocket(ws, core.cfg.stream.max_message_bytes))

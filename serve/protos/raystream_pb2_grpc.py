@@ -39,6 +39,11 @@ class RaystreamStub:
                 request_serializer=serve_dot_protos_dot_raystream__pb2.IngestRequest.SerializeToString,
                 response_deserializer=serve_dot_protos_dot_raystream__pb2.IngestResponse.FromString,
                 _registered_method=True)
+        self.QueryWindows = channel.unary_unary(
+                '/raystream.v1.Raystream/QueryWindows',
+                request_serializer=serve_dot_protos_dot_raystream__pb2.QueryRequest.SerializeToString,
+                response_deserializer=serve_dot_protos_dot_raystream__pb2.QueryResponse.FromString,
+                _registered_method=True)
         self.QueryAggregates = channel.unary_unary(
                 '/raystream.v1.Raystream/QueryAggregates',
                 request_serializer=serve_dot_protos_dot_raystream__pb2.QueryRequest.SerializeToString,
@@ -61,8 +66,15 @@ class RaystreamServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def QueryAggregates(self, request, context):
+    def QueryWindows(self, request, context):
         """Closed windows of the caller's tenant (and, with include_open, the open ones read live).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryAggregates(self, request, context):
+        """The old name of QueryWindows, kept for one release.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,6 +94,11 @@ def add_RaystreamServicer_to_server(servicer, server):
                     servicer.Ingest,
                     request_deserializer=serve_dot_protos_dot_raystream__pb2.IngestRequest.FromString,
                     response_serializer=serve_dot_protos_dot_raystream__pb2.IngestResponse.SerializeToString,
+            ),
+            'QueryWindows': grpc.unary_unary_rpc_method_handler(
+                    servicer.QueryWindows,
+                    request_deserializer=serve_dot_protos_dot_raystream__pb2.QueryRequest.FromString,
+                    response_serializer=serve_dot_protos_dot_raystream__pb2.QueryResponse.SerializeToString,
             ),
             'QueryAggregates': grpc.unary_unary_rpc_method_handler(
                     servicer.QueryAggregates,
@@ -121,6 +138,33 @@ class Raystream:
             '/raystream.v1.Raystream/Ingest',
             serve_dot_protos_dot_raystream__pb2.IngestRequest.SerializeToString,
             serve_dot_protos_dot_raystream__pb2.IngestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryWindows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raystream.v1.Raystream/QueryWindows',
+            serve_dot_protos_dot_raystream__pb2.QueryRequest.SerializeToString,
+            serve_dot_protos_dot_raystream__pb2.QueryResponse.FromString,
             options,
             channel_credentials,
             insecure,

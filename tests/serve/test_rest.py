@@ -3,6 +3,7 @@ pagination, ETag, gzip, the security rows, and a real Serve deployment."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -112,18 +113,46 @@ def test_etag_and_gzip(served, keys):
     assert again.status_code == 304 and not again.content
 
 
-@pytest.mark.parametrize("params, status", [
-    ({"tenant_id": "globex"}, 403),                    # another tenant's rows: never
-    ({"value; drop table x": "1"}, 400),               # not a group key
-    ({"revision": "1"}, 400),
-    ({"fields": "count,secret"}, 400),
-    ({"order": "sideways"}, 422),
-    ({"cursor": "bm90IGEgY3Vyc29y"}, 400),
-    ({"limit": 10**6}, 422),
+def _cursor(values) -> str:
+    return base64.urlsafe_b64encode(json.dumps(values).encode()).decode()
+
+
+@pytest.mark.parametrize("params, status, parameter", [
+    ({"tenant_id": "globex"}, 403, "tenant_id"),             # another tenant's rows: never
+    ({"value; drop table x": "1"}, 400, "value; drop table x"),  # not a group key
+    ({"revision": "1"}, 400, "revision"),
+    ({"fields": "count,secret"}, 400, "fields"),
+    ({"order": "sideways"}, 400, "order"),
+    ({"cursor": "bm90IGEgY3Vyc29y"}, 400, "cursor"),
+    ({"cursor": "%%%not base64"}, 400, "cursor"),
+    ({"cursor": _cursor(["x", "acme", "a", 0])}, 400, "cursor"),          # right shape, wrong types
+    ({"cursor": _cursor([10**20, "acme", "a", 0])}, 400, "cursor"),       # window_start out of range
+    ({"cursor": _cursor([1_700_000_000_000, "acme", "a", "zero"])}, 400, "cursor"),
+    ({"cursor": _cursor([1_700_000_000_000, {"a": 1}, "a", 0])}, 400, "cursor"),
+    ({"limit": 10**6}, 400, "limit"),
+    ({"limit": -1}, 400, "limit"),
+    ({"limit": "NaN"}, 400, "limit"),
+    ({"start": "yesterday"}, 400, "start"),
+    ({"start": -5}, 400, "start"),
+    ({"end": 10**20}, 400, "end"),
+    ({"include_open": "perhaps"}, 400, "include_open"),
+    ({"kind": "a\x00b"}, 400, "kind"),
 ])
-def test_hostile_queries(served, keys, params, status):
+def test_hostile_queries(served, keys, params, status, parameter):
+    """Bad values are 400s (or 403 for another tenant) naming the parameter, in one error shape: never a 500."""
     client, _, _ = served
-    assert _get(client, "/v1/aggregates/restp/w", keys.token("acme"), params=params).status_code == status
+    for url in ("/v1/windows/restp/w", "/v1/aggregates/restp/w"):
+        r = _get(client, url, keys.token("acme"), params=params)
+        assert r.status_code == status, (params, r.text)
+        assert r.json()["parameter"] == parameter and r.json()["detail"]
+
+
+def test_typed_cursor_of_the_right_types_pages_on(served, keys):
+    client, latest, _ = served
+    first = _get(client, "/v1/windows/restp/w", keys.token("acme"), params={"limit": 3}).json()
+    assert first["next_cursor"] and len(first["items"]) == 3
+    nxt = _get(client, "/v1/windows/restp/w", keys.token("acme"), params={"limit": 3, "cursor": first["next_cursor"]})
+    assert nxt.status_code == 200 and nxt.json()["items"][0] != first["items"][-1]
 
 
 def test_security_rows(served, keys):

@@ -4,7 +4,9 @@ Keys are ``<prefix><window>:<identity JSON>`` (the identity is JSON-encoded, so
 a key value can never reach into another key); each hash holds the row's
 columns as JSON values and expires after ``ttl``. A sorted set
 ``<prefix><window>:index`` scores every key by its window start for range
-reads. One Lua script per row writes only when the stored revision is lower
+reads, and ``<prefix><window>:tenant:<len>:<tenant>`` does the same for the
+keys of one tenant (``tenant_key``, when the window is grouped by it).
+One Lua script per row writes only when the stored revision is lower
 (a replay or an older revision never overwrites a newer one) and then
 publishes the row as JSON on ``channel`` — so subscribers see each revision
 once per write that changed something.
@@ -22,7 +24,8 @@ from pipeline.spec import PipelineSpec, RedisSink as RedisSinkSpec
 
 __all__ = ["RedisSink"]
 
-# KEYS[1] hash, KEYS[2] index; ARGV: revision, ttl ms, channel, message, score, field/value pairs...
+# KEYS[1] hash, KEYS[2] index, KEYS[3] the tenant's index (optional); ARGV: revision, ttl ms, channel, message, score,
+# field/value pairs...
 _UPSERT = """
 local cur = redis.call('HGET', KEYS[1], 'revision')
 if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
@@ -31,6 +34,10 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[5], KEYS[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
+if KEYS[3] then
+  redis.call('ZADD', KEYS[3], ARGV[5], KEYS[1])
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
+end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
@@ -57,6 +64,7 @@ class RedisSink:
             return 0
         window = table.column("window")[0].as_py()
         index = f"{self.prefix}{window}:index"
+        by_tenant = self.cfg.tenant_key is not None and self.cfg.tenant_key in identity_columns(self.ctx, window)
         pipe = self.client.pipeline(transaction=False)
         for row in row_dicts(table):
             key = self.key(window, row)
@@ -64,7 +72,11 @@ class RedisSink:
             for k, v in row.items():
                 fields += [k, json.dumps(v)]
             message = json.dumps({"pipeline": self.ctx.pipeline, "key": key, **row}, separators=(",", ":"))
-            self.script(keys=[key, index], args=[row["revision"], self.cfg.ttl, self.channel, message, row["window_start"], *fields],
+            keys = [key, index]
+            tenant = row.get(self.cfg.tenant_key) if by_tenant else None
+            if isinstance(tenant, str):
+                keys.append(f"{self.prefix}{window}:tenant:{len(tenant)}:{tenant}")
+            self.script(keys=keys, args=[row["revision"], self.cfg.ttl, self.channel, message, row["window_start"], *fields],
                         client=pipe)
         self.updated += sum(int(r) for r in pipe.execute())
         return 1
