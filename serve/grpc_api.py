@@ -139,6 +139,8 @@ class GrpcMethods:
             await feed.admit()
         except ApiError as exc:
             _fail(grpc_context, exc)
+        except ConnectionError as exc:
+            _fail(grpc_context, ApiError(503, str(exc)))
         expires = float(who.claims.get("exp", 0))
         try:
             try:

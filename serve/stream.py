@@ -266,14 +266,21 @@ class Feed:
         self.hub = _hub(self.core, self.sc.redis_url.get_secret_value(), f"{self.prefix}updates")
         self.redis = self.hub.redis
         lease = Lease(self.redis, self.tenant, self.sc.max_streams_per_tenant, 3 * self.sc.heartbeat + 5)
-        if not await lease.renew():
+        try:
+            held = await lease.renew()
+        except Exception as exc:  # Redis is down: no stream can start (its client resumes later)
+            raise ConnectionError(f"update channel unavailable: {type(exc).__name__}") from None
+        if not held:
             raise SubscribeError(429, f"this tenant has {self.sc.max_streams_per_tenant} open subscriptions already")
         self.lease = lease
 
     async def renew(self) -> None:
-        """Keep the lease (every heartbeat)."""
+        """Keep the lease (every heartbeat); a Redis that is gone ends the stream through the hub, not here."""
         if self.lease is not None:
-            await self.lease.renew()
+            try:
+                await self.lease.renew()
+            except Exception:  # the hub's subscription breaks too and closes the stream with its session id
+                pass
 
     async def start(self) -> dict:
         """Subscribe and queue what a resumed session has not seen; returns the ``subscribed`` message."""
@@ -402,6 +409,9 @@ async def run_session(core, sock) -> None:
         await feed.admit()
     except ApiError as exc:
         await sock.close(4000 + exc.status, str(exc))
+        return
+    except ConnectionError as exc:
+        await sock.close(1011, str(exc))
         return
     except Gone:
         return
