@@ -36,6 +36,7 @@ from actors.runtime import NAMESPACE, actor_name
 from actors.worker import PartitionWorker
 from pipeline.io.checkpoints import CheckpointStore, commit_checkpoint
 from pipeline.io.kafka import commit_offsets, end_offsets, ensure_topic, topic_partitions
+from pipeline.redact import redact
 from pipeline.spec import PipelineSpec
 
 __all__ = ["Coordinator", "PipelineDegraded", "WorkerSlot", "kill_pipeline_actors"]
@@ -563,10 +564,11 @@ class Coordinator:
                 "health": health, "given_up": s.given_up, "pid": s.pid or st.get("pid"),
                 "backpressure": s.backpressure,
             })
-        return {"pipeline": self.spec.name, "phase": self.phase, "degraded": self.degraded, "failure": self.failure,
+        # redacted: status reaches the CLI, the API and reports, and failure texts may quote a connection string
+        return redact({"pipeline": self.spec.name, "phase": self.phase, "degraded": self.degraded, "failure": self.failure,
                 "epoch": self.next_epoch - 1, "coordinator_pid": os.getpid(), "coordinator_restarted": self.restarted,
                 "last_checkpoint": self.last_checkpoint, "checkpoints_failed": self.checkpoints_failed,
-                "workers": workers, "events": list(self.events)[-30:], "until_end": self.until_end}
+                "workers": workers, "events": list(self.events)[-30:], "until_end": self.until_end})
 
     def shutdown(self) -> None:
         with self.lock:

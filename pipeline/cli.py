@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
@@ -84,7 +85,10 @@ def validate(spec: Path = typer.Argument(..., help="pipeline spec (YAML)")) -> N
     except SpecError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(EXIT_SPEC)
-    typer.echo(s.model_dump_json(indent=2))
+    from pipeline.redact import redact
+
+    # secrets masked: SecretStr fields and secret-named keys of free-form maps (source.kafka.config's sasl.password)
+    typer.echo(json.dumps(redact(s.model_dump(mode="json")), indent=2))
 
 
 @app.command()

@@ -52,6 +52,13 @@ class RunReport:
     stopped: bool = False
     warnings: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        from pipeline.redact import redact
+
+        # a report is printed and written to files: no secret of the spec may reach it
+        self.workers = redact(self.workers)
+        self.warnings = redact(self.warnings)
+
     @property
     def records(self) -> int:
         return sum(w.get("records", 0) for w in self.workers)

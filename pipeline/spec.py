@@ -43,7 +43,9 @@ class SpecError(ValueError):
     """A spec that cannot be used; ``problems`` holds one ``path: reason`` per fault."""
 
     def __init__(self, problems: list[str]):
-        self.problems = problems
+        from pipeline.redact import redact_text
+
+        self.problems = problems = [redact_text(p) for p in problems]
         super().__init__("invalid pipeline spec:\n  " + "\n  ".join(problems))
 
 

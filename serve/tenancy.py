@@ -32,7 +32,7 @@ def tenant_of(row: dict, tenant_key: str) -> str | None:
 
 
 def can_see(who: Principal, row: dict, tenant_key: str) -> bool:
-    return tenant_of(row, tenant_key) == who.tenant
+    return bool(who.tenant) and tenant_of(row, tenant_key) == who.tenant
 
 
 def visible_rows(who: Principal, rows: Iterable[dict], tenant_key: str) -> list[dict]:
