@@ -13,6 +13,14 @@ The verified caller is left in ``scope["state"]["principal"]`` for the
 handlers (``request.state.principal``). Plain ASGI on purpose: an
 ``@app.middleware("http")`` wrapper watches the request stream for
 disconnects, which under Serve costs a call back to the proxy per request.
+
+Serve's HTTP proxy reads a request body ahead of the replica and hands the
+replica everything it has read in one pull, so a gate in the replica alone
+would still see tens of MiB arrive. ``ProxyGate`` runs the same token and
+body checks inside the proxy itself (Serve's proxy callback,
+``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve.guard.proxy_gate``, read
+when the proxy starts): a request without a valid token, or a body past the
+limit, is answered there and never leaves the proxy.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from starlette.routing import Match
 
 from serve.errors import ApiError, http_headers, problem
 
-__all__ = ["Guard", "error_response"]
+__all__ = ["CALLBACK", "GATE_ENV", "Guard", "ProxyGate", "bounded", "error_response", "gate_settings", "proxy_gate"]
 
 PROTECTED = "/v1/"
 
@@ -67,29 +75,105 @@ class Guard:
             await error_response(exc, send)
             return
         scope.setdefault("state", {})["principal"] = who
-        seen, tripped, started = 0, False, False
+        await bounded(self.app, scope, receive, send, self.limit)
 
-        async def receive_bounded():
-            nonlocal seen, tripped
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    tripped = True
-                    raise ApiError(413, f"request body over {self.limit} bytes")
-            return message
 
-        async def send_unless_tripped(message):
-            nonlocal started
-            if tripped:
-                return  # the 413 below is the answer, whatever the handler made of the cut body
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+async def bounded(app, scope, receive, send, limit: int) -> None:
+    """Run ``app`` with its request body cut at ``limit`` bytes: past it, 413 is the answer, whatever the app did."""
+    seen, tripped, started = 0, False, False
+
+    async def receive_bounded():
+        nonlocal seen, tripped
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                tripped = True
+                raise ApiError(413, f"request body over {limit} bytes")
+        return message
+
+    async def send_unless_tripped(message):
+        nonlocal started
+        if tripped:
+            return  # the 413 below is the answer, whatever the handler made of the cut body
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, receive_bounded, send_unless_tripped)
+    except Exception:
+        if not tripped:
+            raise
+    if tripped and not started:
+        await error_response(ApiError(413, f"request body over {limit} bytes"), send)
+
+
+class ProxyGate:
+    """The token and body checks inside Serve's HTTP proxy (see the module doc); the replica's Guard stays the rule."""
+
+    def __init__(self, app, auth: dict, limit: int):
+        from serve.auth import Authenticator
+
+        self.app, self.limit = app, limit
+        self.auth = Authenticator(auth["jwks"], auth["issuer"], auth["audience"], auth["tenant_claim"],
+                                  auth.get("hs256_secret"), refresh_min_s=auth["refresh_min_s"])
+
+    async def _verify(self, authorization: str | None) -> None:
+        import asyncio
+
+        from serve.auth import AuthError, UnknownKey
 
         try:
-            await self.app(scope, receive_bounded, send_unless_tripped)
-        except Exception:
-            if not tripped:
-                raise
-        if tripped and not started:
-            await error_response(ApiError(413, f"request body over {self.limit} bytes"), send)
+            self.auth.verify(authorization)
+        except UnknownKey:
+            if not self.auth.may_refresh():
+                raise ApiError(401, "unknown signing key") from None
+            await asyncio.to_thread(self.auth.refresh)
+            try:
+                self.auth.verify(authorization)
+            except AuthError as exc:
+                raise ApiError(exc.status, str(exc)) from None
+        except AuthError as exc:
+            raise ApiError(exc.status, str(exc)) from None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or ())
+        try:
+            await self._verify(headers.get(b"authorization", b"").decode("latin-1") or None)
+            declared = headers.get(b"content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+                raise ApiError(413, f"request body over {self.limit} bytes")
+        except ApiError as exc:
+            await error_response(exc, send)
+            return
+        await bounded(self.app, scope, receive, send, self.limit)
+
+
+GATE_ENV = "RAYSTREAM_PROXY_GATE"  # path of the ProxyGate's settings (JSON, mode 0600) in the proxy's environment
+CALLBACK = "serve.guard.proxy_gate"  # Serve calls it in each proxy (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH)
+
+
+def gate_settings(cfg) -> dict:
+    """What a ProxyGate needs of a ServeConfig."""
+    a = cfg.auth
+    return {"auth": {"jwks": a.jwks, "issuer": a.issuer, "audience": a.audience, "tenant_claim": a.tenant_claim,
+                     "hs256_secret": a.hs256_secret.get_secret_value() if a.hs256_secret else None,
+                     "refresh_min_s": a.jwks_refresh_min_s},
+            "limit": cfg.max_body_bytes}
+
+
+def proxy_gate() -> list:
+    """Serve's proxy callback: the ProxyGate middleware from the settings file named in ``RAYSTREAM_PROXY_GATE``."""
+    import os
+    from pathlib import Path
+
+    from starlette.middleware import Middleware
+
+    path = os.environ.get(GATE_ENV)
+    if not path:
+        return []
+    conf = json.loads(Path(path).read_text())
+    return [Middleware(ProxyGate, auth=conf["auth"], limit=conf["limit"])]

@@ -2,22 +2,51 @@
 
 from __future__ import annotations
 
-from serve.config import ServeConfig
+import json
+import os
+import tempfile
+from pathlib import Path
 
-__all__ = ["start_serve", "stop_serve"]
+from serve.config import ServeConfig
+from serve.guard import CALLBACK, GATE_ENV, gate_settings
+
+__all__ = ["gate_env", "start_serve", "stop_serve"]
 
 APP_NAME = "raystream"
 
 
-def start_serve(cfg: ServeConfig, address: str | None = None) -> dict[str, str]:
-    """Deploy the application; returns its endpoints (``http``, ``ws``, ``docs``, ``grpc``).
+def gate_env(cfg: ServeConfig) -> dict[str, str]:
+    """Environment that installs the ProxyGate in Serve's HTTP proxies (set here and returned, for a cluster's nodes).
 
-    Starts a loopback-only local Ray without ``address`` (and none is connected).
+    Serve's proxy reads request bodies ahead of the replica; with this, tokens and body sizes are checked in the
+    proxy too. The settings (with the development HS256 secret, if any) go to a file only this user can read.
+    """
+    fd, path = tempfile.mkstemp(prefix="raystream-gate-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(gate_settings(cfg), f)
+    Path(path).chmod(0o600)
+    env = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": CALLBACK, GATE_ENV: path}
+    os.environ.update(env)
+    return env
+
+
+def start_serve(cfg: ServeConfig, address: str | None = None) -> dict[str, str]:
+    """Deploy the application; returns its endpoints (``http``, ``ws``, ``docs``, ``grpc``, ``direct``) and whether
+    the proxy gate is on (``proxy_gate``).
+
+    Starts a loopback-only local Ray without ``address`` (and none is connected), with the ProxyGate in its
+    HTTP proxy; on a cluster, set ``gate_env``'s variables on the nodes (the KubeRay manifests do).
     """
     from actors.runtime import ensure_ray, local_ray_env
 
+    gate = False
     if address is None:
         local_ray_env()
+        import ray
+
+        if not ray.is_initialized():
+            gate_env(cfg)  # read by the proxy when it starts: only a Ray started from here gets it
+            gate = True
     ensure_ray(address)
     from ray import serve
 
@@ -33,6 +62,7 @@ def start_serve(cfg: ServeConfig, address: str | None = None) -> dict[str, str]:
     urls = {"http": base, "docs": f"{base}/docs", "ws": f"ws://{cfg.host}:{cfg.port}/v1/stream"}
     if cfg.grpc_port is not None:
         urls["grpc"] = f"{cfg.host}:{cfg.grpc_port}"
+    urls["proxy_gate"] = "on" if gate or os.environ.get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH") == CALLBACK else "off"
     if cfg.direct_port is not None:
         urls["direct"] = f"http://{cfg.host}:{cfg.direct_port}"
         urls["ws_direct"] = f"ws://{cfg.host}:{cfg.direct_port}/v1/stream"
