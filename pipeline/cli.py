@@ -118,7 +118,10 @@ def _run_and_report(s, until_end: bool, address, inline: bool, quiet: bool, dura
 
     stop = threading.Event()
     if duration:
-        threading.Timer(duration, stop.set).start()
+        # a daemon: Ctrl-C before the duration is up must not leave the process waiting for the timer
+        timer = threading.Timer(duration, stop.set)
+        timer.daemon = True
+        timer.start()
     rates = _Rates()
     live = None if quiet else Live(console=console, refresh_per_second=2)
 

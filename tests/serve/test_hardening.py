@@ -18,6 +18,7 @@ import threading
 import time
 
 import grpc
+import jwt
 import httpx
 import pyarrow as pa
 import pytest
@@ -314,6 +315,9 @@ def test_subscriptions_are_capped_per_tenant_and_rate_limited(hardened, keys):
             ws.close()
         g.cancel()
         time.sleep(0.5)
+        sixth = _ws(url, tok, sub)
+        assert json.loads(sixth.recv(timeout=30))["type"] == "subscribed"
+        opened.append(sixth)
         late = _ws(url, tok, sub)
         assert _close_code(late, 10) == 4429
     finally:
@@ -400,3 +404,80 @@ def test_a_tenant_named_None_never_sees_rows_without_a_tenant(hardened, keys):
     finally:
         none_ws.close()
         acme_ws.close()
+
+
+def _listeners(proc) -> list[tuple[str, str, int, str]]:
+    """(process title, address, port, kind) of every listening TCP socket of ``proc`` and its descendants."""
+    import psutil
+
+    out = []
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        try:
+            conns = p.net_connections(kind="tcp")
+            title = " ".join(p.cmdline()[:1])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        out += [(title, c.laddr.ip, c.laddr.port, "listen") for c in conns if c.status == psutil.CONN_LISTEN]
+    return out
+
+
+def assert_loopback_only(listeners) -> list:
+    """Every listener on loopback, but for the one Ray binds with no setting: each Serve replica's
+    inter-deployment gRPC server (``[::]:0`` in Ray's replica.py), named in the README's security section."""
+    import ipaddress
+
+    def loopback(ip: str) -> bool:
+        a = ipaddress.ip_address(ip.split("%")[0])
+        return (getattr(a, "ipv4_mapped", None) or a).is_loopback
+
+    wild = [x for x in listeners if not loopback(x[1])]
+    per_replica: dict[str, int] = {}
+    for title, _ip, _port, _ in wild:
+        assert "ServeReplica:" in title, (title, wild)
+        per_replica[title] = per_replica.get(title, 0) + 1
+    assert all(n == 1 for n in per_replica.values()), wild
+    return wild
+
+
+def test_every_listener_of_raystream_serve_is_on_loopback(hardened):
+    listeners = _listeners(hardened["proc"])
+    ports = {p for _, _, p, _ in listeners}
+    for url in (hardened["urls"]["http"], hardened["urls"]["direct"], "http://" + hardened["urls"]["grpc"]):
+        assert int(url.rsplit(":", 1)[1]) in ports  # the sockets we asked for are among them, on 127.0.0.1
+    wild = assert_loopback_only(listeners)
+    assert len(wild) == 1  # one replica
+
+
+def test_no_secret_in_any_output_or_log(hardened, keys):
+    """The sentinel secrets of the configuration appear in no answer, no output and no log file of the run."""
+    from pathlib import Path
+
+    urls, name = hardened["urls"], hardened["name"]
+    tok = keys.token("acme", scope="operator")
+    bodies = [httpx.get(f"{urls['http']}/openapi.json", timeout=30).text,
+              httpx.get(f"{urls['http']}/v1/pipelines/{name}", headers={"Authorization": f"Bearer {tok}"}, timeout=30).text,
+              httpx.get(f"{urls['http']}/v1/windows/{name}/w", headers={"Authorization": "Bearer " + jwt.encode(
+                  {"sub": "x", "tenant": "acme", "iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 60},
+                  "wrong-secret-0123456789-0123456789-xx", algorithm="HS256")}, timeout=30).text,
+              httpx.get(f"{urls['direct']}/v1/windows/{name}/w", params={"cursor": "x"},
+                        headers={"Authorization": f"Bearer {tok}"}, timeout=30).text,
+              httpx.get(f"{urls['http']}/readyz", timeout=30).text]
+    # a HS256 token signed with the configured development secret works (the secret really is in force)
+    good = jwt.encode({"sub": "x", "tenant": "acme", "iss": ISSUER, "aud": AUDIENCE, "exp": int(time.time()) + 60},
+                      SENTINELS[1], algorithm="HS256")
+    assert httpx.get(f"{urls['http']}/v1/windows/{name}/w", headers={"Authorization": f"Bearer {good}"}, timeout=30).status_code == 200
+    import subprocess
+    import sys
+
+    spec = hardened["tmp"] / "p.yaml"
+    validated = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(spec)], capture_output=True, text=True,
+                               cwd=str(Path(__file__).resolve().parents[2]), timeout=120)
+    assert validated.returncode == 0, validated.stderr
+    texts = {"answers": "\n".join(bodies), "validate": validated.stdout + validated.stderr}
+    time.sleep(1)  # let the log writers flush
+    for path in hardened["tmp"].rglob("*"):
+        if path.is_file() and not path.is_socket() and path.suffix not in (".yaml", ".json") and path.stat().st_size < 64 * MiB:
+            texts[str(path)] = path.read_bytes().decode("utf-8", "replace")
+    assert len(texts) > 10  # Ray's logs are among them
+    leaks = [(where, s) for where, text in texts.items() for s in SENTINELS if s in text]
+    assert not leaks, leaks
