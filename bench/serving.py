@@ -4,7 +4,7 @@ Everything runs on this machine (local Ray on loopback, throwaway PostgreSQL,
 Redis and broker, one Serve replica), and so does the load generator: the
 numbers are for the whole system sharing the same cores.
 
-* ``query``: ``GET /v1/aggregates/...`` for random tenants of a store holding
+* ``query``: ``GET /v1/windows/...`` for random tenants of a store holding
   100 tenants x 2 kinds x 600 windows, at fixed offered rates (open loop,
   aiohttp client); p50/p99 per rate.
 * ``ingest``: events/s accepted (validated against the registry and
@@ -116,7 +116,7 @@ async def drive_queries(url: str, tokens: list[str], rps: float, seconds: float,
             start = T0 + int(rng.integers(0, 500)) * 10_000
             t = time.perf_counter()
             try:
-                target = f"{url}{path}" if path else f"{url}/v1/aggregates/bench/w"
+                target = f"{url}{path}" if path else f"{url}/v1/windows/bench/w"
                 params = {} if path else {"start": start, "end": start + 100_000, "limit": 50}
                 async with client.get(target, params=params, headers={"Authorization": f"Bearer {tok}"}) as r:
                     await r.read()

@@ -389,8 +389,10 @@ def schema_show(subject: str = typer.Argument(...), version: str = typer.Argumen
             typer.echo(f"{f.number}: {f.name}")
 
 
-dlq_app = typer.Typer(help="dead-letter topics: inspect, replay after a fix")
-app.add_typer(dlq_app, name="dlq")
+dlq_app = typer.Typer(help="dead-letter topics (where rejected records go): inspect, replay after a fix")
+app.add_typer(dlq_app, name="dead-letter")
+# the old name, kept for one release
+app.add_typer(dlq_app, name="dlq", hidden=True, deprecated=True)
 
 
 @dlq_app.command("inspect")
@@ -400,7 +402,7 @@ def dlq_inspect(
     as_json: bool = typer.Option(False, "--json", help="print the groups as JSON"),
 ) -> None:
     """Dead-lettered records grouped by reason, with an example of each."""
-    from pipeline.io.dlq import inspect, read_topic
+    from pipeline.io.dead_letter import inspect, read_topic
 
     try:
         groups = inspect(read_topic(bootstrap, topic))
@@ -429,7 +431,7 @@ def dlq_replay(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Re-check dead letters after a fix; re-feed those that pass to the source topic (once)."""
-    from pipeline.io.dlq import replay
+    from pipeline.io.dead_letter import replay
 
     try:
         s = load_spec(spec)

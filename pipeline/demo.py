@@ -135,7 +135,7 @@ class DemoServing:
         t.add_row("token", f"{self.out}/serve/token  (tenant-000, 24 h)")
         console.print(t)
         console.print(f'try: curl -H "Authorization: Bearer $(cat {self.out}/serve/token)" '
-                      f'"{u["http"]}/v1/aggregates/clicks/tenant_type_10s?limit=5"')
+                      f'"{u["http"]}/v1/windows/clicks/tenant_type_10s?limit=5"')
 
     def stop(self) -> None:
         if self.urls:

@@ -133,7 +133,7 @@ def test_dlq_inspect_and_replay_after_a_schema_fix(broker, postgres, tmp_path, t
     }
     report = run_pipeline(parse_spec(d), until_end=True, inline=True)
     assert report.rejected == 61
-    cli = [sys.executable, "-m", "pipeline.cli", "dlq"]
+    cli = [sys.executable, "-m", "pipeline.cli", "dead-letter"]
     dlq = f"{topic_name}.dlq"
     out = subprocess.run([*cli, "inspect", dlq, "--bootstrap", broker.address, "--json"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -153,7 +153,7 @@ def test_dlq_inspect_and_replay_after_a_schema_fix(broker, postgres, tmp_path, t
     r2 = json.loads(second.stdout)
     assert r2["already_replayed"] == 40 and r2["replayed"] == 0  # not counted (nor re-fed) twice
     # the replayed records are back in the source topic, once each, marked with where they came from
-    from pipeline.io.dlq import read_topic
+    from pipeline.io.dead_letter import read_topic
 
     back = [r for r in read_topic(broker.address, topic_name) if "raystream.replay_of" in r.headers]
     assert len(back) == 40 and len({r.headers["raystream.replay_of"] for r in back}) == 40
@@ -199,7 +199,7 @@ def test_bad_input_matrix_through_the_broker(broker, tmp_path, topic_name, pipel
     """Every row of the matrix, produced to a real topic: each record ends where the matrix says, with its reason."""
     import pyarrow.parquet as pq  # noqa: F401  (late output is Parquet)
 
-    from pipeline.io.dlq import read_topic
+    from pipeline.io.dead_letter import read_topic
     from pipeline.io.storage import open_location
     from tests.pipeline.test_validate import MATRIX, SCHEMA as MSCHEMA, T0 as MT0, _enc, _ok
 

@@ -213,7 +213,7 @@ def _limited(client, keys):
 
 
 def test_schemas_and_ingest(served, keys, broker, postgres, topic_name):
-    from pipeline.io.dlq import read_topic
+    from pipeline.io.dead_letter import read_topic
     from pipeline.io.registry import Registry
     from pipeline.schemas import schema_of
 
@@ -231,7 +231,7 @@ def test_schemas_and_ingest(served, keys, broker, postgres, topic_name):
 
 
 def _ingest_and_schemas(client, keys, broker, postgres, topic_name, subject, schema):
-    from pipeline.io.dlq import read_topic
+    from pipeline.io.dead_letter import read_topic
 
     token = keys.token("acme")
     body = [{"ts": 1, "value": 1.5}, {"tenant_id": "acme", "ts": 2, "value": 2.0}, {"tenant_id": "globex", "ts": 3, "value": 1.0},
