@@ -29,7 +29,7 @@ def router(core) -> APIRouter:
     async def subjects(who: Principal = Depends(caller)) -> dict:
         return {"subjects": await asyncio.to_thread(registry.subjects)}
 
-    @r.get("/v1/schemas/{subject}/versions/{version}", responses=errors(400, 401, 403, 404, 429))
+    @r.get("/v1/schemas/{subject}/versions/{version}", responses=errors(400, 401, 403, 404, 429), operation_id="schema_version")
     async def schema_version(version: str, subject: str = SUBJECT, who: Principal = Depends(caller)) -> dict:
         if version != "latest" and not (version.isdigit() and 0 < int(version) < 2**31):
             raise ApiError(400, "version is a positive number or 'latest'", parameter="version")
@@ -40,7 +40,11 @@ def router(core) -> APIRouter:
         return {"subject": subject, "version": v, "type": schema.kind, "schema": schema.doc if schema.kind == "json" else schema.text,
                 "message": schema.message}
 
-    @r.post("/v1/schemas/{subject}", status_code=201, responses=errors(400, 401, 403, 409, 413, 429))
+    registered = {201: {"description": "registered (or already this version)", "links": {"ReadRegistered": {
+        "operationId": "schema_version", "description": "the version just registered",
+        "parameters": {"subject": "$request.path.subject", "version": "$response.body#/version"}}}}}
+
+    @r.post("/v1/schemas/{subject}", status_code=201, responses={**registered, **errors(400, 401, 403, 409, 413, 429)})
     async def register_schema(body: SchemaRequest, subject: str = SUBJECT, who: Principal = Depends(caller)) -> JSONResponse:
         """Register a version (needs the ``schemas:write`` scope); 409 with the problems when incompatible."""
         actor = f"api:{who.subject}@{who.tenant}"

@@ -481,3 +481,15 @@ def test_no_secret_in_any_output_or_log(hardened, keys):
     assert len(texts) > 10  # Ray's logs are among them
     leaks = [(where, s) for where, text in texts.items() for s in SENTINELS if s in text]
     assert not leaks, leaks
+
+
+@pytest.mark.parametrize("via", ["ws", "ws_direct"])
+def test_websocket_message_over_the_limit_closes_1009(hardened, keys, via):
+    from websockets.sync.client import connect
+
+    ws = connect(f"{hardened['urls'][via]}?access_token={keys.token('big-msg')}", open_timeout=30, max_size=None)
+    try:
+        ws.send(json.dumps({"subscribe": {"pipeline": hardened["name"], "window": "w", "filters": {"kind": "x" * 200_000}}}))
+        assert _close_code(ws, 10) == 1009
+    finally:
+        ws.close()

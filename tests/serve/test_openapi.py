@@ -1,6 +1,7 @@
-"""schemathesis against the OpenAPI document: generated requests (valid and not) to every
-operation of the REST app with a real PostgreSQL store, registry and broker behind it.
-No answer may be a server error, and every answer must match the document."""
+"""schemathesis against the OpenAPI document: generated requests (valid and invalid: positive and
+negative modes) to every operation of the REST app with a real PostgreSQL store, registry and
+broker behind it, and stateful sequences following the document's links (register a schema, read
+it back). No answer may be a server error, and every answer must match the document."""
 
 from __future__ import annotations
 
@@ -50,3 +51,23 @@ def test_every_operation_answers_per_its_document(case, token):
     case.call_and_validate(headers={"Authorization": f"Bearer {token}"},
                            checks=[checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
                                    checks.response_schema_conformance])
+
+
+def test_stateful_sequences_follow_the_links(api, token):
+    from hypothesis.stateful import run_state_machine_as_test
+
+    machine = api.as_state_machine()
+
+    class Authorized(machine):
+        def get_call_kwargs(self, case):
+            if case.path == "/v1/schemas/{subject}" and case.method == "POST":
+                case.path_parameters = {**(case.path_parameters or {}),
+                                        "subject": f"fuzz-{case.path_parameters.get('subject', '')}"[:200]}
+            return {"headers": {"Authorization": f"Bearer {token}"}}
+
+        def validate_response(self, response, case, **kwargs):
+            case.validate_response(response, checks=[checks.not_a_server_error, checks.status_code_conformance,
+                                                     checks.content_type_conformance, checks.response_schema_conformance])
+
+    run_state_machine_as_test(Authorized, settings=settings(max_examples=15, stateful_step_count=5, deadline=None,
+                                                            suppress_health_check=list(HealthCheck)))

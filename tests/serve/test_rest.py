@@ -258,14 +258,20 @@ def _ingest_and_schemas(client, keys, broker, postgres, topic_name, subject, sch
     r = client.post(f"/v1/schemas/{subject}", json={"schema": bad}, headers=writer)
     assert r.status_code == 409 and any("field 'value'" in p for p in r.json()["problems"])
     ok = {**schema, "properties": {**schema["properties"], "note": {"type": "string"}}}
+    # property-level authorization: properties the API does not take are refused by name, never applied
+    for extra in ("tenant_id", "owner", "version"):
+        r = client.post(f"/v1/schemas/{subject}", json={"schema": ok, extra: "globex"}, headers=writer)
+        assert r.status_code == 400 and r.json()["parameter"] == extra, r.text
     r = client.post(f"/v1/schemas/{subject}", json={"schema": ok}, headers=writer)
     assert r.status_code == 201 and r.json()["version"] == 2
     import psycopg
 
     with psycopg.connect(postgres.extra["dsn"]) as conn:
-        actors = [a for (a,) in conn.execute("select actor from raystream_audit where target = %s and action = 'register_schema'",
-                                             (subject,)).fetchall()]
-    assert "api:user-1@acme" in actors
+        rows = conn.execute("select action, actor from raystream_audit where target = %s", (subject,)).fetchall()
+    assert ("register_schema", "api:user-1@acme") in rows
+    assert ("register_denied", "api:user-1@acme") in rows  # the refused attempt is audited too
+    versions = client.get(f"/v1/schemas/{subject}/versions/latest", headers=auth).json()
+    assert versions["version"] == 2 and "globex" not in json.dumps(versions)
 
 
 def test_include_open_reads_live_worker_state(keys, broker, postgres, ray_local, tmp_path, topic_name, pipeline_name):
