@@ -15,7 +15,11 @@ numbers are for the whole system sharing the same cores.
   sink publishes window updates at a fixed rate; latency from the sink's write
   to each subscriber's receipt; p50/p99 over every delivery.
 
-Usage: ``python bench/serving.py [--part query ingest fanout] [--throughput-optimized]``.
+Usage: ``python bench/serving.py [--part query ingest fanout] [--throughput-optimized] [--direct] [--ray-direct-ingress]``.
+``--ray-direct-ingress`` measures Ray 2.60's own direct ingress
+(``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``: each ingress replica serves HTTP on a
+port Serve allocates from 30000-31000 and gRPC from 40000-41000) against
+``direct_port``; the replica's ports are found among its listening sockets.
 ``--throughput-optimized`` starts Ray with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``
 (replicas take HTTP/gRPC directly, no proxy hop). Writes
 ``bench/results/serving[-to].json`` and ``.png``.
@@ -38,6 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 if "--throughput-optimized" in sys.argv:
     os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read by Serve when it is imported, in every Ray process
+if "--ray-direct-ingress" in sys.argv:
+    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # Ray 2.60's own: each ingress replica serves HTTP/gRPC itself
 
 from actors.runtime import local_ray_env  # noqa: E402
 
@@ -279,6 +285,16 @@ async def fanout(ws_url: str, token: str, redis_url: str, spec, subscribers: int
             "deliveries": sum(got), "notices": notices, "connect_s": connect_s, **_pct(lat)}
 
 
+def replica_listeners() -> list[tuple[str, int]]:
+    """(address, port) of every listening socket of the Serve replica's process."""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        if any("ServeReplica:raystream" in c for c in (p.info["cmdline"] or [])):
+            return sorted((c.laddr.ip, c.laddr.port) for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN)
+    raise LookupError("no Serve replica process")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", nargs="+", default=["query", "ingest", "fanout"], choices=["query", "ingest", "fanout", "ceiling"])
@@ -288,6 +304,7 @@ def main() -> None:
     ap.add_argument("--updates-per-s", type=float, default=5)
     ap.add_argument("--throughput-optimized", action="store_true")
     ap.add_argument("--direct", action="store_true", help="query and fan-out through the replicas' own port (direct_port)")
+    ap.add_argument("--ray-direct-ingress", action="store_true", help="query through Ray Serve's own direct ingress")
     args = ap.parse_args()
     pg, rd, broker = start_postgres(), start_redis(), services.start_broker()
     work = Path(tempfile.mkdtemp(prefix="raystream-serving-"))
@@ -326,6 +343,12 @@ def main() -> None:
         if "query" in args.part:
             asyncio.run(drive_queries(urls["http"], tokens, 50, 3))  # warm-up
             qkey, qurl = ("query_direct", urls["direct"]) if args.direct else ("query", urls["http"])
+            if args.ray_direct_ingress:
+                listening = replica_listeners()
+                out["ray_direct_ingress_listeners"] = listening
+                port = next(p for ip, p in listening if 30000 <= p <= 31000)
+                qkey, qurl = "query_ray_direct_ingress", f"http://127.0.0.1:{port}"
+                asyncio.run(drive_queries(qurl, tokens, 50, 3))
             out[qkey] = []
             for rps in args.rps:
                 out[qkey].append(asyncio.run(drive_queries(qurl, tokens, rps, args.seconds)))
@@ -351,7 +374,7 @@ def main() -> None:
         stop_serve()
         res = ROOT / "bench" / "results"
         res.mkdir(parents=True, exist_ok=True)
-        stem = "serving-to" if args.throughput_optimized else "serving"
+        stem = "serving-to" if args.throughput_optimized else "serving-rdi" if args.ray_direct_ingress else "serving"
         path = res / f"{stem}.json"
         if path.exists() and (set(args.part) != {"query", "ingest", "fanout", "ceiling"} or args.direct):
             out = {**json.loads(path.read_text()), **out}  # a partial run updates its parts only

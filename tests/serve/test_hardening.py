@@ -26,7 +26,6 @@ import yaml
 
 from pipeline.io.broker import free_port
 from pipeline.io.sinks.redis import RedisSink
-from pipeline.spec import parse_spec
 from serve.protos import raystream_pb2 as pb
 from serve.protos import raystream_pb2_grpc as pbg
 from tests.serve_keys import AUDIENCE, ISSUER, Keys

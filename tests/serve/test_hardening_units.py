@@ -10,7 +10,6 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import jwt
 import pytest
 from hypothesis import given, settings, strategies as st
 from pydantic import ValidationError

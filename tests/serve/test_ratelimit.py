@@ -27,3 +27,25 @@ def test_bucket_refills(redis_server):
     assert not rl.check("t", "e")[0]
     time.sleep(0.15)
     assert rl.check("t", "e")[0]
+
+
+def test_one_client_per_event_loop(redis_server):
+    """Serve's loop and direct_port's loop alternate on one limiter: each keeps its own client (no reconnect per call)."""
+    import asyncio
+    import threading
+
+    rl = RateLimiter(redis_server.extra["url"], capacity=100, per_second=1.0)
+    loops = [asyncio.new_event_loop(), asyncio.new_event_loop()]
+    threads = [threading.Thread(target=lp.run_forever, daemon=True) for lp in loops]
+    for t in threads:
+        t.start()
+    try:
+        seen = []
+        for i in range(6):
+            lp = loops[i % 2]
+            assert asyncio.run_coroutine_threadsafe(rl.acheck("loops", "windows"), lp).result(10)[0]
+            seen.append(id(rl._aclients[id(lp)][1]))
+        assert len(rl._aclients) == 2 and len(set(seen)) == 2 and seen[0] == seen[2] == seen[4]
+    finally:
+        for lp in loops:
+            lp.call_soon_threadsafe(lp.stop)

@@ -213,7 +213,6 @@ def _limited(client, keys):
 
 
 def test_schemas_and_ingest(served, keys, broker, postgres, topic_name):
-    from pipeline.io.dead_letter import read_topic
     from pipeline.io.registry import Registry
     from pipeline.schemas import schema_of
 
