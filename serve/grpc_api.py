@@ -200,13 +200,44 @@ class _Servicer:
             await context.abort(grpc_code(exc.status), exc.message)
 
 
+def _token_gate(core):
+    """A server interceptor: a call without a valid token is refused from its metadata alone, before its request
+    message is parsed (an unknown ``kid`` goes on to the method, which may refetch the JWKS)."""
+    import grpc
+
+    from serve.auth import AuthError, UnknownKey
+
+    class TokenGate(grpc.aio.ServerInterceptor):
+        async def intercept_service(self, continuation, details):
+            auth = next((v for k, v in details.invocation_metadata or () if k.lower() == "authorization"), None)
+            try:
+                core.auth.verify(auth)
+            except UnknownKey:
+                pass
+            except AuthError as exc:
+                code, message = grpc_code(exc.status), str(exc)
+
+                async def refuse(_request, context):
+                    await context.abort(code, message)
+
+                # no deserializer: the refused call's message is never parsed
+                if details.method.endswith("/Ingest"):
+                    return grpc.stream_unary_rpc_method_handler(refuse)
+                if details.method.endswith("/Subscribe"):
+                    return grpc.unary_stream_rpc_method_handler(refuse)
+                return grpc.unary_unary_rpc_method_handler(refuse)
+            return await continuation(details)
+
+    return TokenGate()
+
+
 async def start_grpc(methods: GrpcMethods, host: str, port: int, max_message_bytes: int):
     """A grpc.aio server on the running event loop serving ``methods`` on ``host:port`` only."""
     import grpc
 
     from serve.protos import raystream_pb2_grpc as pbg
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", max_message_bytes),
+    server = grpc.aio.server(interceptors=[_token_gate(methods.core)], options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", max_message_bytes),
                                       ("grpc.max_send_message_length", 64 << 20)])
     pbg.add_RaystreamServicer_to_server(_Servicer(methods), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
