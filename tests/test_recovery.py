@@ -581,10 +581,11 @@ def test_revisions_never_go_backwards_through_a_replay_and_a_zombie(env):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """An 8 MiB tmpfs: a disk that really fills up (ENOSPC from the kernel)."""
+    """A 64 MiB tmpfs: a disk that really fills up (ENOSPC from the kernel); big enough that the run's own
+    output never fills it before the test does (8 MiB did, on a slow run)."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root and mount permission): {proc.stderr.strip()}")
     try:
@@ -600,8 +601,9 @@ def test_disk_full_for_checkpoints_and_the_local_sink(env, small_disk):
     d = _dict(env, checkpoint_uri=f"file://{small_disk}/chk")
     d["sinks"][0] = {"parquet": {"uri": f"file://{small_disk}/out"}, "retry_backoff": "100ms"}
     d["health"] = {"heartbeat_timeout": "4s", "stall_timeout": "4s"}
-    run = Runner(parse_spec(d))
     filler = small_disk / "filler"
+    filler.touch()  # made while there is room: filling it later needs no new inode
+    run = Runner(parse_spec(d))
     st = run.wait_for(_mid_stream, what="a checkpoint mid-stream")
     failed_before = st["checkpoints_failed"]
     with open(filler, "wb") as f:
