@@ -24,7 +24,7 @@ from serve.core import Core, shared_core
 from serve.errors import ApiError, http_headers, problem
 from serve.guard import Guard
 
-__all__ = ["build_app", "deployment"]
+__all__ = ["app_builder", "build_app", "deployment"]
 
 log = logging.getLogger("raystream.serve")
 
@@ -138,3 +138,11 @@ def deployment(cfg: ServeConfig):
                 self._grpc = await start_grpc(self, cfg.host, cfg.grpc_port, cfg.max_body_bytes)
 
     return Api.bind()
+
+
+def app_builder(args: dict):
+    """Serve's application builder for a RayService (``import_path: serve.app:app_builder``, ``args: {config: PATH}``):
+    the application ``raystream serve --config PATH`` deploys, from the same file."""
+    from serve.config import load_config
+
+    return deployment(load_config(args["config"]))

@@ -135,7 +135,17 @@ class ServeConfig(_M):
 
 
 def load_config(path: str | Path) -> ServeConfig:
+    """Read a serve config (YAML); ``${VAR}`` and ``${VAR:-default}`` come from the environment, as in pipeline specs."""
+    import os
+
+    from pipeline.spec import _expand
+
     try:
-        return ServeConfig.model_validate(yaml.safe_load(Path(path).read_text()))
+        data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise SpecError([f"{path}: {exc}"]) from None
+    problems: list[str] = []
+    data = _expand(data, "", problems, dict(os.environ))
+    if problems:
+        raise SpecError(problems)
+    return ServeConfig.model_validate(data)

@@ -31,7 +31,7 @@ from starlette.routing import Match
 
 from serve.errors import ApiError, http_headers, problem
 
-__all__ = ["CALLBACK", "GATE_ENV", "Guard", "ProxyGate", "bounded", "error_response", "gate_settings", "proxy_gate"]
+__all__ = ["CALLBACK", "CONFIG_ENV", "GATE_ENV", "Guard", "ProxyGate", "bounded", "error_response", "gate_settings", "proxy_gate"]
 
 PROTECTED = "/v1/"
 
@@ -153,6 +153,7 @@ class ProxyGate:
 
 
 GATE_ENV = "RAYSTREAM_PROXY_GATE"  # path of the ProxyGate's settings (JSON, mode 0600) in the proxy's environment
+CONFIG_ENV = "RAYSTREAM_SERVE_CONFIG"  # or the path of the serve config (YAML) they come from
 CALLBACK = "serve.guard.proxy_gate"  # Serve calls it in each proxy (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH)
 
 
@@ -166,14 +167,20 @@ def gate_settings(cfg) -> dict:
 
 
 def proxy_gate() -> list:
-    """Serve's proxy callback: the ProxyGate middleware from the settings file named in ``RAYSTREAM_PROXY_GATE``."""
+    """Serve's proxy callback: the ProxyGate middleware from the settings file named in ``RAYSTREAM_PROXY_GATE``
+    (or the serve config named in ``RAYSTREAM_SERVE_CONFIG``)."""
     import os
     from pathlib import Path
 
     from starlette.middleware import Middleware
 
     path = os.environ.get(GATE_ENV)
-    if not path:
+    if path:
+        conf = json.loads(Path(path).read_text())
+    elif os.environ.get(CONFIG_ENV):  # a cluster's pods mount the serve config itself
+        from serve.config import load_config
+
+        conf = gate_settings(load_config(os.environ[CONFIG_ENV]))
+    else:
         return []
-    conf = json.loads(Path(path).read_text())
     return [Middleware(ProxyGate, auth=conf["auth"], limit=conf["limit"])]

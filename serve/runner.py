@@ -10,7 +10,7 @@ from pathlib import Path
 from serve.config import ServeConfig
 from serve.guard import CALLBACK, GATE_ENV, gate_settings
 
-__all__ = ["gate_env", "start_serve", "stop_serve"]
+__all__ = ["gate_env", "serve_config_v2", "start_serve", "stop_serve"]
 
 APP_NAME = "raystream"
 
@@ -73,3 +73,16 @@ def stop_serve() -> None:
     from ray import serve
 
     serve.shutdown()
+
+
+def serve_config_v2(cfg: ServeConfig, config_path: str) -> dict:
+    """The RayService ``serveConfigV2`` (Ray's ServeDeploySchema) deploying what ``raystream serve --config`` does
+    with ``cfg``, read from ``config_path`` inside the pods. Serve's gRPC proxy appears only with ``grpc_proxy``."""
+    doc: dict = {"proxy_location": "EveryNode", "http_options": {"host": cfg.host, "port": cfg.port},
+                 "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "serve.app:app_builder",
+                                   "args": {"config": config_path}}]}
+    if cfg.grpc_port is not None and cfg.grpc_proxy:
+        from serve.grpc_api import GRPC_SERVICER
+
+        doc["grpc_options"] = {"port": cfg.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]}
+    return doc
