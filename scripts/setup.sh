@@ -45,3 +45,14 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e '.[test]'
   touch "$stamp"
 fi
+
+# checkov scans terraform/ in the tests; its pins clash with ours, so it lives in a venv of its own
+CHECKOV=3.3.30
+if [ ! -x .venv-checkov/bin/checkov ] || ! grep -qx "$CHECKOV" .venv-checkov/.version 2>/dev/null; then
+  echo "setup: installing checkov $CHECKOV into .venv-checkov"
+  rm -rf .venv-checkov
+  "$PY" -m venv .venv-checkov
+  .venv-checkov/bin/python -m pip install -q --upgrade pip
+  .venv-checkov/bin/python -m pip install -q "checkov==$CHECKOV"
+  echo "$CHECKOV" > .venv-checkov/.version
+fi

@@ -1,0 +1,73 @@
+# raystream on AWS, dev: the root module with this environment's sizes. Run from this folder:
+#   terraform init && terraform apply
+# then follow docs/deploy.md (kubeconfig, Secrets, kubectl apply -k cluster/overlays/dev).
+
+terraform {
+  required_version = ">= 1.6.0"
+
+  required_providers {
+    aws = {
+      source  = "hashicorp/aws"
+      version = ">= 5.80.0, < 6.0.0"
+    }
+    helm = {
+      source  = "hashicorp/helm"
+      version = ">= 2.17.0, < 3.0.0"
+    }
+  }
+}
+
+provider "aws" {
+  region = "eu-west-1"
+
+  default_tags {
+    tags = { Project = "raystream" }
+  }
+}
+
+# the API endpoint is private: run terraform from inside the VPC (a runner or VPN in admin_cidrs)
+provider "helm" {
+  kubernetes {
+    host                   = module.raystream.cluster_endpoint
+    cluster_ca_certificate = base64decode(module.raystream.cluster_certificate_authority_data)
+    exec {
+      api_version = "client.authentication.k8s.io/v1beta1"
+      command     = "aws"
+      args        = ["eks", "get-token", "--cluster-name", module.raystream.cluster_name]
+    }
+  }
+}
+
+module "raystream" {
+  source = "../.."
+
+  name        = "raystream-dev"
+  environment = "dev"
+  azs         = ["eu-west-1a", "eu-west-1b", "eu-west-1c"]
+  vpc_cidr    = "10.10.0.0/16"
+  admin_cidrs = ["10.200.0.0/24"]
+
+  on_demand_nodes = { instance_types = ["m7i.large"], min_size = 2, desired_size = 2, max_size = 3 }
+  spot_nodes      = { instance_types = ["m7i.xlarge", "m6i.xlarge"], min_size = 0, desired_size = 1, max_size = 4 }
+
+  msk_instance_type  = "kafka.t3.small"
+  msk_volume_gb      = 100
+  rds_instance_class = "db.t4g.medium"
+  redis_node_type    = "cache.t4g.small"
+
+  tags = { CostCenter = "data-platform-dev" }
+}
+
+output "raystream" {
+  description = "Everything docs/deploy.md needs from this environment."
+  value = {
+    cluster_name  = module.raystream.cluster_name
+    role_arn      = module.raystream.raystream_role_arn
+    data_bucket   = module.raystream.data_bucket
+    kafka         = module.raystream.msk_bootstrap_brokers_iam
+    postgres      = module.raystream.postgres_endpoint
+    redis         = module.raystream.redis_endpoint
+    redis_secret  = module.raystream.redis_auth_secret_arn
+    postgres_user = module.raystream.postgres_master_secret_arn
+  }
+}
