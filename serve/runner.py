@@ -77,10 +77,17 @@ def stop_serve() -> None:
 
 def serve_config_v2(cfg: ServeConfig, config_path: str) -> dict:
     """The RayService ``serveConfigV2`` (Ray's ServeDeploySchema) deploying what ``raystream serve --config`` does
-    with ``cfg``, read from ``config_path`` inside the pods. Serve's gRPC proxy appears only with ``grpc_proxy``."""
+    with ``cfg``, read from ``config_path`` inside the pods; the deployment's autoscaling is the config's (Serve
+    applies the same values the code sets, shown here for operators). Serve's gRPC proxy appears only with
+    ``grpc_proxy``: by default each replica serves gRPC on ``grpc_port`` itself, and a proxy on every node
+    would take the same port."""
+    a = cfg.autoscaling
+    deployment = {"name": "raystream-api", "max_ongoing_requests": a.max_ongoing_requests,
+                  "autoscaling_config": {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                         "target_ongoing_requests": a.target_ongoing_requests}}
     doc: dict = {"proxy_location": "EveryNode", "http_options": {"host": cfg.host, "port": cfg.port},
                  "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "serve.app:app_builder",
-                                   "args": {"config": config_path}}]}
+                                   "args": {"config": config_path}, "deployments": [deployment]}]}
     if cfg.grpc_port is not None and cfg.grpc_proxy:
         from serve.grpc_api import GRPC_SERVICER
 
