@@ -10,7 +10,7 @@ __all__ = ["router"]
 
 
 def router(core) -> APIRouter:
-    r = APIRouter(tags=["health"])
+    r = APIRouter(tags=["health"])  # probes may add what they like
 
     @r.get("/healthz")
     async def healthz() -> dict:

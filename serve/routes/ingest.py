@@ -10,13 +10,13 @@ from fastapi.responses import JSONResponse
 from serve.auth import Principal
 from serve.errors import ApiError
 from serve.models import errors
-from serve.routes import caller
+from serve.routes import caller, known_query
 
 __all__ = ["router"]
 
 
 def router(core) -> APIRouter:
-    r = APIRouter(tags=["ingest"])
+    r = APIRouter(tags=["ingest"], dependencies=[Depends(known_query)])
     ing = core.ingestor
 
     @r.post("/v1/events", responses={

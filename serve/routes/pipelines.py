@@ -9,25 +9,25 @@ from fastapi import APIRouter, Depends
 from serve.auth import Principal
 from serve.errors import ApiError
 from serve.models import ScaleRequest, errors
-from serve.routes import caller
+from serve.routes import caller, known_query
 from serve.tenancy import pipeline_view
 
 __all__ = ["router"]
 
 
 def router(core) -> APIRouter:
-    r = APIRouter(tags=["pipelines"])
+    r = APIRouter(tags=["pipelines"], dependencies=[Depends(known_query)])
     windows = core.windows
 
     def known(name: str) -> None:
         if name not in {p for p, _ in windows}:
             raise ApiError(404, f"no pipeline {name!r}")
 
-    @r.get("/v1/pipelines", responses=errors(401, 403, 429))
+    @r.get("/v1/pipelines", responses=errors(400, 401, 403, 429))
     async def pipelines(who: Principal = Depends(caller)) -> dict:
         return {"pipelines": [{"name": s, "windows": [w for (p, w) in windows if p == s]} for s in sorted({p for p, _ in windows})]}
 
-    @r.get("/v1/pipelines/{name}", responses=errors(401, 403, 404, 429, 503))
+    @r.get("/v1/pipelines/{name}", responses=errors(400, 401, 403, 404, 429, 503))
     async def pipeline_status(name: str, who: Principal = Depends(caller)) -> dict:
         """The pipeline's status: all of it with the ``operator`` scope, a redacted summary for a tenant."""
         known(name)

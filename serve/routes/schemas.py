@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from serve.auth import Principal
 from serve.errors import ApiError
 from serve.models import SchemaRequest, errors
-from serve.routes import caller
+from serve.routes import caller, known_query
 
 __all__ = ["router"]
 
@@ -22,10 +22,10 @@ def router(core) -> APIRouter:
     from pipeline.io.registry import Incompatible, UnknownVersion
     from pipeline.schemas import Schema
 
-    r = APIRouter(tags=["schemas"])
+    r = APIRouter(tags=["schemas"], dependencies=[Depends(known_query)])
     registry = core.registry
 
-    @r.get("/v1/schemas", responses=errors(401, 403, 429))
+    @r.get("/v1/schemas", responses=errors(400, 401, 403, 429))
     async def subjects(who: Principal = Depends(caller)) -> dict:
         return {"subjects": await asyncio.to_thread(registry.subjects)}
 

@@ -147,6 +147,13 @@ def test_hostile_queries(served, keys, params, status, parameter):
         assert r.json()["parameter"] == parameter and r.json()["detail"]
 
 
+@pytest.mark.parametrize("url", ["/v1/pipelines", "/v1/schemas", "/v1/pipelines/restp", "/v1/schemas/x/versions/latest"])
+def test_unknown_query_parameters_are_400s(served, keys, url):
+    client, _, _ = served
+    r = _get(client, url, keys.token("acme"), params={"limit": "5", "tenant_id": "globex"})
+    assert r.status_code == 400 and r.json()["parameter"] in ("limit", "tenant_id"), r.text
+
+
 def test_typed_cursor_of_the_right_types_pages_on(served, keys):
     client, latest, _ = served
     first = _get(client, "/v1/windows/restp/w", keys.token("acme"), params={"limit": 3}).json()
