@@ -147,6 +147,19 @@ class Authenticator:
         cache[token] = (min(now + 30, float(who.claims["exp"])), who)
         return who
 
+    async def averify(self, authorization: str | None) -> Principal:
+        """``verify``, refetching the JWKS once (off the event loop, at most once per ``refresh_min_s``) when the
+        token names a key the cache does not have."""
+        try:
+            return self.verify(authorization)
+        except UnknownKey:
+            if not self.may_refresh():
+                raise
+        import asyncio
+
+        await asyncio.to_thread(self.refresh)
+        return self.verify(authorization)
+
     def _verify(self, token: str) -> Principal:
         try:
             header = jwt.get_unverified_header(token)

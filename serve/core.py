@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from serve.auth import AuthError, Authenticator, Principal, UnknownKey
+from serve.auth import AuthError, Authenticator, Principal
 from serve.config import ServeConfig
 from serve.errors import ApiError
 from serve.query import MAX_MS, aquery_windows, catalog
@@ -76,24 +76,12 @@ class Core:
         return entry[1]
 
     # -- callers ----------------------------------------------------------------------
-    def principal(self, authorization: str | None) -> Principal:
-        """The caller of an ``Authorization`` header value (cached keys only); ApiError 401/403."""
-        try:
-            return self.auth.verify(authorization)
-        except AuthError as exc:
-            raise ApiError(exc.status, str(exc)) from None
-
     async def authenticate(self, authorization: str | None) -> Principal:
-        """``principal``, refetching the JWKS (off the event loop, rate limited) when the token names an unknown key."""
+        """The caller of an ``Authorization`` header value; ApiError 401/403 (an unknown key refetches the JWKS)."""
         try:
-            return self.auth.verify(authorization)
-        except UnknownKey:
-            if not self.auth.may_refresh():
-                raise ApiError(401, "unknown signing key") from None
+            return await self.auth.averify(authorization)
         except AuthError as exc:
             raise ApiError(exc.status, str(exc)) from None
-        await asyncio.to_thread(self.auth.refresh)
-        return self.principal(authorization)
 
     async def admit(self, who: Principal, endpoint: str) -> None:
         """The tenant's token bucket for ``endpoint``: ApiError 429 with the wait when empty."""

@@ -202,18 +202,16 @@ class _Servicer:
 
 def _token_gate(core):
     """A server interceptor: a call without a valid token is refused from its metadata alone, before its request
-    message is parsed (an unknown ``kid`` goes on to the method, which may refetch the JWKS)."""
+    message is parsed."""
     import grpc
 
-    from serve.auth import AuthError, UnknownKey
+    from serve.auth import AuthError
 
     class TokenGate(grpc.aio.ServerInterceptor):
         async def intercept_service(self, continuation, details):
             auth = next((v for k, v in details.invocation_metadata or () if k.lower() == "authorization"), None)
             try:
-                core.auth.verify(auth)
-            except UnknownKey:
-                pass
+                await core.auth.averify(auth)
             except AuthError as exc:
                 code, message = grpc_code(exc.status), str(exc)
 

@@ -31,7 +31,7 @@ from starlette.routing import Match
 
 from serve.errors import ApiError, http_headers, problem
 
-__all__ = ["CALLBACK", "CONFIG_ENV", "GATE_ENV", "Guard", "ProxyGate", "bounded", "error_response", "gate_settings", "proxy_gate"]
+__all__ = ["CALLBACK", "CONFIG_ENV", "GATE_ENV", "Guard", "ProxyGate", "bounded", "error_response", "gate", "gate_settings", "proxy_gate"]
 
 PROTECTED = "/v1/"
 
@@ -46,36 +46,61 @@ async def error_response(exc: ApiError, send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _flat_routes(routes) -> list:
+    """The routes under ``routes``, looking into routers FastAPI keeps as one node (``include_router``)."""
+    out = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        out += _flat_routes(inner.routes) if inner is not None else [route]
+    return out
+
+
 class Guard:
-    """ASGI middleware: authenticate, rate limit, bound the body — in that order, before the handler reads."""
+    """ASGI middleware in the replica: token, the tenant's bucket for the route, body size — before the handler reads."""
 
     def __init__(self, app, core, routes, limit: int):
         self.app, self.core, self.routes, self.limit = app, core, routes, limit
+        self._flat: list | None = None
 
     def endpoint(self, scope) -> str:
-        """The rate-limit bucket of a request: its route's name (the path when no route matches)."""
-        for route in self.routes:
+        """The rate-limit bucket of a request: its route's name (the path when no route matches), so every path of
+        one route (any pipeline or window, old and new names) shares the bucket."""
+        if self._flat is None:  # the routes are all in place once requests come
+            self._flat = _flat_routes(self.routes)
+        for route in self._flat:
             match, _ = route.matches(scope)
             if match == Match.FULL:
                 return getattr(route, "name", None) or scope["path"]
         return scope["path"]
 
+    async def admit(self, scope, authorization: str | None):
+        who = await self.core.authenticate(authorization)
+        await self.core.admit(who, self.endpoint(scope))
+        return who
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED):
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or ())
-        try:
-            who = await self.core.authenticate(headers.get(b"authorization", b"").decode("latin-1") or None)
-            declared = headers.get(b"content-length")
-            if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-                raise ApiError(413, f"request body over {self.limit} bytes")
-            await self.core.admit(who, self.endpoint(scope))
-        except ApiError as exc:
-            await error_response(exc, send)
-            return
+        await gate(self.app, scope, receive, send, self.limit, self.admit)
+
+
+async def gate(app, scope, receive, send, limit: int, admit) -> None:
+    """The one check sequence of the Guard and the ProxyGate: for ``/v1/`` HTTP requests, ``admit`` (token, and in
+    the replica the rate limit), then a declared ``Content-Length`` over ``limit``, then the body cut at ``limit``
+    while it is read. What ``admit`` returns (the caller, in the replica) is left in ``scope["state"]``."""
+    if scope["type"] != "http" or not scope["path"].startswith(PROTECTED):
+        await app(scope, receive, send)
+        return
+    headers = dict(scope.get("headers") or ())
+    try:
+        who = await admit(scope, headers.get(b"authorization", b"").decode("latin-1") or None)
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise ApiError(413, f"request body over {limit} bytes")
+    except ApiError as exc:
+        await error_response(exc, send)
+        return
+    if who is not None:
         scope.setdefault("state", {})["principal"] = who
-        await bounded(self.app, scope, receive, send, self.limit)
+    await bounded(app, scope, receive, send, limit)
 
 
 async def bounded(app, scope, receive, send, limit: int) -> None:
@@ -118,38 +143,17 @@ class ProxyGate:
         self.auth = Authenticator(auth["jwks"], auth["issuer"], auth["audience"], auth["tenant_claim"],
                                   auth.get("hs256_secret"), refresh_min_s=auth["refresh_min_s"])
 
-    async def _verify(self, authorization: str | None) -> None:
-        import asyncio
-
-        from serve.auth import AuthError, UnknownKey
+    async def admit(self, scope, authorization: str | None) -> None:
+        from serve.auth import AuthError
 
         try:
-            self.auth.verify(authorization)
-        except UnknownKey:
-            if not self.auth.may_refresh():
-                raise ApiError(401, "unknown signing key") from None
-            await asyncio.to_thread(self.auth.refresh)
-            try:
-                self.auth.verify(authorization)
-            except AuthError as exc:
-                raise ApiError(exc.status, str(exc)) from None
+            await self.auth.averify(authorization)
         except AuthError as exc:
             raise ApiError(exc.status, str(exc)) from None
+        return None  # the replica verifies again and keeps the caller; nothing travels from the proxy
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED):
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or ())
-        try:
-            await self._verify(headers.get(b"authorization", b"").decode("latin-1") or None)
-            declared = headers.get(b"content-length")
-            if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-                raise ApiError(413, f"request body over {self.limit} bytes")
-        except ApiError as exc:
-            await error_response(exc, send)
-            return
-        await bounded(self.app, scope, receive, send, self.limit)
+        await gate(self.app, scope, receive, send, self.limit, self.admit)
 
 
 GATE_ENV = "RAYSTREAM_PROXY_GATE"  # path of the ProxyGate's settings (JSON, mode 0600) in the proxy's environment

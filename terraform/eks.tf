@@ -120,14 +120,33 @@ resource "aws_launch_template" "nodes" {
   tags = local.tags
 }
 
-resource "aws_eks_node_group" "on_demand" {
+locals {
+  node_groups = {
+    on-demand = merge(var.on_demand_nodes, { capacity_type = "ON_DEMAND", taints = [] })
+    # workers and backfills prefer spot; heads, the API and the coordinator stay on on-demand nodes
+    spot = merge(var.spot_nodes, { capacity_type = "SPOT", taints = [{ key = "raystream.io/spot", value = "true", effect = "PREFER_NO_SCHEDULE" }] })
+  }
+}
+
+resource "aws_eks_node_group" "this" {
+  for_each = local.node_groups
+
   cluster_name    = aws_eks_cluster.this.name
-  node_group_name = "${var.name}-on-demand"
+  node_group_name = "${var.name}-${each.key}"
   node_role_arn   = aws_iam_role.nodes.arn
   subnet_ids      = aws_subnet.private[*].id
-  capacity_type   = "ON_DEMAND"
-  instance_types  = var.on_demand_nodes.instance_types
-  labels          = { "raystream.io/capacity" = "on-demand" }
+  capacity_type   = each.value.capacity_type
+  instance_types  = each.value.instance_types
+  labels          = { "raystream.io/capacity" = each.key }
+
+  dynamic "taint" {
+    for_each = each.value.taints
+    content {
+      key    = taint.value.key
+      value  = taint.value.value
+      effect = taint.value.effect
+    }
+  }
 
   launch_template {
     id      = aws_launch_template.nodes.id
@@ -135,9 +154,9 @@ resource "aws_eks_node_group" "on_demand" {
   }
 
   scaling_config {
-    min_size     = var.on_demand_nodes.min_size
-    desired_size = var.on_demand_nodes.desired_size
-    max_size     = var.on_demand_nodes.max_size
+    min_size     = each.value.min_size
+    desired_size = each.value.desired_size
+    max_size     = each.value.max_size
   }
 
   update_config {
@@ -149,43 +168,5 @@ resource "aws_eks_node_group" "on_demand" {
 
   lifecycle {
     ignore_changes = [scaling_config[0].desired_size] # the cluster autoscaler owns it
-  }
-}
-
-resource "aws_eks_node_group" "spot" {
-  cluster_name    = aws_eks_cluster.this.name
-  node_group_name = "${var.name}-spot"
-  node_role_arn   = aws_iam_role.nodes.arn
-  subnet_ids      = aws_subnet.private[*].id
-  capacity_type   = "SPOT"
-  instance_types  = var.spot_nodes.instance_types
-  labels          = { "raystream.io/capacity" = "spot" }
-
-  taint {
-    key    = "raystream.io/spot"
-    value  = "true"
-    effect = "PREFER_NO_SCHEDULE"
-  }
-
-  launch_template {
-    id      = aws_launch_template.nodes.id
-    version = aws_launch_template.nodes.latest_version
-  }
-
-  scaling_config {
-    min_size     = var.spot_nodes.min_size
-    desired_size = var.spot_nodes.desired_size
-    max_size     = var.spot_nodes.max_size
-  }
-
-  update_config {
-    max_unavailable = 1
-  }
-
-  tags       = local.tags
-  depends_on = [aws_iam_role_policy_attachment.nodes]
-
-  lifecycle {
-    ignore_changes = [scaling_config[0].desired_size]
   }
 }

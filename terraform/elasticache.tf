@@ -38,7 +38,7 @@ resource "aws_elasticache_replication_group" "this" {
   multi_az_enabled           = true
   port                       = 6379
   subnet_group_name          = aws_elasticache_subnet_group.this.name
-  security_group_ids         = [aws_security_group.redis.id]
+  security_group_ids         = [aws_security_group.store["redis"].id]
   at_rest_encryption_enabled = true
   kms_key_id                 = aws_kms_key.data.arn
   transit_encryption_enabled = true

@@ -12,5 +12,5 @@ resource "helm_release" "kuberay_operator" {
   timeout          = 600
   values           = [file("${path.module}/../cluster/helm/kuberay-operator-values.yaml")]
 
-  depends_on = [aws_eks_node_group.on_demand]
+  depends_on = [aws_eks_node_group.this["on-demand"]]
 }

@@ -1,7 +1,8 @@
 # One customer-managed key per concern, rotated yearly; each policy lets the account administer it and
 # only the services that encrypt with it use it.
 
-data "aws_iam_policy_document" "kms_logs" {
+# shared by both key policies: the account administers its keys
+data "aws_iam_policy_document" "kms_admin" {
   # checkov:skip=CKV_AWS_111: a key policy's Resource "*" is the key itself; the account root administers its own key
   # checkov:skip=CKV_AWS_356: a key policy's Resource "*" is the key itself
   # checkov:skip=CKV_AWS_109: a key policy's Resource "*" is the key itself; the account root administers its own key
@@ -14,6 +15,13 @@ data "aws_iam_policy_document" "kms_logs" {
       identifiers = ["arn:${local.partition}:iam::${local.account_id}:root"]
     }
   }
+}
+
+data "aws_iam_policy_document" "kms_logs" {
+  # checkov:skip=CKV_AWS_111: a key policy's Resource "*" is the key itself (the CloudWatch Logs grant is limited to this account's log groups by its condition)
+  # checkov:skip=CKV_AWS_356: a key policy's Resource "*" is the key itself
+  source_policy_documents = [data.aws_iam_policy_document.kms_admin.json]
+
   statement {
     sid       = "CloudWatchLogsEncrypt"
     actions   = ["kms:Encrypt*", "kms:Decrypt*", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:Describe*"]
@@ -48,15 +56,8 @@ resource "aws_kms_key" "logs" {
 }
 
 data "aws_iam_policy_document" "kms_data" {
-  statement {
-    sid       = "AccountAdministers"
-    actions   = ["kms:*"]
-    resources = ["*"]
-    principals {
-      type        = "AWS"
-      identifiers = ["arn:${local.partition}:iam::${local.account_id}:root"]
-    }
-  }
+  source_policy_documents = [data.aws_iam_policy_document.kms_admin.json]
+
   statement {
     sid       = "ServicesInThisAccount"
     actions   = ["kms:Encrypt", "kms:Decrypt", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:DescribeKey", "kms:CreateGrant"]

@@ -23,7 +23,7 @@ resource "aws_msk_cluster" "this" {
   broker_node_group_info {
     instance_type   = var.msk_instance_type
     client_subnets  = aws_subnet.private[*].id
-    security_groups = [aws_security_group.msk.id]
+    security_groups = [aws_security_group.store["msk"].id]
     storage_info {
       ebs_storage_info {
         volume_size = var.msk_volume_gb

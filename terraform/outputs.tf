@@ -57,3 +57,17 @@ output "alarm_topic_arn" {
   description = "SNS topic the CloudWatch alarms notify."
   value       = aws_sns_topic.alarms.arn
 }
+
+output "overlay_values" {
+  description = "Everything docs/deploy.md puts into a cluster/ overlay and its Secrets, in one map."
+  value = {
+    cluster_name  = aws_eks_cluster.this.name
+    role_arn      = aws_iam_role.raystream.arn
+    data_bucket   = aws_s3_bucket.data.bucket
+    kafka         = aws_msk_cluster.this.bootstrap_brokers_sasl_iam
+    postgres      = aws_db_instance.this.endpoint
+    redis         = aws_elasticache_replication_group.this.primary_endpoint_address
+    redis_secret  = aws_secretsmanager_secret.redis_auth.arn
+    postgres_user = aws_db_instance.this.master_user_secret[0].secret_arn
+  }
+}

@@ -73,7 +73,7 @@ resource "aws_db_instance" "this" {
   master_user_secret_kms_key_id       = aws_kms_key.data.arn
   multi_az                            = true
   db_subnet_group_name                = aws_db_subnet_group.this.name
-  vpc_security_group_ids              = [aws_security_group.rds.id]
+  vpc_security_group_ids              = [aws_security_group.store["rds"].id]
   parameter_group_name                = aws_db_parameter_group.this.name
   publicly_accessible                 = false
   iam_database_authentication_enabled = true

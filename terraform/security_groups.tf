@@ -36,54 +36,31 @@ resource "aws_vpc_security_group_egress_rule" "nodes_out" {
   tags              = local.tags
 }
 
-resource "aws_security_group" "msk" {
-  name        = "${var.name}-msk"
-  description = "MSK brokers: TLS with IAM auth from the nodes"
-  vpc_id      = aws_vpc.this.id
-  tags        = merge(local.tags, { Name = "${var.name}-msk" })
+locals {
+  # each store takes connections from the nodes only, on its own port
+  stores = {
+    msk   = { port = 9098, what = "MSK brokers: Kafka over TLS with IAM auth" }
+    rds   = { port = 5432, what = "PostgreSQL" }
+    redis = { port = 6379, what = "Redis over TLS with AUTH" }
+  }
 }
 
-resource "aws_vpc_security_group_ingress_rule" "msk_from_nodes" {
-  security_group_id            = aws_security_group.msk.id
+resource "aws_security_group" "store" {
+  for_each    = local.stores
+  name        = "${var.name}-${each.key}"
+  description = "${each.value.what}, from the nodes"
+  vpc_id      = aws_vpc.this.id
+  tags        = merge(local.tags, { Name = "${var.name}-${each.key}" })
+}
+
+resource "aws_vpc_security_group_ingress_rule" "store_from_nodes" {
+  for_each                     = local.stores
+  security_group_id            = aws_security_group.store[each.key].id
   referenced_security_group_id = aws_security_group.nodes.id
   ip_protocol                  = "tcp"
-  from_port                    = 9098
-  to_port                      = 9098
-  description                  = "Kafka over TLS with IAM auth"
-  tags                         = local.tags
-}
-
-resource "aws_security_group" "rds" {
-  name        = "${var.name}-rds"
-  description = "PostgreSQL from the nodes"
-  vpc_id      = aws_vpc.this.id
-  tags        = merge(local.tags, { Name = "${var.name}-rds" })
-}
-
-resource "aws_vpc_security_group_ingress_rule" "rds_from_nodes" {
-  security_group_id            = aws_security_group.rds.id
-  referenced_security_group_id = aws_security_group.nodes.id
-  ip_protocol                  = "tcp"
-  from_port                    = 5432
-  to_port                      = 5432
-  description                  = "PostgreSQL"
-  tags                         = local.tags
-}
-
-resource "aws_security_group" "redis" {
-  name        = "${var.name}-redis"
-  description = "Redis (TLS, AUTH) from the nodes"
-  vpc_id      = aws_vpc.this.id
-  tags        = merge(local.tags, { Name = "${var.name}-redis" })
-}
-
-resource "aws_vpc_security_group_ingress_rule" "redis_from_nodes" {
-  security_group_id            = aws_security_group.redis.id
-  referenced_security_group_id = aws_security_group.nodes.id
-  ip_protocol                  = "tcp"
-  from_port                    = 6379
-  to_port                      = 6379
-  description                  = "Redis over TLS"
+  from_port                    = each.value.port
+  to_port                      = each.value.port
+  description                  = each.value.what
   tags                         = local.tags
 }
 

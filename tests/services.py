@@ -143,3 +143,46 @@ class TcpProxy:
         self._closed = True
         self.sock.close()
         self.set_broken(True)
+
+
+class Cli:
+    """A ``raystream`` command as an operator starts it: a child process group with its own Ray under ``tmp``
+    (``RAY_TMPDIR``), output in ``tmp/<name>.out``; ``wait_up`` polls URLs until they answer 200."""
+
+    def __init__(self, args: list[str], tmp, name: str):
+        import sys
+        from pathlib import Path
+
+        root = str(Path(__file__).resolve().parents[1])
+        self.tmp, self.log = tmp, tmp / f"{name}.out"
+        self._out = open(self.log, "w")
+        env = {**os.environ, "RAY_TMPDIR": str(tmp / "ray"), "PYTHONPATH": root}
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=self._out, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True, cwd=str(tmp))
+
+    def wait_up(self, urls: list[str], timeout_s: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if all(httpx.get(u, timeout=2).status_code == 200 for u in urls):
+                    return
+            except httpx.HTTPError:
+                pass  # not listening yet
+            assert time.monotonic() < deadline, self.log.read_text()[-3000:]
+            time.sleep(1)
+
+    def stop(self) -> None:
+        """Ctrl-C (a clean stop also stops what the command started), SIGKILL after 60 s; then Ray's leftovers."""
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self._out.close()
+        subprocess.run(["pkill", "-9", "-f", str(self.tmp)], check=False)

@@ -239,6 +239,7 @@ def test_pipeline_specs_in_the_config_maps_load(rendered, monkeypatch):
 
 
 def test_app_builder_builds_the_application_from_the_config_file(monkeypatch, tmp_path):
+    """What a RayService deploys from serveConfigV2 is the deployment of the config file, env expanded."""
     import json
 
     from serve.app import app_builder
@@ -246,10 +247,15 @@ def test_app_builder_builds_the_application_from_the_config_file(monkeypatch, tm
 
     (tmp_path / "jwks.json").write_text(json.dumps(Keys().jwks()))
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump({
-        "postgres_dsn": "${PG_DSN}", "auth": {"jwks_file": str(tmp_path / "jwks.json"), "issuer": "i", "audience": "a"}}))
+        "postgres_dsn": "${PG_DSN}", "auth": {"jwks_file": str(tmp_path / "jwks.json"), "issuer": "i", "audience": "a"},
+        "autoscaling": {"min_replicas": 2, "max_replicas": 5, "target_ongoing_requests": 3, "max_ongoing_requests": 700}}))
+    with pytest.raises(Exception, match="PG_DSN"):  # an unset variable is named, not passed on as text
+        app_builder({"config": str(tmp_path / "serve.yaml")})
     monkeypatch.setenv("PG_DSN", "postgresql://x@127.0.0.1:1/x")
-    app = app_builder({"config": str(tmp_path / "serve.yaml")})
-    assert type(app).__name__ == "Application"
+    dep = app_builder({"config": str(tmp_path / "serve.yaml")})._bound_deployment
+    auto = dep._deployment_config.autoscaling_config
+    assert (dep.name, auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests,
+            dep._deployment_config.max_ongoing_requests) == ("raystream-api", 2, 5, 3, 700)
 
 
 def test_namespaces_and_network_policies(rendered):

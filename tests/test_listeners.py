@@ -5,40 +5,24 @@ security). `raystream serve` gets the same check in tests/serve/test_hardening.p
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from pipeline.io.broker import free_port
 from tests.serve.test_hardening import _listeners, assert_loopback_only
+from tests.services import Cli
 
 
 def test_every_listener_of_the_demo_is_on_loopback():
     tmp = Path(tempfile.mkdtemp(prefix="rsd", dir="/tmp"))
     http, grpc_port = free_port(), free_port()
-    env = {**os.environ, "RAY_TMPDIR": str(tmp / "ray"), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    out = open(tmp / "demo.out", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "demo", "--duration", "120", "--rate", "2000",
-                             "--out", str(tmp / "out"), "--http-port", str(http), "--grpc-port", str(grpc_port)],
-                            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(tmp))
+    demo = Cli(["demo", "--duration", "120", "--rate", "2000", "--out", str(tmp / "out"), "--http-port", str(http),
+                "--grpc-port", str(grpc_port)], tmp, "demo")
+    proc = demo.proc
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, (tmp / "demo.out").read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{http}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (tmp / "demo.out").read_text()[-3000:]
-            time.sleep(1)
+        demo.wait_up([f"http://127.0.0.1:{http}/healthz"], 240)
         time.sleep(3)  # the replica's own ports come up in its constructor: let the pipeline's workers start too
         listeners = _listeners(proc)
         assert {http, grpc_port} <= {p for _, _, p, _ in listeners}
@@ -46,12 +30,5 @@ def test_every_listener_of_the_demo_is_on_loopback():
         wild = assert_loopback_only(listeners)
         assert len(wild) == 1, wild
     finally:
-        if proc.poll() is None:  # a clean stop (Ctrl-C) also stops the demo's PostgreSQL and Redis
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        out.close()
-        subprocess.run(["pkill", "-9", "-f", str(tmp)], check=False)
+        demo.stop()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -47,19 +47,17 @@ SENTINELS = ("PgPw-Sentinel-4417", "Hs256-Sentinel-0123456789-abcdefghijkl", "Sa
 def hardened(keys, broker, postgres, redis_server):
     """``raystream serve --config`` as an operator runs it: its own local Ray, in its own process group, with
     sentinel secrets in its configuration (a DSN password, a development HS256 secret, a SASL password)."""
-    import os
     import shutil
-    import signal
-    import subprocess
-    import sys
     import tempfile
     from pathlib import Path
+
+    from tests.services import Cli
 
     tmp = Path(tempfile.mkdtemp(prefix="rsh", dir="/tmp"))  # short: Ray's socket paths live under it
     name = f"hard{int(time.time()) % 10**6}"
     broker.extra["broker"].create_topic(f"{name}-events", 1)
     pg_pw, hs_secret, sasl_pw = SENTINELS
-    dsn = postgres.extra["dsn"].replace("postgresql://", "postgresql://", 1)
+    dsn = postgres.extra["dsn"]
     spec_d = {"name": name, "source": {"kafka": {"bootstrap_servers": broker.address, "topic": f"{name}-events",
                                                  "config": {"sasl.password": sasl_pw}}},
               "event_time": {"field": "ts", "format": "epoch_ms"}, "windows": [WINDOW],
@@ -78,39 +76,18 @@ def hardened(keys, broker, postgres, redis_server):
                        "endpoints": {"subscribe": [6, 0.001], "resume": [2, 0.001]}},
         "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
     (tmp / "serve.yaml").write_text(yaml.safe_dump(serve_cfg))
-    out = open(tmp / "serve.out", "w")
-    env = {**os.environ, "RAY_TMPDIR": str(tmp / "ray"), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--config", str(tmp / "serve.yaml")],
-                            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    cli = Cli(["serve", "--config", str(tmp / "serve.yaml")], tmp, "serve")
     http = f"http://127.0.0.1:{ports['port']}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (tmp / "serve.out").read_text()[-3000:]
-            try:
-                if httpx.get(f"{http}/healthz", timeout=2).status_code == 200 and httpx.get(
-                        f"http://127.0.0.1:{ports['direct_port']}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (tmp / "serve.out").read_text()[-3000:]
-            time.sleep(1)
+        cli.wait_up([f"{http}/healthz", f"http://127.0.0.1:{ports['direct_port']}/healthz"], 180)
         urls = {"http": http, "direct": f"http://127.0.0.1:{ports['direct_port']}", "grpc": f"127.0.0.1:{ports['grpc_port']}",
                 "ws": f"ws://127.0.0.1:{ports['port']}/v1/stream", "ws_direct": f"ws://127.0.0.1:{ports['direct_port']}/v1/stream"}
         from pipeline.spec import parse_spec as parse
 
         sink = RedisSink(parse(spec_d), parse(spec_d).sinks[1].redis)
-        yield {"urls": urls, "name": name, "sink": sink, "redis": redis_server.extra["url"], "proc": proc, "tmp": tmp,
-               "keys_dsn": dsn}
+        yield {"urls": urls, "name": name, "sink": sink, "redis": redis_server.extra["url"], "proc": cli.proc, "tmp": tmp}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        out.close()
-        subprocess.run(["pkill", "-9", "-f", str(tmp / "ray")], check=False)
+        cli.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -268,3 +268,31 @@ def test_full_producer_queue_answers_503_before_sending(monkeypatch):
         assert len(ing.producer()) == 8  # nothing of the refused request was queued
     finally:
         ing._producer = None  # the queued records go nowhere: do not wait for them
+
+
+def test_stream_leases_of_a_dead_replica_expire(redis_server):
+    """A replica killed with open subscriptions never releases their leases: the tenant is at its cap only until
+    the leases' time runs out (renewed every heartbeat by live streams), then new subscriptions get through."""
+    import redis.asyncio as aredis
+
+    from serve.stream import Lease
+
+    async def run():
+        r = aredis.Redis.from_url(redis_server.extra["url"])
+        try:
+            held = [Lease(r, "dead-replica", cap=2, ttl_s=1.0) for _ in range(2)]
+            assert [await x.renew() for x in held] == [True, True]
+            late = Lease(r, "dead-replica", cap=2, ttl_s=1.0)
+            assert await late.renew() is False  # at the cap
+            assert await Lease(r, "other-tenant", cap=2, ttl_s=1.0).renew() is True
+            await asyncio.sleep(0.6)
+            assert await held[0].renew() is True  # a live stream renews its lease ...
+            await asyncio.sleep(0.6)
+            assert await late.renew() is True  # ... the dead one's expired: one place is free again
+            assert await Lease(r, "dead-replica", cap=2, ttl_s=1.0).renew() is False
+            await held[0].release()
+            assert await Lease(r, "dead-replica", cap=2, ttl_s=1.0).renew() is True
+        finally:
+            await r.aclose()
+
+    asyncio.run(run())

@@ -211,9 +211,12 @@ def test_rate_limit_answers_429_with_retry_after(served, keys, redis_server):
 
 
 def _limited(client, keys):
-    codes = [_get(client, "/v1/aggregates/restp/w", keys.token("ratelimited-tenant"), params={"kind": "a"}).status_code
-             for _ in range(5)]
-    assert codes == [200, 200, 200, 429, 429]
+    # one bucket per route, whatever the path: new and old names and unknown windows all draw from "windows"
+    paths = ["/v1/windows/restp/w", "/v1/aggregates/restp/w", "/v1/windows/restp/nope", "/v1/windows/other/w",
+             "/v1/aggregates/restp/w"]
+    codes = [_get(client, p, keys.token("ratelimited-tenant"), params={"kind": "a"}).status_code for p in paths]
+    assert codes == [200, 200, 404, 429, 429]
+    assert _get(client, "/v1/pipelines", keys.token("ratelimited-tenant")).status_code == 200  # another route's bucket
     r = _get(client, "/v1/aggregates/restp/w", keys.token("ratelimited-tenant"))
     assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
     assert _get(client, "/v1/aggregates/restp/w", keys.token("acme")).status_code == 200  # another tenant's bucket

@@ -63,14 +63,5 @@ module "raystream" {
 
 output "raystream" {
   description = "Everything docs/deploy.md needs from this environment."
-  value = {
-    cluster_name  = module.raystream.cluster_name
-    role_arn      = module.raystream.raystream_role_arn
-    data_bucket   = module.raystream.data_bucket
-    kafka         = module.raystream.msk_bootstrap_brokers_iam
-    postgres      = module.raystream.postgres_endpoint
-    redis         = module.raystream.redis_endpoint
-    redis_secret  = module.raystream.redis_auth_secret_arn
-    postgres_user = module.raystream.postgres_master_secret_arn
-  }
+  value       = module.raystream.overlay_values
 }
