@@ -1,7 +1,7 @@
 """Window identity and sink names, built in one place for every sink and for ``serve/``.
 
-A window row is identified by (pipeline, window, window start, group keys,
-partition). Names derived from it must never let two pipelines or two windows
+A window row is identified by (pipeline, window, window start, group keys),
+and by its source partition too for a ``per_partition`` window. Names derived from it must never let two pipelines or two windows
 share a table, key space or series: names that differ only by case, by
 ``-``/``_``, or past a length limit are different names. So every derived name
 that has to be squeezed (a PostgreSQL identifier: lower case, ``[a-z0-9_]``, at
@@ -65,7 +65,8 @@ def value_columns(spec: "PipelineSpec | SinkContext", window: str) -> list[str]:
 
 
 def identity_columns(spec: "PipelineSpec | SinkContext", window: str) -> list[str]:
-    """Columns naming one window row: start (and, for tumbling/sliding, end), group keys and the source partition.
+    """Columns naming one window row: start (and, for tumbling/sliding, end), group keys, and the source partition
+    for a ``per_partition`` window.
 
     A session's end is not part of its identity: a session extended after it
     was written (a backfill flushed it at the end of input, the resumed run
@@ -76,7 +77,7 @@ def identity_columns(spec: "PipelineSpec | SinkContext", window: str) -> list[st
         return list(spec.windows[window].identity)
     w = next(w for w in spec.windows if w.name == window)
     bounds = ["window_start"] if w.type == "session" else ["window_start", "window_end"]
-    return [*bounds, *w.group_by, "partition"]
+    return [*bounds, *w.group_by, *(["partition"] if w.per_partition else [])]
 
 
 def identity_key(pipeline: str, row: dict, ident: list[str]) -> str:

@@ -94,6 +94,8 @@ class BatchResult:
     late: pa.Table | None = None
     rejects: pa.Table | None = None
     udf_failures: pa.Table | None = None  # records of window groups whose user function raised (also in the windows)
+    partials: dict[str, dict[str, pa.Table]] = field(default_factory=dict)  # merged windows: states shipped to owners
+    frontiers: dict[str, dict[int, int]] = field(default_factory=dict)  # merged windows: per partition, see WindowState.frontiers
     records: int = 0
     rejected: int = 0
     late_records: int = 0
@@ -113,6 +115,7 @@ class PipelineState:
             partitions, spec.event_time.max_out_of_orderness, spec.event_time.idle_timeout, clock
         )
         self.windows = {w.name: WindowState(w, spec.event_time.allowed_lateness) for w in spec.windows}
+        self.merged = set(spec.merged_windows)  # their closed slots are shipped as partial states, not emitted
         self.windows_emitted = 0
         # dedup: per partition, event id -> (event time, offset) of its first delivery
         self.seen: dict[int, dict] = {}
@@ -149,16 +152,27 @@ def _records(batch: Batch, idx: np.ndarray) -> dict[str, pa.Array]:
     }
 
 
-def _close(state: PipelineState) -> tuple[list[pa.Table], pa.Table | None]:
+def _close(state: PipelineState, result: BatchResult) -> None:
     """Emit and free windows by their partition's effective watermark.
 
-    Returns the closed windows and, when a user function raised for some
+    Sets the result's closed windows and, when a user function raised for some
     window groups, their records as dead letters (``udf_error:<function>``,
     the exception and traceback in the detail; the group's column is null).
+    Merged windows ship the partial states of their closed slots instead
+    (``result.partials``) and every partition's frontier (``result.frontiers``).
     """
+    from pipeline.windows import snapshot_slots
+
     watermarks = state.tracker.partition_watermarks()
     closed, failures = [], []
-    for w in state.windows.values():
+    for name, w in state.windows.items():
+        if name in state.merged:
+            slots = w.ship(watermarks)
+            if len(slots):
+                result.partials[name] = snapshot_slots(w, slots, partition_column=True)
+            w.expire(watermarks)
+            result.frontiers[name] = w.frontiers(watermarks)
+            continue
         t = w.close(watermarks)
         if t is not None:
             closed.append(t)
@@ -166,7 +180,12 @@ def _close(state: PipelineState) -> tuple[list[pa.Table], pa.Table | None]:
         failures += w.failures
         w.failures = []
         w.expire(watermarks)
-    return closed, _udf_rejects(state.spec, failures)
+    result.closed, result.udf_failures = closed, _udf_rejects(state.spec, failures)
+
+
+def udf_rejects(spec: PipelineSpec, failures: list[dict]) -> pa.Table | None:
+    """Dead letters for the records of window groups whose user function raised."""
+    return _udf_rejects(spec, failures)
 
 
 def _udf_rejects(spec: PipelineSpec, failures: list[dict]) -> pa.Table | None:
@@ -216,7 +235,7 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich
     """
     result = BatchResult(records=len(batch))
     if len(batch) == 0:
-        result.closed, result.udf_failures = _close(state)
+        _close(state, result)
         result.watermark = state.tracker.watermark
         return result
     limit = spec.source.kafka.max_message_bytes
@@ -300,7 +319,7 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich
         result.rejected = len(rejects)
     if len(times):
         result.min_event_time, result.max_event_time = int(times.min()), int(times.max())
-    result.closed, result.udf_failures = _close(state)
+    _close(state, result)
     result.watermark = state.tracker.watermark
     return result
 
@@ -388,8 +407,10 @@ def advance(state: PipelineState, to_end: bool = False) -> BatchResult:
     """Re-evaluate the watermark without input (idle partitions) or, at end of input, pass every window."""
     if to_end:
         state.tracker.advance_to_end()
-    closed, failures = _close(state)
-    return BatchResult(closed=closed, udf_failures=failures, watermark=state.tracker.watermark)
+    result = BatchResult()
+    _close(state, result)
+    result.watermark = state.tracker.watermark
+    return result
 
 
 def describe_watermark(wm: int) -> str:

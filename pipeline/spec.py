@@ -164,6 +164,9 @@ class KafkaSource(_Model):
         "a checkpointed position the broker no longer has (deleted by retention, or past the end of a recreated "
         "topic): fail naming the partition and the lost range, or jump to the earliest/latest offset (counted and "
         "reported as offset_resets and records_skipped)"))
+    key_fields: list[str] = Field(default_factory=list, description=(
+        "record fields the topic is keyed (partitioned) by; a window grouped by all of them has each group in one "
+        "partition, so its rows need no merge across partitions"))
     poll_timeout: Duration = Field(default=200, description="how long one poll waits for records")
     connect_timeout: Duration = Field(default=10_000, description="how long to wait for the broker before failing")
     config: dict[str, str | int | float | bool] = Field(
@@ -196,7 +199,10 @@ class WindowSpec(_Model):
     size: Duration | None = Field(default=None, description="window length (tumbling, sliding)")
     slide: Duration | None = Field(default=None, description="distance between window starts (sliding)")
     gap: Duration | None = Field(default=None, description="inactivity gap that closes a session (session)")
-    group_by: list[str] = Field(default_factory=list, description="key fields; windows are kept per source partition, so produce the topic keyed by (a prefix of) these fields for one row per group")
+    group_by: list[str] = Field(default_factory=list, description="key fields: one row per (window, window start, group keys) over all partitions")
+    per_partition: bool = Field(default=False, description=(
+        "keep one row per source partition (rows carry a 'partition' column) instead of merging the partitions' "
+        "partial states into one row per group"))
     aggregations: Annotated[list[Aggregation], BeforeValidator(_parse_aggregations)] = Field(
         min_length=1, description="e.g. [count, sum(value), p95(value)]"
     )
@@ -227,7 +233,7 @@ class WindowSpec(_Model):
         if dup:
             raise ValueError(f"aggregations produce the same column twice: {sorted(dup)} (use 'as <name>')")
         if "partition" in self.group_by:
-            raise ValueError("'partition' is not a group key: every window row already carries its source partition")
+            raise ValueError("'partition' is not a group key: set per_partition: true for one row per source partition")
         clash = set(columns) & (set(self.group_by) | {"window", "window_start", "window_end", "revision", "partition"})
         if clash:
             raise ValueError(f"aggregation columns clash with key/reserved columns: {sorted(clash)}")
@@ -470,6 +476,9 @@ class PipelineSpec(_Model):
     enrich: list[Enricher] = Field(default_factory=list, description="lookups that add fields before windowing")
     workers: int = Field(default=1, ge=1, le=256, description="number of PartitionWorker actors")
     worker_cpus: float = Field(default=0.5, gt=0, le=64, description="CPU request of each worker actor")
+    merge_owners: int | None = Field(default=None, ge=1, le=256, description=(
+        "actors merging the partitions' partial window states (a group's owner is a stable hash of window and group "
+        "keys); default: as many as workers. Fixed for the life of a checkpoint directory"))
 
     _field_types = field_validator("fields")(classmethod(lambda cls, v: _check_field_types(v)))
 
@@ -493,6 +502,28 @@ class PipelineSpec(_Model):
                     raise ValueError(f"enrich {e.name}: field {f!r} is already a record field or added by {added.get(f, 'the record')}")
                 added[f] = e.name
         return self
+
+    def window_mode(self, window: str) -> str:
+        """How the rows of ``window`` are formed: ``partition`` (one row per source partition), ``local`` (grouped
+        by the Kafka key: every group lives in one partition, rows need no merge) or ``merge`` (partial states
+        merged across partitions by the merge owners)."""
+        w = next(w for w in self.windows if w.name == window)
+        if w.per_partition:
+            return "partition"
+        keyed = self.source.kafka.key_fields
+        if keyed and set(keyed) <= set(w.group_by):
+            return "local"
+        return "merge"
+
+    @property
+    def merged_windows(self) -> list[str]:
+        """Windows whose partial states are shuffled to merge owners."""
+        return [w.name for w in self.windows if self.window_mode(w.name) == "merge"]
+
+    @property
+    def owners(self) -> int:
+        """Number of merge owners (0 when no window needs a merge)."""
+        return (self.merge_owners or self.workers) if self.merged_windows else 0
 
     @property
     def dead_letter_topic(self) -> str:

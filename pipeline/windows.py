@@ -404,6 +404,51 @@ class WindowState:
             emit = np.flatnonzero(self.active & np.isin(code, np.unique(code[ready])))
         return self._table(emit)
 
+    def ship(self, watermarks: dict[int, int] | int) -> np.ndarray:
+        """Slots whose state goes to the merge owners now: changed, and past their end by their partition's
+        watermark (sessions: end + gap + allowed lateness, final). Marks them shipped (revision = records folded)."""
+        end = self.end
+        if self.spec.type == "session":
+            end = self.end + self.spec.gap + self.lateness
+        ready = self.active & self.dirty & (end <= self._slot_watermarks(watermarks))
+        self.revision[ready] = self.store.count[ready]
+        self.dirty[ready] = False
+        return np.flatnonzero(ready)
+
+    def frontiers(self, watermarks: dict[int, int]) -> dict[int, int]:
+        """Per partition: every window of it ending at or before this was shipped final or is still to come
+        from records not yet read: a merged row ending there may be emitted once all partitions passed it.
+
+        Tumbling/sliding: the partition's watermark (a later record for such a window is late or re-ships it
+        within allowed lateness). Sessions: the watermark less gap and allowed lateness, and no later than the
+        start of any session of the partition still open (it may still grow into a merged one)."""
+        if self.spec.type != "session":
+            return {int(p): int(wm) for p, wm in watermarks.items()}
+        out = {int(p): int(wm) - self.spec.gap - self.lateness for p, wm in watermarks.items()}
+        open_slots = np.flatnonzero(self.active)
+        for slot in open_slots.tolist():
+            p = int(self.partition[slot])
+            if p in out:
+                out[p] = min(out[p], int(self.start[slot]))
+        return out
+
+    def free_slots(self, done: np.ndarray) -> None:
+        """Free ``done`` slots now (their state is dropped)."""
+        if len(done) == 0:
+            return
+        if self.spec.type == "session":
+            for s in done.tolist():
+                self._release(s)
+        else:
+            self._index_drop(done)
+            kids = self.slot_kid[done]
+            np.subtract.at(self.key_refs, kids, 1)
+            for kid in np.unique(kids[self.key_refs[kids] == 0]).tolist():
+                del self.key_ids[self.key_of_id[kid]]
+                self.key_of_id[kid] = None
+                self.free_kids.append(kid)
+            self._retire(done)
+
     def expire(self, watermarks: dict[int, int] | int) -> int:
         """Free windows whose end + allowed lateness (+ gap for sessions) their partition's watermark passed."""
         extra = self.lateness + (self.spec.gap if self.spec.type == "session" else 0)
@@ -472,7 +517,12 @@ def snapshot_window(w: WindowState, partition: int) -> dict[str, pa.Table]:
     fixed-size aggregate states); ``rows.<kind>.<field>`` hold row state
     (sketch buckets, distinct values, user-function inputs) by slot position.
     """
-    slots = np.flatnonzero(w.active & (w.partition == partition))
+    return snapshot_slots(w, np.flatnonzero(w.active & (w.partition == partition)))
+
+
+def snapshot_slots(w: WindowState, slots: np.ndarray, partition_column: bool = False) -> dict[str, pa.Table]:
+    """``slots`` of ``w`` as the tables of ``snapshot_window`` (with ``partition_column``, ``slots`` also names
+    each slot's source partition: the partial states shipped to the merge owners)."""
     st = w.store
     cols: dict[str, pa.Array] = {
         "start": pa.array(w.start[slots]),
@@ -481,6 +531,8 @@ def snapshot_window(w: WindowState, partition: int) -> dict[str, pa.Table]:
         "dirty": pa.array(w.dirty[slots]),
         "count": pa.array(st.count[slots]),
     }
+    if partition_column:
+        cols["partition"] = pa.array(w.partition[slots])
     key_types = w.key_types or [pa.null()] * len(w.spec.group_by)
     for i, k in enumerate(w.spec.group_by):
         cols[f"key.{k}"] = pa.array([w.keys[s][i] for s in slots.tolist()], key_types[i])
@@ -507,12 +559,18 @@ def snapshot_window(w: WindowState, partition: int) -> dict[str, pa.Table]:
     return out
 
 
-def restore_window(w: WindowState, partition: int, tables: dict[str, pa.Table]) -> int:
-    """Add the slots of ``snapshot_window`` to ``w`` (a partition this state does not hold yet)."""
+def restore_window(w: WindowState, partition: int | None, tables: dict[str, pa.Table]) -> int:
+    """Add the slots of ``snapshot_window`` to ``w`` (a partition this state does not hold yet); with
+    ``partition`` None, each slot's partition comes from the ``partition`` column (``snapshot_slots``)."""
+    return len(restore_slots(w, partition, tables))
+
+
+def restore_slots(w: WindowState, partition: int | None, tables: dict[str, pa.Table]) -> np.ndarray:
+    """``restore_window``, returning the slots taken (in the order of the ``slots`` table)."""
     t = tables["slots"]
     n = t.num_rows
     if n == 0:
-        return 0
+        return np.zeros(0, np.int64)
     st = w.store
     if not w.key_types:
         w.key_types = [t.schema.field(f"key.{k}").type for k in w.spec.group_by]
@@ -520,7 +578,8 @@ def restore_window(w: WindowState, partition: int, tables: dict[str, pa.Table]) 
     col = {name: t.column(name).to_numpy(zero_copy_only=False) for name in t.column_names if not name.startswith(("key.", "first_v.", "last_v."))}
     w.start[taken], w.end[taken] = col["start"], col["end"]
     w.revision[taken], w.dirty[taken] = col["revision"], col["dirty"]
-    w.partition[taken] = partition
+    parts = np.full(n, partition, np.int32) if partition is not None else col["partition"].astype(np.int32)
+    w.partition[taken] = parts
     st.count[taken] = col["count"]
     for f in st.numeric_fields:
         st.nn[f][taken], st.sum[f][taken] = col[f"nn.{f}"], col[f"sum.{f}"]
@@ -534,7 +593,7 @@ def restore_window(w: WindowState, partition: int, tables: dict[str, pa.Table]) 
         fv[:], lv[:] = first.to_pylist(), last.to_pylist()
         st.first_v[f][taken], st.last_v[f][taken] = fv, lv
     key_cols = [t.column(f"key.{k}").to_pylist() for k in w.spec.group_by]
-    keys = [(*vals, int(partition)) for vals in zip(*key_cols)] if key_cols else [(int(partition),)] * n
+    keys = [(*vals, int(p)) for vals, p in zip(zip(*key_cols), parts.tolist())] if key_cols else [(int(p),) for p in parts.tolist()]
     if w.spec.type == "session":
         for slot, key in zip(taken.tolist(), keys):
             w.keys[slot] = key
@@ -567,7 +626,7 @@ def restore_window(w: WindowState, partition: int, tables: dict[str, pa.Table]) 
             st.value_types.setdefault(f, vals.type)
             offs = rt.column("offset").to_numpy() if "offset" in rt.column_names else None
             store.add(slots, vals, offs)
-    return n
+    return taken
 
 
 def open_rows(w: WindowState, filters: dict[str, str]) -> pa.Table | None:

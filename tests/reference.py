@@ -30,14 +30,17 @@ def _q(values: np.ndarray, q: float) -> float:
 
 
 def windows(df: pd.DataFrame, kind: str, keys: list[str], ooo: int, lateness: int,
-            size: int = 0, slide: int = 0, gap: int = 0, quantiles: dict[str, float] | None = None
-            ) -> tuple[pd.DataFrame, pd.DataFrame]:
+            size: int = 0, slide: int = 0, gap: int = 0, quantiles: dict[str, float] | None = None,
+            per_partition: bool = False, orders: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(window rows, late (record, window_start) pairs) for raw ``df``.
 
     ``df`` has columns partition, offset, ts (ms), value and the ``keys``, in
-    offset order within each partition.
+    offset order within each partition. Lateness is decided per partition;
+    the rows group the records that were not late by ``keys`` over all
+    partitions (with ``per_partition``, by ``keys`` and partition). With
+    ``orders`` also ``distinct_value``, ``first_value`` and ``last_value``.
     """
-    keys = [*keys, "partition"]  # windows are per source partition
+    keys = [*keys, "partition"] if per_partition else list(keys)
     df = df.reset_index(drop=True).copy()
     df["rid"] = np.arange(len(df))
     df["wm"] = prefix_watermark(df, ooo)
@@ -63,7 +66,8 @@ def windows(df: pd.DataFrame, kind: str, keys: list[str], ooo: int, lateness: in
             from pairs where not late group by all
         """).df()
         late = pairs.loc[pairs["late"], ["rid", "partition", "offset", "ws"]].rename(columns={"ws": "window_start"})
-        members = pairs.loc[~pairs["late"], [*keys, "ws", "value"]].rename(columns={"ws": "window_start"})
+        extra = [c for c in ("ts", "partition", "offset") if c not in keys]
+        members = pairs.loc[~pairs["late"], [*keys, "ws", "value", *extra]].rename(columns={"ws": "window_start"})
     else:
         df["late"] = df["ts"] + gap + lateness <= df["wm"]
         con.register("raw2", df)
@@ -86,7 +90,14 @@ def windows(df: pd.DataFrame, kind: str, keys: list[str], ooo: int, lateness: in
             from sess group by all
         """).df()
         late = df.loc[df["late"], ["rid", "partition", "offset", "ts"]].rename(columns={"ts": "window_start"})
-        members = sess[[*keys, "window_start", "value"]]
+        members = sess[[*keys, "window_start", "value", *[c for c in ("ts", "partition", "offset") if c not in keys]]]
+    if orders:
+        # count_distinct, and first/last by event time; ties across partitions go to the lower (first) or
+        # higher (last) partition, within a partition to the earlier (first) or later (last) offset
+        g = members.sort_values(["ts", "partition", "offset"], kind="stable").groupby([*keys, "window_start"], dropna=False)["value"]
+        extra_cols = pd.concat([g.nunique().rename("distinct_value"), g.first().rename("first_value"),
+                                g.last().rename("last_value")], axis=1).reset_index()
+        rows = rows.merge(extra_cols, on=[*keys, "window_start"], how="left")
     if quantiles:
         for col, q in quantiles.items():
             qs = members.groupby([*keys, "window_start"], dropna=False)["value"].apply(lambda v, q=q: _q(v.to_numpy(), q))
@@ -97,7 +108,8 @@ def windows(df: pd.DataFrame, kind: str, keys: list[str], ooo: int, lateness: in
 def compare(actual: pd.DataFrame, expected: pd.DataFrame, keys: list[str], exact=("count", "min_value", "max_value"),
             approx=("sum_value", "mean_value"), sketch=()) -> None:
     """Assert equal window sets; exact columns equal, float sums within 1e-9 relative, sketches within 1 %."""
-    ident = [*keys, *([] if "partition" in keys else ["partition"]), "window_start", "window_end"]
+    per_part = "partition" in expected.columns and "partition" not in keys
+    ident = [*keys, *(["partition"] if per_part else []), "window_start", "window_end"]
     a = actual.copy()
     for c in ("window_start", "window_end"):
         if str(a[c].dtype).startswith("datetime64"):

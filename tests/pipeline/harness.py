@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.process import Batch, PipelineState, advance, process_batch
+from pipeline.merge import LocalMerge
+from pipeline.process import Batch, BatchResult, PipelineState, advance, process_batch, udf_rejects
 from pipeline.spec import parse_spec
 
 
@@ -34,20 +35,27 @@ def run_core(spec, df: pd.DataFrame, cuts: list[int], values: list[bytes] | None
     parts = df["partition"].to_numpy()
     offs = df["offset"].to_numpy()
     state = PipelineState(spec, sorted(set(parts.tolist())))
+    merge = LocalMerge(spec, sorted(set(parts.tolist())))  # merged windows: partial states merged here
     emitted: dict[str, list[pa.Table]] = {}
     late, results = [], []
     bounds = sorted(set([0, *cuts, len(df)]))
+
+    def take(r) -> None:
+        merged, failures = merge.feed(r.partials, r.frontiers)
+        if failures:  # the merge reports user-function failures of merged rows as the core does
+            results.append(BatchResult(udf_failures=udf_rejects(spec, failures)))
+        for t in [*r.closed, *merged]:
+            emitted.setdefault(t.column("window")[0].as_py(), []).append(t)
+
     for a, b in zip(bounds[:-1], bounds[1:]):
         r = process_batch(spec, state, Batch.of("events", values[a:b], parts[a:b], offs[a:b]))
         results.append(r)
-        for t in r.closed:
-            emitted.setdefault(t.column("window")[0].as_py(), []).append(t)
+        take(r)
         if r.late is not None:
             late.append(r.late)
     r = advance(state, to_end=True)
     results.append(r)
-    for t in r.closed:
-        emitted.setdefault(t.column("window")[0].as_py(), []).append(t)
+    take(r)
     return emitted, late, results, state
 
 
@@ -56,5 +64,6 @@ def latest(tables: list[pa.Table], keys: list[str]) -> pd.DataFrame:
     if not tables:
         return pd.DataFrame()
     df = pa.concat_tables(tables).to_pandas()
-    df = df.sort_values("revision").drop_duplicates([*keys, "partition", "window_start"], keep="last")
+    ident = [*keys, *(["partition"] if "partition" in df.columns and "partition" not in keys else []), "window_start"]
+    df = df.sort_values("revision").drop_duplicates(ident, keep="last")
     return df.reset_index(drop=True)

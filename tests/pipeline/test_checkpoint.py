@@ -16,11 +16,11 @@ from pipeline.process import Batch, PipelineState, advance, process_batch
 from tests.pipeline.harness import encode, make_spec
 
 WINDOWS = [
-    {"name": "t", "type": "tumbling", "size": "1s", "group_by": ["k"],
+    {"name": "t", "type": "tumbling", "per_partition": True, "size": "1s", "group_by": ["k"],
      "aggregations": ["count", "sum(value)", "min(value)", "max(value)", "p50(value)", "count_distinct(value)",
                       "first(value)", "last(value)"]},
-    {"name": "s", "type": "sliding", "size": "2s", "slide": "500ms", "group_by": ["k"], "aggregations": ["count", "sum(value)"]},
-    {"name": "g", "type": "session", "gap": "700ms", "group_by": ["k"], "aggregations": ["count", "mean(value)", "p90(value)"]},
+    {"name": "s", "type": "sliding", "per_partition": True, "size": "2s", "slide": "500ms", "group_by": ["k"], "aggregations": ["count", "sum(value)"]},
+    {"name": "g", "type": "session", "per_partition": True, "gap": "700ms", "group_by": ["k"], "aggregations": ["count", "mean(value)", "p90(value)"]},
 ]
 
 

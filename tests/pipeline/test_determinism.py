@@ -29,11 +29,11 @@ SPEC = parse_spec({
     "event_time": {"field": "ts", "format": "epoch_ms", "max_out_of_orderness": "2s", "allowed_lateness": "1s",
                    "idle_timeout": "1s"},
     "windows": [
-        {"name": "tumble", "type": "tumbling", "size": "10s", "group_by": ["tenant_id"],
+        {"name": "tumble", "type": "tumbling", "per_partition": True, "size": "10s", "group_by": ["tenant_id"],
          "aggregations": ["count", "sum(value)", "max(value)", "p95(value)"]},
-        {"name": "slide", "type": "sliding", "size": "10s", "slide": "5s", "group_by": ["event_type"],
+        {"name": "slide", "type": "sliding", "per_partition": True, "size": "10s", "slide": "5s", "group_by": ["event_type"],
          "aggregations": ["count", "min(value)"]},
-        {"name": "sess", "type": "session", "gap": "3s", "group_by": ["tenant_id"], "aggregations": ["count"]},
+        {"name": "sess", "type": "session", "per_partition": True, "gap": "3s", "group_by": ["tenant_id"], "aggregations": ["count"]},
     ],
     "sinks": [{"parquet": {"uri": "file:///tmp/unused"}}],
 })

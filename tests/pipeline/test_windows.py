@@ -158,7 +158,7 @@ def test_all_aggregations_against_pandas():
 def test_read_windows_keeps_latest_revision_and_null_keys(tmp_path):
     from pipeline.io.sinks.parquet import ParquetWindowSink, read_windows
 
-    spec = make_spec([{"name": "w", "type": "tumbling", "size": "1s", "group_by": ["tenant_id"],
+    spec = make_spec([{"name": "w", "type": "tumbling", "size": "1s", "group_by": ["tenant_id"], "per_partition": True,
                        "aggregations": ["count", "sum(value)"]}], lateness="1s")
     import json
 
