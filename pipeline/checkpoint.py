@@ -17,7 +17,7 @@ import pyarrow as pa
 from pipeline.process import PipelineState
 from pipeline.windows import restore_window, snapshot_window
 
-__all__ = ["PartitionSnapshot", "decode_partition", "encode_partition", "restore_partition"]
+__all__ = ["PartitionSnapshot", "decode_merge", "decode_partition", "encode_merge", "encode_partition", "restore_partition"]
 
 FORMAT = 1
 _OUTER = pa.schema([("name", pa.string()), ("ipc", pa.large_binary())])
@@ -115,3 +115,44 @@ def restore_partition(state: PipelineState, snap: PartitionSnapshot) -> int:
             continue  # a window removed from the spec: its state is dropped (a new one starts empty)
         restored += restore_window(w, p, tables)
     return restored
+
+
+def encode_merge(merger, shard: int, checkpoint_id: int) -> bytes:
+    """Snapshot of a merge owner (``pipeline.merge.Merger``): its partials, frontiers and emitted revisions."""
+    meta = {"format": FORMAT, "shard": int(shard), "checkpoint": int(checkpoint_id), "pipeline": merger.spec.name,
+            "windows": {w.name: w.model_dump(mode="json") for w in merger.spec.windows if w.name in merger.windows}}
+    names, blobs = ["meta"], [json.dumps(meta).encode()]
+    for window, tables in merger.snapshot().items():
+        for tname, t in tables.items():
+            names.append(f"{window}/{tname}")
+            blobs.append(_ipc(t))
+    return _ipc(pa.table([pa.array(names, pa.string()), pa.array(blobs, pa.large_binary())], schema=_OUTER))
+
+
+def decode_merge(data: bytes, merger) -> dict:
+    """Load an ``encode_merge`` snapshot into ``merger`` (fresh); returns its meta. A window whose definition
+    changed since is refused, as for partitions."""
+    snap = decode_partition_tables(data)
+    meta, tables = snap
+    for name, saved in meta.get("windows", {}).items():
+        w = next((w for w in merger.spec.windows if w.name == name), None)
+        if w is not None and saved != w.model_dump(mode="json"):
+            raise ValueError(f"window {name!r} changed since checkpoint {meta['checkpoint']}: its merged state cannot be "
+                             "restored; give the changed window a new name (or start from no checkpoint)")
+    merger.restore(tables)
+    return meta
+
+
+def decode_partition_tables(data: bytes) -> tuple[dict, dict[str, dict[str, pa.Table]]]:
+    outer = _table(data)
+    meta: dict = {}
+    tables: dict[str, dict[str, pa.Table]] = {}
+    for name, blob in zip(outer.column("name").to_pylist(), outer.column("ipc").to_pylist()):
+        if name == "meta":
+            meta = json.loads(blob)
+        else:
+            window, _, tname = name.partition("/")
+            tables.setdefault(window, {})[tname] = _table(blob)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"checkpoint format {meta.get('format')!r} is not {FORMAT}")
+    return meta, tables

@@ -152,17 +152,24 @@ def _run_inline(spec, until_end, on_status, every, stop, partitions, end) -> lis
     start = {p: int(entries.get(p, {}).get("offset", 0)) for p in partitions}
     epoch = int(latest.get("epoch", 0)) + 1 if latest else 1
     resumed = latest is not None and not latest.get("final")  # the previous run did not end cleanly
-    loop = PartitionLoop(spec, partitions, start, end, epoch, snapshots, resumed=resumed)
+    merge_entry = (latest or {}).get("merge", {}).get("0")
+    merge_snapshot = store.read_partition(merge_entry["path"]) if merge_entry and merge_entry.get("path") else None
+    loop = PartitionLoop(spec, partitions, start, end, epoch, snapshots, resumed=resumed, merge_snapshot=merge_snapshot,
+                         all_partitions=partitions)
     next_id = [max(store.all_ids(), default=0) if store else 0]
 
     def checkpoint(final: bool = False) -> None:
         next_id[0] += 1
         cid = next_id[0]
-        got = loop.call_between_batches(
-            lambda: loop.snapshot(cid, lambda p, data: store.write_partition(cid, p, epoch, data)), spec.checkpoint.timeout / 1000.0)
+        def snap():
+            parts = loop.snapshot(cid, lambda p, data: store.write_partition(cid, p, epoch, data))
+            return parts, loop.snapshot_merge(cid, lambda data: store.write_merge(cid, 0, epoch, data))
+
+        got, merge = loop.call_between_batches(snap, spec.checkpoint.timeout / 1000.0)
         _, problems = commit_checkpoint(
             store, cid, got, partitions, epoch, spec.checkpoint.keep,
-            lambda offsets: commit_offsets(kafka.bootstrap_servers, spec.group_id, kafka.topic, offsets, 5.0), final=final)
+            lambda offsets: commit_offsets(kafka.bootstrap_servers, spec.group_id, kafka.topic, offsets, 5.0), final=final,
+            merge={0: merge} if merge is not None else None)
         for problem in problems:
             print(f"checkpoint {cid}: {problem}", file=sys.stderr, flush=True)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from pipeline.spec import PipelineSpec
 
-__all__ = ["SinkContext", "WindowLayout", "identity_columns", "identity_key", "sql_table", "value_columns",
+__all__ = ["SHARD_KEY", "SinkContext", "shard_of_table", "with_shard", "WindowLayout", "identity_columns", "identity_key", "sql_table", "value_columns",
            "window_digest", "POSTGRES_MAX_IDENT"]
 
 POSTGRES_MAX_IDENT = 63
@@ -97,3 +97,16 @@ def sql_table(prefix: str, pipeline: str, window: str) -> str:
     readable = re.sub(r"[^a-z0-9_]", "_", f"{prefix}{pipeline}_{window}".lower())
     room = POSTGRES_MAX_IDENT - len(digest) - 1 - 6  # 6: the "_ident" constraint suffix must fit as well
     return f"{readable[:room]}_{digest}"
+
+
+SHARD_KEY = b"raystream.shard"
+
+
+def with_shard(table, shard: str):
+    """Mark a table of rows without ``partition`` as one shard's groups (``p<partition>`` or ``m<owner>``): a sink
+    that rewrites files whole (Parquet) keeps one file per shard, so writers of different shards never clash."""
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), SHARD_KEY: shard.encode()})
+
+
+def shard_of_table(table) -> str:
+    return (table.schema.metadata or {}).get(SHARD_KEY, b"0").decode()

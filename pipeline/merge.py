@@ -271,6 +271,12 @@ class MergeWindow:
         gdirty = np.zeros(ng, bool)
         np.logical_or.at(gdirty, gid, w.dirty[slots])
         ready = np.flatnonzero(gdirty & (gend <= gf))
+        if len(ready) and self.spec.type != "session":
+            # every group of an affected window start (of this owner) is emitted again: a sink that keeps one
+            # file per (window start, shard) rewrites it whole
+            gstart = np.zeros(ng, np.int64)
+            gstart[gid] = w.start[slots]
+            ready = np.flatnonzero(np.isin(gstart, np.unique(gstart[ready])) & (gend <= gf))
         out = None
         if len(ready):
             out = self._merged(slots, gid, ready)

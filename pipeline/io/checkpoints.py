@@ -43,6 +43,12 @@ class CheckpointStore:
         self.location.write_bytes(f"{self.pipeline}/{rel}", data)
         return rel
 
+    def write_merge(self, checkpoint_id: int, shard: int, epoch: int, data: bytes) -> str:
+        """A merge owner's snapshot (named in the manifest's ``merge`` entries)."""
+        rel = f"{self.folder(checkpoint_id)}/merge={shard}/epoch={epoch}.arrow"
+        self.location.write_bytes(f"{self.pipeline}/{rel}", data)
+        return rel
+
     def read_partition(self, rel: str) -> bytes:
         data = self.location.read_bytes(f"{self.pipeline}/{rel}")
         if data is None:
@@ -151,7 +157,8 @@ class CheckpointStore:
 
 
 def commit_checkpoint(store: CheckpointStore, checkpoint_id: int, entries: dict[int, dict], partitions: list[int],
-                      epoch: int, keep: int, commit_offsets, final: bool = False) -> tuple[dict, list[str]]:
+                      epoch: int, keep: int, commit_offsets, final: bool = False,
+                      merge: dict[int, dict] | None = None) -> tuple[dict, list[str]]:
     """Complete checkpoint ``checkpoint_id`` from the partition snapshots written for it (coordinator and inline runs).
 
     Steps, in order:
@@ -171,7 +178,12 @@ def commit_checkpoint(store: CheckpointStore, checkpoint_id: int, entries: dict[
     saved = previous["partitions"] if previous else {}
     merged = {p: entries.get(p) or saved.get(p) or {"offset": 0, "path": None} for p in sorted(partitions)}
     final = final and all(p in entries for p in partitions)
-    manifest = store.write_manifest(checkpoint_id, merged, epoch, {"final": True} if final else None)
+    extra: dict = {"final": True} if final else {}
+    if merge is not None:
+        # the merge owners' snapshots, taken after every partition snapshot above: they hold at least what those
+        # partitions had shipped (a replay from the partitions' offsets re-ships nothing newer than they hold)
+        extra["merge"] = {str(k): e for k, e in sorted(merge.items())}
+    manifest = store.write_manifest(checkpoint_id, merged, epoch, extra or None)
     problems = []
     try:
         store.prune(keep)

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.io.kafka import BrokerUnavailable, DeadLetterProducer, OffsetOutOfRange, make_source
 from pipeline.io.sinks.common import Backpressure, make_sink
 from pipeline.io.sinks.parquet import LateParquetWriter
 from pipeline.checkpoint import decode_partition, encode_partition, restore_partition
-from pipeline.process import Batch, BatchResult, PipelineState, advance, process_batch
+from pipeline.identity import shard_of_table, with_shard
+from pipeline.process import Batch, BatchResult, PipelineState, advance, process_batch, udf_rejects
 from pipeline.spec import PipelineSpec
 from pipeline.watermarks import NEG_INF, POS_INF
 
@@ -86,10 +88,17 @@ class PartitionLoop:
         snapshots: dict[int, bytes] | None = None,
         fence: Callable[[], bool] | None = None,
         resumed: bool = False,
+        merge_out: Callable[[dict, dict], None] | None = None,
+        merge_snapshot: bytes | None = None,
+        all_partitions: list[int] | None = None,
     ):
         """``resumed``: this loop takes over partitions whose previous owner may have written output past
         their start positions (it crashed, or the run was killed); their window output is held back until
-        they pass the broker's end offset as of now (see ``_hold``)."""
+        they pass the broker's end offset as of now (see ``_hold``).
+
+        Merged windows ship their partial states with ``merge_out(partials, frontiers)`` (the merge owners);
+        without it this loop merges them itself (one owner: it must hold every partition of the topic,
+        ``all_partitions``), restored from ``merge_snapshot``."""
         self.spec = spec
         self.partitions = sorted(int(p) for p in partitions)
         self.epoch = epoch
@@ -117,6 +126,16 @@ class PartitionLoop:
             self.restored_slots += restore_partition(self.state, snap)
             self.positions[int(p)] = snap.offset
         self.sinks = [make_sink(spec, s) for s in spec.sinks]
+        self.merge_out = merge_out
+        self.local_merge = None
+        if spec.merged_windows and merge_out is None:
+            from pipeline.checkpoint import decode_merge
+            from pipeline.merge import LocalMerge
+
+            self.local_merge = LocalMerge(spec, sorted(all_partitions or self.partitions))
+            if merge_snapshot is not None:
+                decode_merge(merge_snapshot, self.local_merge.merger)
+        self.local_windows = {w.name for w in spec.windows if spec.window_mode(w.name) == "local"}
         self.late_writer = LateParquetWriter(spec, spec.late_output.parquet) if spec.late_output else None
         kafka = spec.source.kafka
         self.dlq = DeadLetterProducer(kafka.bootstrap_servers, spec.dead_letter_topic, spec.name)
@@ -313,14 +332,23 @@ class PartitionLoop:
 
     def _write_all(self, result: BatchResult) -> None:
         if self.fence is not None and (result.closed or result.late is not None or result.rejects is not None
-                                       or result.udf_failures is not None):
+                                       or result.udf_failures is not None or result.partials):
             if not self.fence():
                 # this loop's partitions were given to another worker (a newer epoch):
                 # it must not write anything any more
                 self.fenced = True
                 self._stop.set()
                 raise Fenced(f"epoch {self.epoch} is stale: partitions {self.partitions} were reassigned")
-        closed = result.closed
+        closed = self._shards(result.closed)
+        if result.partials or result.frontiers:
+            if self.merge_out is not None:
+                self.merge_out(result.partials, result.frontiers)  # partials first, then frontiers, in order
+            elif self.local_merge is not None:
+                merged, failures = self.local_merge.feed(result.partials, result.frontiers)
+                closed += [with_shard(t, "m0") for t in merged]
+                if failures:
+                    self.stats.udf_errors += len(failures)
+                    self.dlq.write(udf_rejects(self.spec, failures))
         if self.hold_until and closed:
             self._held += closed
             self.stats.held_rows += sum(t.num_rows for t in closed)
@@ -341,6 +369,22 @@ class PartitionLoop:
         if result.udf_failures is not None:
             self.stats.udf_errors += result.udf_failures.num_rows
             self.dlq.write(result.udf_failures)
+
+    def _shards(self, tables: list) -> list:
+        """Rows of windows grouped by the Kafka key lose ``partition`` (each group lives in one partition);
+        they are written per source partition as one shard each."""
+        if not self.local_windows:
+            return list(tables)
+        out = []
+        for t in tables:
+            if t.column("window")[0].as_py() not in self.local_windows or "partition" not in t.column_names:
+                out.append(t)
+                continue
+            parts = t.column("partition").to_numpy()
+            for p in np.unique(parts).tolist():
+                piece = t.filter(pa.array(parts == p)).drop_columns(["partition"])
+                out.append(with_shard(piece, f"p{int(p)}"))
+        return out
 
     # -- whole runs -----------------------------------------------------------
     @property
@@ -428,6 +472,15 @@ class PartitionLoop:
                       "watermark": self.state.tracker.effective.get(p)}
         return out
 
+    def snapshot_merge(self, checkpoint_id: int, write: Callable[[bytes], str]) -> dict | None:
+        """The local merge's state (between batches, after ``snapshot``); None when this loop merges nothing."""
+        if self.local_merge is None:
+            return None
+        from pipeline.checkpoint import encode_merge
+
+        data = encode_merge(self.local_merge.merger, 0, checkpoint_id)
+        return {"path": write(data), "bytes": len(data)}
+
     def call_between_batches(self, fn: Callable[[], object], timeout_s: float) -> object:
         """Run ``fn`` in the loop thread between two batches (directly when the loop is not running)."""
         if not self._running:
@@ -501,17 +554,17 @@ def _highest_revisions(spec: PipelineSpec, tables: list) -> list:
 
     from pipeline.identity import identity_columns
 
-    by_window: dict[str, list] = {}
+    by_window: dict[tuple[str, str], list] = {}
     for t in tables:
         if t.num_rows:
-            by_window.setdefault(t.column("window")[0].as_py(), []).append(t)
+            by_window.setdefault((t.column("window")[0].as_py(), shard_of_table(t)), []).append(t)
     out = []
-    for window, ts in by_window.items():
+    for (window, shard), ts in by_window.items():
         table = pa.concat_tables(ts)
         df = table.to_pandas()
         # a handful of closed-window rows (one per group and window): pandas is the simple, null-safe tool
         df = df.sort_values("revision", kind="stable").drop_duplicates(identity_columns(spec, window), keep="last")
-        out.append(pa.Table.from_pandas(df, schema=table.schema, preserve_index=False))
+        out.append(with_shard(pa.Table.from_pandas(df, schema=table.schema, preserve_index=False), shard))
     return out
 
 

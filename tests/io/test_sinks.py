@@ -16,7 +16,7 @@ from pipeline.io.sinks.common import make_sink
 from pipeline.spec import parse_spec
 from tests.pipeline.harness import encode, run_core
 
-WINDOW = {"name": "w", "type": "tumbling", "size": "1s", "group_by": ["tenant_id"],
+WINDOW = {"name": "w", "type": "tumbling", "size": "1s", "group_by": ["tenant_id"], "per_partition": True,
           "aggregations": ["count", "sum(value)", "max(value)"]}
 
 

@@ -1,7 +1,7 @@
 """InfluxDB sink: closed windows as line protocol through influxdb-client.
 
 Measurement ``<prefix><window>``, tags = the group keys, ``pipeline``, ``window``
-and ``partition`` (the pipeline tag keeps pipelines with equal window names
+and, for ``per_partition`` windows, ``partition`` (the pipeline tag keeps pipelines with equal window names
 apart), timestamp = window start (ms), fields = the aggregations,
 ``revision`` and ``window_end_ms``. A point with the same measurement, tags and
 timestamp overwrites the earlier one, so rewriting a window is idempotent. A
@@ -38,8 +38,9 @@ class InfluxSink:
         values = value_columns(self.ctx, window)
         out = []
         for row in row_dicts(table):
-            p = (Point(f"{self.cfg.measurement_prefix}{window}").tag("pipeline", self.ctx.pipeline).tag("window", window)
-                 .tag("partition", str(row["partition"])))
+            p = Point(f"{self.cfg.measurement_prefix}{window}").tag("pipeline", self.ctx.pipeline).tag("window", window)
+            if "partition" in row:  # per_partition windows only
+                p = p.tag("partition", str(row["partition"]))
             for k in self.keys[window]:
                 v = row[k]
                 p = p.tag(k, NULL_TAG if v is None or v == "" else str(v))

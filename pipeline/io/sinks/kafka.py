@@ -9,6 +9,7 @@ however often a replay re-sent it.
 from __future__ import annotations
 
 import json
+import zlib
 
 import pyarrow as pa
 
@@ -52,8 +53,10 @@ class KafkaSink:
             value = json.dumps({"pipeline": self.ctx.pipeline, **row}, separators=(",", ":"))
             while True:
                 try:
+                    # a window row's key always goes to the same output partition (compaction needs it)
+                    part = int(row["partition"]) if "partition" in row else zlib.crc32(key.encode())
                     self.producer.produce(self.cfg.topic, value=value.encode(), key=key.encode(),
-                                          partition=int(row["partition"]) % self._partitions(), on_delivery=self._ack)
+                                          partition=part % self._partitions(), on_delivery=self._ack)
                     break
                 except BufferError:
                     self.producer.poll(0.1)

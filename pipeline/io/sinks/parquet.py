@@ -5,8 +5,11 @@ leaves the same files:
 
 * tumbling/sliding: ``<pipeline>/<window>/window_start=<ms>/partition=<p>.parquet``
   holds every group of that window start from that source partition and is
-  rewritten whole when a revision changes;
-* session: ``<pipeline>/<window>/partition=<p>/<first start>-<content hash>.parquet``;
+  rewritten whole when a revision changes; rows merged across partitions are
+  written per shard (``shard=p<partition>`` for windows grouped by the Kafka
+  key, ``shard=m<owner>`` for the merge owners' rows) instead;
+* session: ``<pipeline>/<window>/partition=<p>/<first start>-<content hash>.parquet``
+  (``shard=<shard>/…`` for merged rows);
 * late output: ``<pipeline>/late/partition=<p>/<first offset>-<last offset>-<window>.parquet``.
 
 Readers take the highest revision per window identity (``read_windows``).
@@ -20,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.identity import SinkContext
+from pipeline.identity import SinkContext, shard_of_table
 from pipeline.io.storage import Location, open_location
 from pipeline.spec import ParquetSink, PipelineSpec
 
@@ -59,7 +62,11 @@ class ParquetWindowSink:
         if table is None or table.num_rows == 0:
             return 0
         window = table.column("window")[0].as_py()
-        parts = table.column("partition").to_numpy()
+        if "partition" in table.column_names:
+            parts, shard = table.column("partition").to_numpy(), None
+        else:
+            # merged rows: the table holds one shard's groups (a source partition, or a merge owner)
+            parts, shard = np.zeros(table.num_rows, np.int64), shard_of_table(table)
         data = table
         data = data.replace_schema_metadata({"raystream.identity": self.identity[window]})
         written = 0
@@ -72,19 +79,17 @@ class ParquetWindowSink:
                 for col in piece.columns:
                     digest.update(str(col.to_pylist()).encode())
                 first = int(pc.min(piece.column("window_start")).cast(pa.int64()).as_py())
-                self.location.write_parquet(
-                    f"{self.pipeline}/{window}/partition={int(parts[a])}/{first}-{digest.hexdigest()[:16]}.parquet", piece
-                )
+                where = f"partition={int(parts[a])}" if shard is None else f"shard={shard}"
+                self.location.write_parquet(f"{self.pipeline}/{window}/{where}/{first}-{digest.hexdigest()[:16]}.parquet", piece)
                 written += 1
         else:
             starts = data.column("window_start").cast(pa.int64()).to_numpy()
             order = np.lexsort((parts, starts))
             data, parts, starts = data.take(pa.array(order)), parts[order], starts[order]
             for a, b in _runs(starts, parts):
-                self.location.write_parquet(
-                    f"{self.pipeline}/{window}/window_start={int(starts[a])}/partition={int(parts[a])}.parquet",
-                    data.slice(a, b - a),
-                )
+                where = f"partition={int(parts[a])}" if shard is None else f"shard={shard}"
+                self.location.write_parquet(f"{self.pipeline}/{window}/window_start={int(starts[a])}/{where}.parquet",
+                                            data.slice(a, b - a))
                 written += 1
         self.files_written += written
         return written
