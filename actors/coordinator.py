@@ -32,6 +32,7 @@ import ray
 
 from actors.assignment import plan
 from actors.health import Action, Observation, Slot, judge
+from actors.merge_owner import MergeOwner, owner_name
 from actors.runtime import NAMESPACE, actor_name
 from actors.worker import PartitionWorker
 from pipeline.io.checkpoints import CheckpointStore, commit_checkpoint
@@ -68,6 +69,7 @@ class PipelineDegraded(RuntimeError):
 def kill_pipeline_actors(pipeline: str, workers: int, include_coordinator: bool = True) -> int:
     """Kill leftover named actors of a pipeline (a driver that died leaves detached actors)."""
     names = [actor_name(pipeline, f"worker-{i}") for i in range(max(workers, 64))]
+    names += [owner_name(pipeline, k) for k in range(256)]
     if include_coordinator:
         names.append(actor_name(pipeline, "coordinator"))
     killed = 0
@@ -118,6 +120,9 @@ class Coordinator:
         self.broker_ends: dict[int, int] = {}
         self.broker_ends_t = 0.0
         self.checkpoint_id = 0
+        self.owners: dict[int, Any] = {}  # merge owner shard -> handle
+        self.owner_status: dict[int, dict] = {}
+        self.global_restarts = 0
         self.last_checkpoint: dict | None = None
         self.last_checkpoint_t = time.monotonic()
         self.checkpoints_failed = 0
@@ -177,6 +182,62 @@ class Coordinator:
         slot.pid = info["pid"]
         return info
 
+    def _launch_owners(self) -> None:
+        """Start the merge owners from the latest manifest's ``merge`` entries (empty ones without)."""
+        if not self.spec.owners:
+            return
+        latest = self.store.latest() if self.store is not None else None
+        saved = (latest or {}).get("merge", {})
+        refs = []
+        for k in range(self.spec.owners):
+            name = owner_name(self.spec.name, k)
+            try:
+                ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+            except (ValueError, ray.exceptions.RayError):
+                pass
+            _wait_name_free(name)
+            entry = saved.get(str(k)) or {}
+            h = MergeOwner.options(name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=0.01).remote(
+                self.spec, k, list(self.partitions), entry.get("path"))
+            self.owners[k] = h
+            refs.append(h.pid.remote())
+        ray.get(refs, timeout=120)
+
+    def _owners_alive(self) -> str | None:
+        """None when every merge owner answers; else why not."""
+        for k, h in self.owners.items():
+            try:
+                self.owner_status[k] = ray.get(h.status.remote(), timeout=max(2.0, self.spec.health.heartbeat_timeout / 1000.0))
+            except ray.exceptions.GetTimeoutError:
+                continue  # busy on a sink (its workers show the wait): not dead
+            except ray.exceptions.RayError as exc:
+                return f"merge owner {k} died ({type(exc).__name__})"
+        return None
+
+    def _restart_all(self, reason: str) -> None:
+        """A merge owner died: its merged state since the last checkpoint is gone, so every worker and owner goes
+        back to the latest checkpoint (owners from their snapshots, workers from their offsets, replaying)."""
+        self.global_restarts += 1
+        for s in self.slots.values():
+            try:
+                ray.kill(s.handle, no_restart=True)
+            except Exception:  # already gone
+                pass
+        self._launch_owners()
+        epoch = self._new_epoch()
+        for i, s in sorted(self.slots.items()):
+            if s.given_up:
+                continue
+            s.epoch = epoch
+            try:
+                self._launch(i, s.partitions, epoch, self._entries(s.partitions), resumed=True)
+            except Exception as exc:  # the next tick sees it dead and restarts it alone
+                self._event(f"worker {i}: restart failed: {type(exc).__name__}: {exc}", worker=i)
+        self._event(f"{reason}: every worker and merge owner restarted from the latest checkpoint at epoch {epoch}")
+        if self.stopping:
+            for s in self.slots.values():
+                s.handle.stop.remote()
+
     def _check_cpus(self, workers: int) -> None:
         need = workers * self.spec.worker_cpus
         total = ray.cluster_resources().get("CPU", 0.0)
@@ -201,6 +262,7 @@ class Coordinator:
                 self.end = end_offsets(self.kafka.bootstrap_servers, self.kafka.topic, partitions, self.timeout_s)
             kill_pipeline_actors(self.spec.name, self.spec.workers, include_coordinator=False)
             self._check_cpus(self.spec.workers)
+            self._launch_owners()
             entries = self._entries(partitions)
             epoch = self._new_epoch()
             latest = self.store.latest() if self.store is not None else None
@@ -238,6 +300,11 @@ class Coordinator:
             if st.get("end_offsets") is not None:
                 self.end = {**(self.end or {}), **{int(p): o for p, o in st["end_offsets"].items()}}
             self.next_epoch = max(self.next_epoch, int(st.get("epoch", 0)) + 1)
+        for k in range(self.spec.owners):
+            try:
+                self.owners[k] = ray.get_actor(owner_name(self.spec.name, k), namespace=NAMESPACE)
+            except ValueError:
+                pass  # missing: the monitor restores every owner and worker from the checkpoint
         adopted = len(self.slots)
         if self.partitions is None and self.store is not None and self.store.latest() is not None:
             self.partitions = sorted(int(p) for p in self.store.latest()["partitions"])
@@ -301,6 +368,11 @@ class Coordinator:
         hb = self.spec.health.heartbeat_timeout / 1000.0
         stall = self.spec.health.stall_timeout / 1000.0
         self._refresh_ends()
+        if self.spec.owners:
+            dead = "merge owners missing" if len(self.owners) < self.spec.owners else self._owners_alive()
+            if dead:
+                self._restart_all(dead)
+                return
         self._cover()
         refs = {i: s.handle.status.remote() for i, s in self.slots.items() if not s.given_up}
         for i, ref in refs.items():
@@ -430,6 +502,18 @@ class Coordinator:
         if not entries:
             self.checkpoints_failed += 1
             return None
+        merge = None
+        if self.owners:
+            # after every worker snapshot above: an owner holds at least what those positions shipped
+            try:
+                got = ray.get({k: h.snapshot.remote(cid, self.next_epoch - 1) for k, h in self.owners.items()}.values(),
+                              timeout=timeout + 5)
+                merge = dict(zip(self.owners, got))
+            except Exception as exc:  # an older owner snapshot with newer offsets would lose partials: no manifest
+                self.checkpoints_failed += 1
+                self._event(f"checkpoint {cid}: a merge owner did not snapshot ({type(exc).__name__}: {str(exc)[:200]}); "
+                            "no manifest this round")
+                return None
         all_parts = sorted(p for s in self.slots.values() for p in s.partitions)
         try:
             # final: every worker drained and is in it, so a later run resumes exactly here (no replayed output)
@@ -437,7 +521,7 @@ class Coordinator:
                 self.store, cid, entries, all_parts, self.next_epoch - 1, self.spec.checkpoint.keep,
                 lambda offsets: commit_offsets(self.kafka.bootstrap_servers, self.spec.group_id, self.kafka.topic,
                                                offsets, 5.0),
-                final=final)
+                final=final, merge=merge)
         except Exception as exc:
             self.checkpoints_failed += 1
             self._event(f"checkpoint {cid}: manifest not written: {type(exc).__name__}: {str(exc)[:300]}")
@@ -477,6 +561,11 @@ class Coordinator:
             except Exception as exc:
                 self.failure = f"worker {i} failed to finish: {type(exc).__name__}: {exc}"
                 results.append({"index": i, "state": "failed", "error": self.failure})
+        for k, h in sorted(self.owners.items()):
+            try:
+                self.owner_status[k] = ray.get(h.finish.remote(), timeout=120)
+            except Exception as exc:
+                self.failure = f"merge owner {k} failed to finish: {type(exc).__name__}: {exc}"
         if to_end and self.end is not None and not self.failure and not self.degraded:
             from pipeline.driver import shortfalls
 
@@ -537,7 +626,25 @@ class Coordinator:
             return self._plan_info()
 
     def open_windows(self, window: str, filters: dict[str, str]) -> list[dict]:
-        """Open windows of every live worker (the serving layer's ``include_open``)."""
+        """Open windows of every live worker (the serving layer's ``include_open``); a merged window's open rows
+        are merged from the partials held by the workers and the owners."""
+        if window in self.spec.merged_windows:
+            from pipeline.io.sinks.common import row_dicts
+            from pipeline.merge import merge_open
+
+            refs = [s.handle.open_partials.remote(window, filters) for s in self.slots.values() if not s.given_up]
+            refs += [h.open_partials.remote(window, filters) for h in self.owners.values()]
+            partials = []
+            for ref in refs:
+                try:
+                    got = ray.get(ref, timeout=15)
+                except Exception:  # restarting: nothing to show from it yet
+                    continue
+                if got is not None:
+                    partials.append(got)
+            w = next(w for w in self.spec.windows if w.name == window)
+            table = merge_open(w, self.spec.event_time.allowed_lateness, partials)
+            return row_dicts(table) if table is not None else []
         refs = [s.handle.open_windows.remote(window, filters) for s in self.slots.values() if not s.given_up]
         out: list[dict] = []
         for ref in refs:
@@ -568,7 +675,9 @@ class Coordinator:
         return redact({"pipeline": self.spec.name, "phase": self.phase, "degraded": self.degraded, "failure": self.failure,
                 "epoch": self.next_epoch - 1, "coordinator_pid": os.getpid(), "coordinator_restarted": self.restarted,
                 "last_checkpoint": self.last_checkpoint, "checkpoints_failed": self.checkpoints_failed,
-                "workers": workers, "events": list(self.events)[-30:], "until_end": self.until_end})
+                "workers": workers, "events": list(self.events)[-30:], "until_end": self.until_end,
+                "merge_owners": [self.owner_status.get(k, {"shard": k}) for k in sorted(self.owners)],
+                "global_restarts": self.global_restarts})
 
     def shutdown(self) -> None:
         with self.lock:
@@ -577,5 +686,11 @@ class Coordinator:
                     ray.kill(s.handle, no_restart=True)
                 except Exception:  # already gone
                     pass
+            for h in self.owners.values():
+                try:
+                    ray.kill(h, no_restart=True)
+                except Exception:  # already gone
+                    pass
             self.slots = {}
+            self.owners = {}
             self.phase = "shut down"

@@ -64,8 +64,15 @@ class PartitionWorker:
             if e.get("path"):
                 snapshots[int(p)] = self.store.read_partition(e["path"])
         start = {int(p): int(e.get("offset", 0)) for p, e in entries.items()}
+        merge_out = None
+        if self.spec.owners:
+            from actors.merge_owner import RemoteMerge
+
+            merge_out = RemoteMerge(self.spec, self.spec.owners)
         self.loop = PartitionLoop(self.spec, partitions, start, end_offsets, epoch, snapshots, fence=self._fence,
-                                  resumed=resumed)
+                                  resumed=resumed, merge_out=merge_out)
+        if merge_out is not None:
+            merge_out.on_wait = self.loop._backpressure
         self.state = "running"
         self.thread = threading.Thread(target=self._run, args=(until_end,), name="partition-loop", daemon=True)
         self.thread.start()
@@ -128,6 +135,15 @@ class PartitionWorker:
         if self.loop is None or self.state not in ("running", "drained"):
             return []
         return self.loop.open_windows_rows(window, filters)
+
+    def open_partials(self, window: str, filters: dict[str, str]) -> dict | None:
+        """Partial states of the merged window's slots not shipped yet (queryable state, merged by the caller)."""
+        if self.loop is None or self.state not in ("running", "drained"):
+            return None
+        from pipeline.merge import unshipped_partials
+
+        w = self.loop.state.windows.get(window)
+        return None if w is None else self.loop.call_between_batches(lambda: unshipped_partials(w, filters), 10.0)
 
     def finish(self, to_end: bool) -> dict:
         """After the loop drained: flush (at the end of input) and close."""

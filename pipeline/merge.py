@@ -41,7 +41,8 @@ from pipeline.spec import PipelineSpec
 from pipeline.watermarks import NEG_INF
 from pipeline.windows import WindowState, _KID_BITS, _TS, _WIDX_LIMIT, restore_slots, snapshot_slots
 
-__all__ = ["MergeWindow", "Merger", "shard_of", "split_by_shard", "take_rows"]
+__all__ = ["LocalMerge", "MergeWindow", "Merger", "merge_open", "shard_of", "split_by_shard", "take_rows",
+           "unshipped_partials"]
 
 
 def shard_of(window: str, keys: list[tuple], owners: int) -> np.ndarray:
@@ -402,3 +403,24 @@ class LocalMerge:
             self.merger.add(name, tables)
         self.merger.advance(frontiers)
         return self.merger.close()
+
+
+def unshipped_partials(w: WindowState, filters: dict[str, str]) -> dict[str, pa.Table]:
+    """A worker's slots of a merged window never shipped (still open in their partition), as partials."""
+    slots = np.flatnonzero(w.active & (w.revision == 0))
+    keys = list(w.spec.group_by)
+    if filters:
+        slots = np.array([s for s in slots.tolist()
+                          if all(k in keys and str(w.keys[s][keys.index(k)]) == str(v) for k, v in filters.items())], np.int64)
+    return snapshot_slots(w, slots, partition_column=True)
+
+
+def merge_open(spec, allowed_lateness: int, partials: list[dict[str, pa.Table]]) -> pa.Table | None:
+    """Open rows of a merged window from the partials held anywhere (workers and owners): the latest partial of
+    each partition per group, merged; revision 0 (not emitted yet)."""
+    parts = sorted({int(p) for t in partials for p in t["slots"].column("partition").to_pylist()})
+    mw = MergeWindow(spec, allowed_lateness, parts)
+    for t in partials:
+        if t["slots"].num_rows:
+            mw.add(t)
+    return mw.open_rows()

@@ -1,0 +1,157 @@
+"""MergeOwner: a Ray actor shell around ``pipeline.merge.Merger``, and the workers' side of the shuffle.
+
+Each owner holds the merged windows of the groups whose stable hash falls in
+its shard. Workers call ``feed`` with a batch's partial states (only the
+owner's groups) and then every partition's frontier, and wait for the answer
+before their next batch: so when a worker's checkpoint snapshot is taken
+(between batches) every partial it shipped is already in its owners, and an
+owner snapshot taken after the workers' holds at least what their
+checkpointed positions shipped (see ``Coordinator._checkpoint``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import ray
+
+from actors.runtime import NAMESPACE, actor_name
+from pipeline.checkpoint import decode_merge, encode_merge
+from pipeline.identity import with_shard
+from pipeline.io.checkpoints import CheckpointStore
+from pipeline.io.kafka import DeadLetterProducer
+from pipeline.io.sinks.common import Backpressure, make_sink
+from pipeline.merge import Merger, split_by_shard
+from pipeline.process import udf_rejects
+from pipeline.spec import PipelineSpec
+
+__all__ = ["MergeOwner", "RemoteMerge", "owner_name"]
+
+
+def owner_name(pipeline: str, shard: int) -> str:
+    return actor_name(pipeline, f"merge-{shard}")
+
+
+@ray.remote(max_restarts=0, max_concurrency=16)
+class MergeOwner:
+    """Merges the partial states of one shard of the groups and writes the merged rows to the sinks."""
+
+    def __init__(self, spec: PipelineSpec, shard: int, partitions: list[int], snapshot_path: str | None = None):
+        self.spec = spec
+        self.shard = shard
+        self.merger = Merger(spec, partitions)
+        self.store = CheckpointStore(spec.checkpoint, spec.name) if spec.checkpoint else None
+        self.restored_from = snapshot_path
+        if snapshot_path:
+            decode_merge(self.store.read_partition(snapshot_path), self.merger)
+        self.sinks = [make_sink(spec, s) for s in spec.sinks]
+        self.dlq = DeadLetterProducer(spec.source.kafka.bootstrap_servers, spec.dead_letter_topic, spec.name)
+        self.lock = threading.Lock()
+        self.stats = {"feeds": 0, "partials": 0, "rows_emitted": 0, "udf_errors": 0, "sink_wait_s": 0.0}
+        self.store_wait: dict | None = None
+        self.finished = False
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def feed(self, partials: dict, frontiers: dict) -> int:
+        """One worker batch: its partials for this shard, then its partitions' frontiers; writes what is ready."""
+        with self.lock:
+            if self.finished:
+                raise RuntimeError(f"merge owner {self.shard} has finished")
+            n = 0
+            for window, tables in partials.items():
+                n += self.merger.add(window, tables)
+            self.merger.advance(frontiers)
+            merged, failures = self.merger.close()
+            for t in merged:
+                self._write(with_shard(t, f"m{self.shard}"))
+            if failures:
+                self.stats["udf_errors"] += len(failures)
+                self.dlq.write(udf_rejects(self.spec, failures))
+            self.stats["feeds"] += 1
+            self.stats["partials"] += n
+            self.stats["rows_emitted"] += sum(t.num_rows for t in merged)
+            return n
+
+    def _write(self, table) -> None:
+        for sink in self.sinks:
+            while True:
+                try:
+                    sink.write(table)
+                    break
+                except Backpressure as bp:  # the workers wait on this call: backpressure reaches them
+                    self.store_wait = {"store": bp.store, "attempts": bp.attempt, "error": str(bp.error)[:300]}
+                    t0 = time.monotonic()
+                    time.sleep(bp.delay_s)
+                    self.stats["sink_wait_s"] += time.monotonic() - t0
+            self.store_wait = None
+
+    def snapshot(self, checkpoint_id: int, epoch: int) -> dict:
+        """Write this owner's state for checkpoint ``checkpoint_id``; returns its manifest entry."""
+        with self.lock:
+            data = encode_merge(self.merger, self.shard, checkpoint_id)
+            return {"path": self.store.write_merge(checkpoint_id, self.shard, epoch, data), "bytes": len(data)}
+
+    def open_partials(self, window: str, filters: dict[str, str]) -> dict | None:
+        with self.lock:
+            mw = self.merger.windows.get(window)
+            return None if mw is None else mw.open_partials(filters)
+
+    def finish(self) -> dict:
+        """After every worker flushed: close the clients."""
+        with self.lock:
+            self.finished = True
+            for c in (*(s.close for s in self.sinks), self.dlq.close):
+                try:
+                    c()
+                except Exception:  # closing a client that lost its store must not hide the result
+                    pass
+            return self.status()
+
+    def status(self) -> dict:
+        return {"shard": self.shard, "pid": os.getpid(), "open_slots": self.merger.open_slots,
+                "store_wait": self.store_wait, "restored_from": self.restored_from, **self.stats}
+
+
+class RemoteMerge:
+    """The worker's side: route a batch's partials to their owners and wait for them (``PartitionLoop.merge_out``)."""
+
+    def __init__(self, spec: PipelineSpec, owners: int, on_wait=None):
+        self.spec = spec
+        self.owners = owners
+        self.handles: dict[int, object] = {}
+        self.group_by = {w.name: list(w.group_by) for w in spec.windows}
+        self.on_wait = on_wait  # (store, attempt, error, since): the loop reports the wait as backpressure
+        self._last: dict | None = None
+
+    def _owner(self, k: int):
+        h = self.handles.get(k)
+        if h is None:
+            h = self.handles[k] = ray.get_actor(owner_name(self.spec.name, k), namespace=NAMESPACE)
+        return h
+
+    def __call__(self, partials: dict, frontiers: dict) -> None:
+        by_owner: dict[int, dict] = {}
+        for window, tables in partials.items():
+            for k, part in split_by_shard(window, self.group_by[window], tables, self.owners).items():
+                by_owner.setdefault(k, {})[window] = part
+        if not by_owner and frontiers == self._last:
+            return
+        refs = [self._owner(k).feed.remote(by_owner.get(k, {}), frontiers) for k in range(self.owners)]
+        since, attempt = time.monotonic(), 0
+        while True:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+            if len(ready) == len(refs):
+                break
+            attempt += 1
+            if self.on_wait is not None:  # an owner waits on a sink: this worker is held back, not stalled
+                self.on_wait("merge owners", attempt, TimeoutError("waiting for the merge owners"), since)
+        try:
+            ray.get(refs)
+        except ray.exceptions.RayActorError:
+            self.handles.clear()  # the coordinator restores the owners (and every worker with them)
+            raise
+        self._last = frontiers
