@@ -217,7 +217,6 @@ class Coordinator:
     def _restart_all(self, reason: str) -> None:
         """A merge owner died: its merged state since the last checkpoint is gone, so every worker and owner goes
         back to the latest checkpoint (owners from their snapshots, workers from their offsets, replaying)."""
-        self.global_restarts += 1
         for s in self.slots.values():
             try:
                 ray.kill(s.handle, no_restart=True)
@@ -234,6 +233,7 @@ class Coordinator:
             except Exception as exc:  # the next tick sees it dead and restarts it alone
                 self._event(f"worker {i}: restart failed: {type(exc).__name__}: {exc}", worker=i)
         self._event(f"{reason}: every worker and merge owner restarted from the latest checkpoint at epoch {epoch}")
+        self.global_restarts += 1
         if self.stopping:
             for s in self.slots.values():
                 s.handle.stop.remote()
@@ -506,8 +506,7 @@ class Coordinator:
         if self.owners:
             # after every worker snapshot above: an owner holds at least what those positions shipped
             try:
-                got = ray.get({k: h.snapshot.remote(cid, self.next_epoch - 1) for k, h in self.owners.items()}.values(),
-                              timeout=timeout + 5)
+                got = ray.get([h.snapshot.remote(cid, self.next_epoch - 1) for h in self.owners.values()], timeout=timeout + 5)
                 merge = dict(zip(self.owners, got))
             except Exception as exc:  # an older owner snapshot with newer offsets would lose partials: no manifest
                 self.checkpoints_failed += 1

@@ -154,4 +154,6 @@ class RemoteMerge:
         except ray.exceptions.RayActorError:
             self.handles.clear()  # the coordinator restores the owners (and every worker with them)
             raise
+        except ray.exceptions.RayTaskError as exc:  # the owner's own error (a sink that gave up), as itself
+            raise exc.cause from None
         self._last = frontiers

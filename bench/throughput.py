@@ -57,15 +57,18 @@ def raw_consume_rate(bootstrap: str, topic: str, total: int, repeats: int = 3) -
     return best
 
 
-def run_pipeline_cli(bootstrap: str, topic: str, workers: int, work: Path) -> dict:
+def run_pipeline_cli(bootstrap: str, topic: str, workers: int, work: Path, per_partition: bool = False) -> dict:
     spec = yaml.safe_load((ROOT / "examples" / "clicks.yaml").read_text())
     spec["workers"] = workers
+    for w in spec["windows"]:
+        w["per_partition"] = per_partition
     spec["worker_cpus"] = round(min(1.0, 1.9 / workers), 2)  # the coordinator needs 0.01 of the 2 CPUs
-    spec_path = work / f"spec-{workers}.yaml"
+    tag = f"{workers}{'-pp' if per_partition else ''}"
+    spec_path = work / f"spec-{tag}.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
-    report = work / f"report-{workers}.json"
+    report = work / f"report-{tag}.json"
     env = {**os.environ, "KAFKA_BOOTSTRAP": bootstrap, "TOPIC": topic,
-           "OUT_URI": f"file://{work}/out-{workers}", "LATE_URI": f"file://{work}/late-{workers}"}
+           "OUT_URI": f"file://{work}/out-{tag}", "LATE_URI": f"file://{work}/late-{tag}"}
     t0 = time.perf_counter()
     proc = subprocess.run([str(ROOT / ".venv" / "bin" / "raystream"), "run", str(spec_path), "--until-end", "--quiet",
                            "--report", str(report)], env=env, capture_output=True, text=True)
@@ -81,7 +84,10 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--per-partition", action="store_true",
+                    help="windows with per_partition: true (no merge across partitions); results in throughput-per-partition.*")
     args = ap.parse_args()
+    name = "throughput-per-partition" if args.per_partition else "throughput"
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="raystream-bench-"))
     n = args.events
@@ -98,7 +104,7 @@ def main() -> None:
             parts += [int(t.split("-")[1]) % 4 for t in cols["tenant_id"]]
             prog.update(task, advance=m)
     mean_bytes = float(np.mean([len(v) for v in values[:10000]]))
-    results: dict = {"events": n, "mean_event_bytes": mean_bytes, "runs": []}
+    results: dict = {"events": n, "mean_event_bytes": mean_bytes, "per_partition": args.per_partition, "runs": []}
     with EmbeddedBroker() as broker:
         broker.create_topic("bench", 4)
         t0 = time.perf_counter()
@@ -109,7 +115,7 @@ def main() -> None:
         results["raw_consume_events_per_s"] = raw
         console.print(f"raw confluent-kafka consume: {raw:,.0f} events/s")
         for w in args.workers:
-            rep = run_pipeline_cli(broker.bootstrap, "bench", w, work)
+            rep = run_pipeline_cli(broker.bootstrap, "bench", w, work, args.per_partition)
             per_worker = []
             for ws in rep["workers"]:
                 per_worker.append({
@@ -132,9 +138,9 @@ def main() -> None:
         "cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
         "platform": platform.platform(), "date": time.strftime("%Y-%m-%d"),
     }
-    (args.out / "throughput.json").write_text(json.dumps(results, indent=2))
-    _plot(results, args.out / "throughput.png")
-    console.print(f"wrote {args.out / 'throughput.json'} and throughput.png")
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    _plot(results, args.out / f"{name}.png")
+    console.print(f"wrote {args.out / name}.json and {name}.png")
 
 
 def _cpu() -> str:

@@ -117,7 +117,7 @@ class Core:
                 raise ApiError(400, f"{name} is epoch milliseconds between 0 and {MAX_MS}", parameter=name)
         if order not in ("asc", "desc"):
             raise ApiError(400, "order is asc or desc", parameter="order")
-        filters = scope_filters(who, filters, self.cfg.tenant_key, (*info.keys, "partition"))
+        filters = scope_filters(who, filters, self.cfg.tenant_key, info.identity)
         try:
             pool = await self.apg()
             async with pool.connection(timeout=10) as conn:
@@ -159,7 +159,7 @@ def open_windows(info, tenant_key: str, who: Principal, filters: dict, start, en
         raise ApiError(503, f"pipeline {info.pipeline!r} is not running: no open windows to read") from None
     rows = [r for r in visible_rows(who, rows, tenant_key)
             if (start is None or r["window_start"] >= start) and (end is None or r["window_start"] < end)]
-    rows.sort(key=lambda r: (r["window_start"], str([r.get(k) for k in info.keys]), r["partition"]))
+    rows.sort(key=lambda r: (r["window_start"], str([r.get(k) for k in info.keys]), r.get("partition", -1)))
     if fields:
         rows = [{k: r.get(k) for k in fields} for r in rows]
     return rows

@@ -1,10 +1,10 @@
 """Closed windows read from the PostgreSQL sink: tenant-scoped, filtered, paged.
 
 Nothing from a request reaches SQL as text: column names are checked against
-the window's allow-list (group keys, ``partition``, bounds, aggregations,
-``revision``) and quoted as identifiers; values are parameters. Pages are
-keyset-paginated on (window_start, group keys, partition) with an opaque
-cursor.
+the window's allow-list (group keys, ``partition`` for per_partition windows,
+bounds, aggregations, ``revision``) and quoted as identifiers; values are
+parameters. Pages are keyset-paginated on (window_start, group keys[,
+partition]) with an opaque cursor.
 """
 
 from __future__ import annotations
@@ -38,14 +38,21 @@ class WindowInfo:
     window: str
     keys: tuple[str, ...]
     values: tuple[str, ...]
+    per_partition: bool = False  # rows per source partition (a ``partition`` column); else merged, one per group
+
+    @property
+    def identity(self) -> tuple[str, ...]:
+        """The row's key columns after the window start (group keys, and ``partition`` for per_partition windows)."""
+        return (*self.keys, "partition") if self.per_partition else self.keys
 
     @property
     def columns(self) -> tuple[str, ...]:
-        return ("window_start", "window_end", *self.keys, "partition", *self.values, "revision")
+        return ("window_start", "window_end", *self.identity, *self.values, "revision")
 
 
 def catalog(specs: dict[str, PipelineSpec]) -> dict[tuple[str, str], WindowInfo]:
-    return {(s.name, w.name): WindowInfo(s.name, w.name, tuple(w.group_by), tuple(a.column for a in w.aggregations))
+    return {(s.name, w.name): WindowInfo(s.name, w.name, tuple(w.group_by), tuple(a.column for a in w.aggregations),
+                                         w.per_partition)
             for s in specs.values() for w in s.windows}
 
 
@@ -53,8 +60,9 @@ def _encode_cursor(values: list) -> str:
     return base64.urlsafe_b64encode(json.dumps(values, default=str).encode()).decode()
 
 
-def _decode_cursor(cursor: str, n: int) -> list:
-    """The sort key a cursor carries: window_start as epoch ms in range, then ``n - 1`` scalars."""
+def _decode_cursor(cursor: str, n: int, partition_last: bool = True) -> list:
+    """The sort key a cursor carries: window_start as epoch ms in range, then ``n - 1`` scalars (the last one the
+    source partition with ``partition_last``)."""
     bad = BadQuery("cursor is not one this API gave out", parameter="cursor")
     try:
         out = json.loads(base64.urlsafe_b64decode(cursor.encode()))
@@ -65,7 +73,7 @@ def _decode_cursor(cursor: str, n: int) -> list:
     first, last = out[0], out[-1]
     if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first <= MAX_MS:
         raise bad
-    if isinstance(last, bool) or not isinstance(last, int) or not 0 <= last < 2**31:  # the partition
+    if partition_last and (isinstance(last, bool) or not isinstance(last, int) or not 0 <= last < 2**31):
         raise bad
     for v in out[1:]:
         if isinstance(v, (dict, list)) or (isinstance(v, float) and v != v) or (isinstance(v, str) and "\x00" in v):
@@ -83,7 +91,7 @@ def build_query(prefix: str, info: WindowInfo, tenant_key: str, tenant: str, fil
     """The checked SQL of one page (one row more than ``limit`` tells whether another page follows)."""
     if tenant_key not in info.keys:
         raise BadQuery(f"window {info.window} is not grouped by {tenant_key!r}: it cannot be served per tenant", 403)
-    allowed_filters = set(info.keys) | {"partition"}
+    allowed_filters = set(info.identity)
     for name in filters:
         if name not in allowed_filters:
             raise BadQuery(f"cannot filter on {name!r}; allowed: {sorted(allowed_filters)}", parameter=name)
@@ -99,7 +107,7 @@ def build_query(prefix: str, info: WindowInfo, tenant_key: str, tenant: str, fil
     for name, value in filters.items():
         if not isinstance(value, str) or "\x00" in value:
             raise BadQuery(f"filter {name} is a text value without NUL", parameter=name)
-    sort_cols = ["window_start", *info.keys, "partition"]
+    sort_cols = ["window_start", *info.identity]
     where = [sql.SQL("{} = %s").format(sql.Identifier(tenant_key))]
     params: list = [tenant]
     for name, value in filters.items():
@@ -114,7 +122,7 @@ def build_query(prefix: str, info: WindowInfo, tenant_key: str, tenant: str, fil
         where.append(sql.SQL("window_start < to_timestamp(%s / 1000.0)"))
         params.append(end_ms)
     if cursor:
-        last = _decode_cursor(cursor, len(sort_cols))
+        last = _decode_cursor(cursor, len(sort_cols), info.per_partition)
         # row comparison on the sort key; window_start travels as epoch ms
         op = sql.SQL(">") if order == "asc" else sql.SQL("<")
         where.append(sql.SQL("({}) {} (to_timestamp(%s / 1000.0), {})").format(

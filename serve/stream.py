@@ -232,7 +232,7 @@ class Feed:
             raise SubscribeError(400, "filters is an object of group key -> value", parameter="filters")
         if session is not None and not (isinstance(session, str) and 0 < len(session) <= 128):
             raise SubscribeError(400, "session is the id a subscription was given", parameter="session")
-        filters = scope_filters(who, {str(k): v for k, v in filters.items()}, tkey, (*info.keys, "partition"))
+        filters = scope_filters(who, {str(k): v for k, v in filters.items()}, tkey, info.identity)
         self.sc, self.info, self.window, self.pipeline = sc, info, window, pipeline
         self.filters = filters
         self.tkey = tkey
