@@ -96,7 +96,7 @@ def restore_partition(state: PipelineState, snap: PartitionSnapshot) -> int:
     p = int(snap.meta["partition"])
     saved = snap.meta.get("windows", {})
     for w in state.spec.windows:
-        if w.name in saved and saved[w.name] != w.model_dump(mode="json"):
+        if w.name in saved and not same_window(saved[w.name], w.model_dump(mode="json")):
             raise ValueError(
                 f"window {w.name!r} changed since checkpoint {snap.meta['checkpoint']}: its state cannot be restored; "
                 "give the changed window a new name (or start from no checkpoint)"
@@ -115,6 +115,12 @@ def restore_partition(state: PipelineState, snap: PartitionSnapshot) -> int:
             continue  # a window removed from the spec: its state is dropped (a new one starts empty)
         restored += restore_window(w, p, tables)
     return restored
+
+
+def same_window(saved: dict, current: dict) -> bool:
+    """A window definition as checkpointed equals the current one (options added since, left at their
+    defaults, do not count as a change)."""
+    return all(saved[k] == v if k in saved else v in (None, False, []) for k, v in current.items())
 
 
 def encode_merge(merger, shard: int, checkpoint_id: int) -> bytes:
@@ -136,7 +142,7 @@ def decode_merge(data: bytes, merger) -> dict:
     meta, tables = snap
     for name, saved in meta.get("windows", {}).items():
         w = next((w for w in merger.spec.windows if w.name == name), None)
-        if w is not None and saved != w.model_dump(mode="json"):
+        if w is not None and not same_window(saved, w.model_dump(mode="json")):
             raise ValueError(f"window {name!r} changed since checkpoint {meta['checkpoint']}: its merged state cannot be "
                              "restored; give the changed window a new name (or start from no checkpoint)")
     merger.restore(tables)

@@ -41,7 +41,7 @@ from pipeline.spec import PipelineSpec
 from pipeline.watermarks import NEG_INF
 from pipeline.windows import WindowState, _KID_BITS, _TS, _WIDX_LIMIT, restore_slots, snapshot_slots
 
-__all__ = ["LocalMerge", "MergeWindow", "Merger", "merge_open", "shard_of", "split_by_shard", "take_rows",
+__all__ = ["LevelWindow", "LocalMerge", "MergeWindow", "Merger", "merge_open", "shard_of", "split_by_shard", "take_rows",
            "unshipped_partials"]
 
 
@@ -122,6 +122,7 @@ class MergeWindow:
         self.w = WindowState(spec, allowed_lateness)  # key = (*group keys, source partition), as in a worker
         self.frontier: dict[int, int] = {int(p): NEG_INF for p in partitions}
         self.emitted: dict[tuple, int] = {}  # (start, group keys) -> revision last emitted (tumbling/sliding)
+        self.child: "MergeWindow | None" = None  # the rollup level built from this window's merged states
         self.failures: list[dict] = []
         self.ignored = 0  # partials not newer than the one held (replays)
 
@@ -218,22 +219,26 @@ class MergeWindow:
         # event time across partitions go to the lower (first) and the higher (last) partition, whatever the timing
         order = np.lexsort((w.start[ms], w.partition[ms], mg))
         ms, mg = ms[order], mg[order]
-        scratch = AggregateStore(self.spec.aggregations, max(len(ms), 1))
+        sw = WindowState(self.spec, self.lateness, capacity=max(len(ms), 1))  # scratch: merged states
+        sw._take(len(ms))  # slots 0..n-1 of a fresh state, in order
+        sw.key_types = w.key_types
+        scratch = sw.store
         scratch.udfs = w.store.udfs
         _copy_states(w.store, ms, scratch, w.partition)
         ug, first = np.unique(mg, return_index=True)
-        leader_of = dict(zip(ug.tolist(), first.tolist()))
-        leaders = np.array([leader_of[g] for g in mg.tolist()], np.int64)
+        leaders = np.repeat(first, np.diff(np.append(first, len(mg))))  # members of a group are contiguous
         others = np.flatnonzero(leaders != np.arange(len(ms)))
         if len(others):
             scratch.merge(leaders[others], others)
         lead = first
-        starts = np.array([w.start[ms[mg == g]].min() for g in ug.tolist()], np.int64)
-        ends = np.array([w.end[ms[mg == g]].max() for g in ug.tolist()], np.int64)
+        starts = np.minimum.reduceat(w.start[ms], first)
+        ends = np.maximum.reduceat(w.end[ms], first)
         keys = [w.keys[int(ms[i])][:-1] for i in lead.tolist()]
         order = np.lexsort((np.array([json.dumps(k, default=str) for k in keys]), starts)) if len(keys) else np.zeros(0, np.int64)
         lead, starts, ends = lead[order], starts[order], ends[order]
         keys = [keys[i] for i in order.tolist()]
+        if self.child is not None and not revision_zero:
+            self._ship_up(sw, lead, starts, keys)
         n = len(lead)
         cols: dict[str, pa.Array] = {
             "window": pa.array([self.spec.name] * n, pa.string()),
@@ -244,7 +249,7 @@ class MergeWindow:
             cols[k] = pa.array([key[i] for key in keys], w.key_types[i] if w.key_types else None)
         cols.update(scratch.finalize(lead))
         for f in scratch.take_failures():
-            if revision_zero:
+            if revision_zero or self.spec.rollup_of:  # a level's inputs were reported by the level below
                 continue
             coded = np.asarray(f["offsets"], np.int64)
             parts, offs = coded >> _OFFSET_BITS, coded & ((1 << _OFFSET_BITS) - 1)
@@ -256,6 +261,19 @@ class MergeWindow:
                                       "partition": int(p), "offsets": offs[sel].tolist(), "values": list(values[sel])})
         cols["revision"] = pa.array(np.zeros(n, np.int64) if revision_zero else scratch.count[lead])
         return pa.table(cols)
+
+    def _ship_up(self, sw: WindowState, lead: np.ndarray, starts: np.ndarray, keys: list[tuple]) -> None:
+        """The merged states of emitted groups, as partials of the rollup level above: its window start, and
+        the position of this window inside it in place of the source partition (replaced by revision)."""
+        size = self.child.spec.size
+        coarse = np.floor_divide(starts, size) * size
+        sub = (starts - coarse) // self.spec.size
+        sw.start[lead], sw.end[lead] = coarse, coarse + size
+        sw.partition[lead] = sub.astype(np.int32)
+        for slot, k, p in zip(lead.tolist(), keys, sub.tolist()):
+            sw.keys[slot] = (*k, int(p))
+        sw.revision[lead] = sw.store.count[lead]
+        self.child.add(snapshot_slots(sw, lead, partition_column=True))
 
     def close(self) -> pa.Table | None:
         """Merged rows of the groups every partition has passed and that changed since last emitted; frees
@@ -347,6 +365,22 @@ class MergeWindow:
                     self.emitted[(int(st), by_text[k])] = int(rev)
 
 
+class LevelWindow(MergeWindow):
+    """A rollup level: partials are the merged states of the level below (one per window of it inside this
+    one, replaced by revision); it closes on the frontier of the level below."""
+
+    def __init__(self, spec, allowed_lateness: int, below: MergeWindow):
+        super().__init__(spec, allowed_lateness, [])
+        self.below = below
+        below.child = self
+
+    def global_frontier(self) -> int:
+        return self.below.global_frontier()
+
+    def advance(self, frontiers: dict[int, int]) -> None:
+        """Levels follow the level below."""
+
+
 class Merger:
     """One merge owner: the merged windows of a pipeline for the groups of its shard."""
 
@@ -354,7 +388,14 @@ class Merger:
         self.spec = spec
         names = spec.merged_windows if windows is None else windows
         lateness = spec.event_time.allowed_lateness
-        self.windows = {w.name: MergeWindow(w, lateness, partitions) for w in spec.windows if w.name in names}
+        self.windows: dict[str, MergeWindow] = {}
+        for w in spec.windows:  # a level comes after the window below it
+            if w.name not in names:
+                continue
+            if w.rollup_of:
+                self.windows[w.name] = LevelWindow(w, lateness, self.windows[w.rollup_of])
+            else:
+                self.windows[w.name] = MergeWindow(w, lateness, partitions)
         self.rows_emitted = 0
 
     def add(self, window: str, tables: dict[str, pa.Table]) -> int:

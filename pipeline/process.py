@@ -114,8 +114,9 @@ class PipelineState:
         self.tracker = WatermarkTracker(
             partitions, spec.event_time.max_out_of_orderness, spec.event_time.idle_timeout, clock
         )
-        self.windows = {w.name: WindowState(w, spec.event_time.allowed_lateness) for w in spec.windows}
-        self.merged = set(spec.merged_windows)  # their closed slots are shipped as partial states, not emitted
+        # rollup levels fold no records: the merge owners build them from the level below
+        self.windows = {w.name: WindowState(w, spec.event_time.allowed_lateness) for w in spec.windows if not w.rollup_of}
+        self.merged = set(spec.merged_windows) & set(self.windows)  # their closed slots are shipped as partial states, not emitted
         self.windows_emitted = 0
         # dedup: per partition, event id -> (event time, offset) of its first delivery
         self.seen: dict[int, dict] = {}

@@ -193,6 +193,28 @@ class EventTime(_Model):
     )
 
 
+def _duration_label(ms: int) -> str:
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
+class Rollup(_Model):
+    """A coarser tumbling window computed from a window's merged states (no records, no sink re-read)."""
+
+    size: Duration = Field(description="length of the coarser window: a multiple of the level below")
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                             description="window name of this level; default <window>_<size> (e.g. clicks_1m)")
+    retention: Duration | None = Field(default=None, description="how long its rows are kept where the sink can expire them")
+
+
+def _parse_rollups(value: Any) -> Any:
+    if isinstance(value, list):
+        return [{"size": v} if isinstance(v, (str, int)) else v for v in value]
+    return value
+
+
 class WindowSpec(_Model):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="window name, used in output paths and rows")
     type: Literal["tumbling", "sliding", "session"] = Field(description="window type")
@@ -203,6 +225,13 @@ class WindowSpec(_Model):
     per_partition: bool = Field(default=False, description=(
         "keep one row per source partition (rows carry a 'partition' column) instead of merging the partitions' "
         "partial states into one row per group"))
+    rollups: Annotated[list[Rollup], BeforeValidator(_parse_rollups)] = Field(default_factory=list, description=(
+        "coarser levels of a tumbling window, e.g. [1m, 1h] or [{size: 1h, retention: 30d}]: each a window of its own "
+        "(<name>_<size>), merged from the finer level's states"))
+    retention: Duration | None = Field(default=None, description=(
+        "how long this window's rows are kept where the sink can expire them (Redis TTL, PostgreSQL rows older "
+        "than the newest window_end - retention)"))
+    rollup_of: str | None = Field(default=None, description="set on the levels a 'rollups' entry adds: the window below (not set by hand)")
     aggregations: Annotated[list[Aggregation], BeforeValidator(_parse_aggregations)] = Field(
         min_length=1, description="e.g. [count, sum(value), p95(value)]"
     )
@@ -228,6 +257,17 @@ class WindowSpec(_Model):
                 raise ValueError("session windows need 'gap' > 0")
             if self.size is not None or self.slide is not None:
                 raise ValueError("session windows take 'gap', not 'size'/'slide'")
+        if self.rollups:
+            if self.type != "tumbling":
+                raise ValueError("rollups are coarser tumbling windows: the window must be tumbling")
+            if self.per_partition:
+                raise ValueError("rollups are merged from the groups' states across partitions: not with per_partition")
+            below = self.size
+            for r in self.rollups:
+                if r.size <= below or r.size % below:
+                    raise ValueError(f"rollup size {_duration_label(r.size)} must be a multiple of, and larger than, "
+                                     f"the level below ({_duration_label(below)})")
+                below = r.size
         columns = [a.column for a in self.aggregations]
         dup = {c for c in columns if columns.count(c) > 1}
         if dup:
@@ -482,6 +522,36 @@ class PipelineSpec(_Model):
 
     _field_types = field_validator("fields")(classmethod(lambda cls, v: _check_field_types(v)))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _rollup_levels(cls, data: Any) -> Any:
+        """Each ``rollups`` entry becomes a window of its own after its base (tumbling, same keys and
+        aggregations, ``rollup_of`` naming the level below)."""
+        if not isinstance(data, dict) or not isinstance(data.get("windows"), list):
+            return data
+        present = {w.get("name") if isinstance(w, dict) else getattr(w, "name", None) for w in data["windows"]}
+        out = []
+        for w in data["windows"]:
+            if isinstance(w, WindowSpec):
+                w = w.model_dump(mode="json")
+            out.append(w)
+            if not isinstance(w, dict) or not w.get("rollups") or w.get("rollup_of"):
+                continue
+            below = w.get("name")
+            for r in _parse_rollups(w["rollups"]):
+                if not isinstance(r, dict):
+                    continue
+                size = parse_duration(r.get("size"))
+                level = {"name": r.get("name") or f"{w.get('name')}_{_duration_label(size)}", "type": "tumbling",
+                         "size": f"{size}ms", "group_by": w.get("group_by", []), "aggregations": w.get("aggregations"),
+                         "rollup_of": below}
+                if r.get("retention") is not None:
+                    level["retention"] = r["retention"]
+                if level["name"] not in present:  # a dumped spec already lists its levels
+                    out.append(level)
+                below = level["name"]
+        return {**data, "windows": out}
+
     @model_validator(mode="after")
     def _windows(self) -> "PipelineSpec":
         names = [w.name for w in self.windows]
@@ -510,6 +580,8 @@ class PipelineSpec(_Model):
         w = next(w for w in self.windows if w.name == window)
         if w.per_partition:
             return "partition"
+        if w.rollups or w.rollup_of:
+            return "merge"  # levels are merged from the merged states of the level below
         keyed = self.source.kafka.key_fields
         if keyed and set(keyed) <= set(w.group_by):
             return "local"

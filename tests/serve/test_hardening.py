@@ -31,7 +31,8 @@ from serve.protos import raystream_pb2_grpc as pbg
 from tests.serve_keys import AUDIENCE, ISSUER, Keys
 
 T0 = 1_700_000_000_000
-WINDOW = {"name": "w", "type": "tumbling", "size": "1s", "group_by": ["tenant_id", "kind"], "aggregations": ["count", "sum(value)"]}
+WINDOW = {"name": "w", "type": "tumbling", "size": "1s", "group_by": ["tenant_id", "kind"], "aggregations": ["count", "sum(value)"],
+          "per_partition": True}
 MiB = 1 << 20
 
 

@@ -20,7 +20,8 @@ from serve.config import ServeConfig
 from tests.pipeline.harness import encode, run_core
 from tests.serve_keys import AUDIENCE, ISSUER, Keys
 
-WINDOW = {"name": "w", "type": "tumbling", "size": "1s", "group_by": ["tenant_id", "kind"], "aggregations": ["count", "sum(value)"]}
+WINDOW = {"name": "w", "type": "tumbling", "size": "1s", "group_by": ["tenant_id", "kind"], "aggregations": ["count", "sum(value)"],
+          "per_partition": True}
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +29,16 @@ def keys():
     return Keys()
 
 
+served_merged: dict = {}
+
+
 @pytest.fixture(scope="module")
 def served(postgres, tmp_path_factory, keys):
     tmp = tmp_path_factory.mktemp("serve")
     name = "restp"
     spec_d = {"name": name, "source": {"kafka": {"bootstrap_servers": "127.0.0.1:1", "topic": "events"}},
-              "event_time": {"field": "ts", "format": "epoch_ms"}, "windows": [WINDOW],
+              "event_time": {"field": "ts", "format": "epoch_ms"},
+              "windows": [WINDOW, {**WINDOW, "name": "m", "per_partition": False}],  # m: one row per group
               "sinks": [{"postgres": {"dsn": postgres.extra["dsn"]}}]}
     (tmp / "p.yaml").write_text(yaml.safe_dump(spec_d))
     spec = parse_spec(spec_d)
@@ -45,9 +50,13 @@ def served(postgres, tmp_path_factory, keys):
     df["offset"] = df.groupby("partition").cumcount()
     emitted, _, _, _ = run_core(spec, df, cuts=[], values=encode(df))
     sink = make_sink(spec, spec.sinks[0])
-    for t in emitted["w"]:
+    for t in [*emitted["w"], *emitted["m"]]:
         sink.write(t)
     sink.close()
+    merged = pa.concat_tables(emitted["m"]).to_pandas()
+    merged["window_start"] = merged["window_start"].astype("int64")
+    merged = merged.sort_values("revision").drop_duplicates(["window_start", "tenant_id", "kind"], keep="last")
+    served_merged.update(rows=merged, raw=df)
     latest = pa.concat_tables(emitted["w"]).to_pandas()
     latest["window_start"] = latest["window_start"].astype("int64")
     latest = latest.sort_values("revision").drop_duplicates(["window_start", "tenant_id", "kind", "partition"], keep="last")
@@ -90,6 +99,29 @@ def test_pages_cover_exactly_the_tenants_windows(served, keys):
         assert all(g["tenant_id"] == tenant for g in got)
         starts = [g["window_start"] for g in got]
         assert starts == sorted(starts)
+
+
+def test_merged_window_pages_one_row_per_group_without_partition(served, keys):
+    """A merged window: one row per (window start, tenant, kind) over both partitions, equal to a plain group-by
+    of the raw records; no partition column, filter or cursor element."""
+    client, _, _ = served
+    raw = served_merged["raw"]
+    token = keys.token("acme")
+    got, cursor = [], None
+    while True:
+        r = _get(client, "/v1/windows/restp/m", token, params={"limit": 9, **({"cursor": cursor} if cursor else {})})
+        assert r.status_code == 200, r.text
+        got += r.json()["items"]
+        cursor = r.json()["next_cursor"]
+        if not cursor:
+            break
+    assert got and all("partition" not in g for g in got)
+    acme = raw[raw["tenant_id"] == "acme"].assign(window_start=lambda d: d["ts"] // 1000 * 1000)
+    want = acme.groupby(["window_start", "kind"]).agg(count=("ts", "size"), total=("value", "sum")).reset_index()
+    assert sorted((g["window_start"], g["kind"], g["count"]) for g in got) == \
+        sorted((int(r.window_start), r.kind, int(r.count)) for r in want.itertuples())
+    bad = _get(client, "/v1/windows/restp/m", token, params={"partition": "0"})
+    assert bad.status_code == 400 and bad.json()["parameter"] == "partition"
 
 
 def test_filters_fields_order_and_time_range(served, keys):
