@@ -33,6 +33,7 @@ class WindowLayout:
     group_by: tuple[str, ...]
     identity: tuple[str, ...]
     values: tuple[str, ...]
+    retention: int | None = None  # ms of rows kept where the sink can expire them
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class SinkContext:
         if isinstance(spec, SinkContext):
             return spec
         windows = {w.name: WindowLayout(w.name, w.type, tuple(w.group_by), tuple(identity_columns(spec, w.name)),
-                                        tuple(a.column for a in w.aggregations)) for w in spec.windows}
+                                        tuple(a.column for a in w.aggregations), w.retention) for w in spec.windows}
         kafka = spec.source.kafka
         return cls(spec.name, windows, kafka.bootstrap_servers, kafka.topic, kafka.connect_timeout / 1000.0)
 

@@ -151,8 +151,10 @@ class MergeWindow:
         gkeys = _group_keys(tables, self.spec.group_by)
         keys = [(*k, int(p)) for k, p in zip(gkeys, parts.tolist())]
         # a partial of a window every partition has finished with was merged and emitted final: a replay
+        # (a rollup level takes every partial: the level below sends each one once it is merged, however far
+        # the frontier has moved by then)
         done_by = ends if self.spec.type == "session" else ends + self.lateness
-        keep = done_by > self.global_frontier()
+        keep = done_by > self.global_frontier() if not self.spec.rollup_of else np.ones(n, bool)
         old = np.full(n, -1, np.int64)
         if self.spec.type == "session":
             for i, key in enumerate(keys):

@@ -156,3 +156,37 @@ def test_key_following_the_kafka_key_needs_no_merge():
                      source={"kafka": {"bootstrap_servers": "127.0.0.1:1", "topic": "events", "key_fields": ["k"]}})
     assert [spec.window_mode(w.name) for w in spec.windows] == ["local", "merge", "partition"]
     assert spec.merged_windows == ["by_type"] and spec.owners == 1
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), partitions=st.integers(1, 5), workers=st.integers(1, 3), owners=st.integers(1, 3),
+       cuts=st.lists(st.floats(0.01, 0.99), max_size=6), order_seed=st.integers(0, 1000),
+       restart_at=st.integers(0, 12), owner_restart_at=st.integers(0, 12), lateness=st.sampled_from(["0s", "700ms"]))
+def test_rollups_equal_the_reference_at_every_level(seed, partitions, workers, owners, cuts, order_seed, restart_at,
+                                                    owner_restart_at, lateness):
+    """1 s windows rolled up to 3 s and 6 s: every level equals a group-by of the records the 1 s windows took
+    (a record late for its 1 s window is in no level), at any partitioning, assignment, cuts and restarts."""
+    aggs = ["count", "sum(value)", "min(value)", "max(value)", "mean(value)", "p95(value)", "count_distinct(value)",
+            "first(value)", "last(value)"]
+    spec = make_spec([{"name": "w", "type": "tumbling", "size": "1s", "group_by": ["k"], "aggregations": aggs,
+                       "rollups": ["3s", {"size": "6s", "name": "w_big"}]}], ooo="300ms", lateness=lateness)
+    assert [w.name for w in spec.windows] == ["w", "w_3s", "w_big"]
+    df = _events(seed, 400, partitions)
+    rng = np.random.default_rng(seed + 1)
+    assignment = {p: int(rng.integers(0, workers)) for p in range(partitions)}
+    out = _run(spec, df, assignment, cuts, owners, order_seed, restart_at, owner_restart_at)
+    ooo, late_ms = spec.event_time.max_out_of_orderness, spec.event_time.allowed_lateness
+    _, late = windows(df, "tumbling", ["k"], ooo, late_ms, size=1000)
+    taken = df.reset_index(drop=True).drop(index=late["rid"].to_numpy())
+    by_window: dict[str, list] = {}
+    for t in out:
+        by_window.setdefault(t.column("window")[0].as_py(), []).append(t)
+    assert set(by_window) == {"w", "w_3s", "w_big"}
+    for name, size in (("w", 1000), ("w_3s", 3000), ("w_big", 6000)):
+        got = _latest(by_window[name], ["k"]).rename(columns={"count_distinct_value": "distinct_value", "p95_value": "p95"})
+        ref, _ = windows(taken, "tumbling", ["k"], ooo, 10**12, size=size, quantiles={"p95": 0.95}, orders=True)
+        try:
+            compare(got, ref, ["k"], exact=("count", "min_value", "max_value", "distinct_value", "first_value", "last_value"),
+                    sketch=("p95",))
+        except AssertionError as exc:
+            raise AssertionError(f"level {name}: {exc}") from None

@@ -3,7 +3,10 @@
 One table per window, ``<prefix><pipeline>_<window>_<digest>`` (see
 ``pipeline.identity``), created on first use
 with a unique constraint on the window identity (``window_start``, group keys,
-``partition``; NULLS NOT DISTINCT so a null key is a value). A write COPYs the
+and ``partition`` for per_partition windows; NULLS NOT DISTINCT so a null key
+is a value). A window with ``retention`` keeps the rows ending within it of the
+newest row's end (older ones are deleted after writes, once a minute, and on
+close). A write COPYs the
 rows into a temporary table and upserts them with
 ``INSERT … ON CONFLICT … DO UPDATE … WHERE target.revision < EXCLUDED.revision``:
 a replay writes the same rows again without effect, and an older revision
@@ -13,6 +16,7 @@ never replaces a newer one.
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import pyarrow as pa
 import psycopg
@@ -54,6 +58,8 @@ class PostgresSink:
         self.conn: psycopg.Connection | None = None
         self.created: set[str] = set()
         self.rows_written = 0
+        self._expired_at: dict[str, float] = {}
+        self._retained: dict[str, str] = {}  # table -> window, for windows with a retention
 
     def _connect(self) -> psycopg.Connection:
         if self.conn is None or self.conn.closed:
@@ -119,9 +125,31 @@ class PostgresSink:
             ))
         conn.commit()
         self.rows_written += table.num_rows
+        self._expire(conn, target, window)
         return 1
 
+    def _expire(self, conn, target: str, window: str) -> None:
+        """A window with ``retention`` keeps rows whose end is within it of the newest row's end (event time,
+        not wall time: a backfill keeps what a live run would); checked at most once a minute per table."""
+        retention = self.ctx.windows[window].retention
+        if retention:
+            self._retained[target] = window
+        now = time.monotonic()
+        if not retention or now - self._expired_at.get(target, -1e9) < 60.0:
+            return
+        self._expired_at[target] = now
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("DELETE FROM {t} WHERE window_end < (SELECT max(window_end) FROM {t}) - %s * interval '1 millisecond'")
+                        .format(t=sql.Identifier(target)), [int(retention)])
+        conn.commit()
+
     def close(self) -> None:
+        try:  # the last expiry of every window with a retention, so a finished run leaves only what it keeps
+            for target, window in list(self._retained.items()):
+                self._expired_at.pop(target, None)
+                self._expire(self._connect(), target, window)
+        except psycopg.Error:
+            pass  # the store is gone: the next run expires them
         self.reset()
 
 

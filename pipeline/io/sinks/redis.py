@@ -2,7 +2,7 @@
 
 Keys are ``<prefix><window>:<identity JSON>`` (the identity is JSON-encoded, so
 a key value can never reach into another key); each hash holds the row's
-columns as JSON values and expires after ``ttl``. A sorted set
+columns as JSON values and expires after the window's ``retention``, else ``ttl``. A sorted set
 ``<prefix><window>:index`` scores every key by its window start for range
 reads, and ``<prefix><window>:tenant:<len>:<tenant>`` does the same for the
 keys of one tenant (``tenant_key``, when the window is grouped by it).
@@ -76,7 +76,8 @@ class RedisSink:
             tenant = row.get(self.cfg.tenant_key) if by_tenant else None
             if isinstance(tenant, str):
                 keys.append(f"{self.prefix}{window}:tenant:{len(tenant)}:{tenant}")
-            self.script(keys=keys, args=[row["revision"], self.cfg.ttl, self.channel, message, row["window_start"], *fields],
+            ttl = self.ctx.windows[window].retention or self.cfg.ttl  # a window's retention (a rollup level's) wins
+            self.script(keys=keys, args=[row["revision"], ttl, self.channel, message, row["window_start"], *fields],
                         client=pipe)
         self.updated += sum(int(r) for r in pipe.execute())
         return 1
