@@ -563,6 +563,7 @@ class Coordinator:
         for k, h in sorted(self.owners.items()):
             try:
                 self.owner_status[k] = ray.get(h.finish.remote(), timeout=120)
+                results.append({**self.owner_status[k], "merge_owner": True})
             except Exception as exc:
                 self.failure = f"merge owner {k} failed to finish: {type(exc).__name__}: {exc}"
         if to_end and self.end is not None and not self.failure and not self.degraded:

@@ -112,7 +112,10 @@ class MergeOwner:
             return self.status()
 
     def status(self) -> dict:
-        return {"shard": self.shard, "pid": os.getpid(), "open_slots": self.merger.open_slots,
+        from pipeline.io.loop import _rss_bytes
+
+        self.max_rss = max(getattr(self, "max_rss", 0), _rss_bytes())
+        return {"shard": self.shard, "pid": os.getpid(), "open_slots": self.merger.open_slots, "max_rss_bytes": self.max_rss,
                 "store_wait": self.store_wait, "restored_from": self.restored_from, **self.stats}
 
 

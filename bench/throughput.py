@@ -130,7 +130,15 @@ def main() -> None:
             run = {"workers": w, "total_events": total, "pipeline_wall_s": rep["wall_s"], "command_s": rep["command_s"],
                    "aggregate_events_per_s": total / max(p["run_s"] for p in per_worker), "per_worker": per_worker}
             run["ratio_per_worker_to_raw"] = min(p["events_per_s"] for p in per_worker) / raw
+            run["merge_owners"] = [{"shard": o["shard"], "partials": o["partials"], "rows_emitted": o["rows_emitted"],
+                                    "max_rss_mib": o["max_rss_bytes"] / 2**20} for o in rep.get("merge_owners", [])]
+            run["windows_emitted"] = sum(p["windows_emitted"] for p in per_worker) + sum(
+                o["rows_emitted"] for o in run["merge_owners"])
             results["runs"].append(run)
+            if run["merge_owners"]:
+                console.print("merge owners: " + ", ".join(
+                    f"m{o['shard']} {o['partials']:,} partials, {o['rows_emitted']:,} rows, peak RSS {o['max_rss_mib']:.0f} MiB"
+                    for o in run["merge_owners"]))
             console.print(f"{w} worker(s): " + ", ".join(
                 f"w{p['worker']} {p['events_per_s']:,.0f} ev/s, peak RSS {p['max_rss_mib']:.0f} MiB" for p in per_worker)
                 + f"; ratio to raw {run['ratio_per_worker_to_raw']:.2f}")

@@ -149,7 +149,8 @@ def _run_and_report(s, until_end: bool, address, inline: bool, quiet: bool, dura
     if report_path is not None:
         import json
 
-        report_path.write_text(json.dumps({"wall_s": report.wall_s, "workers": report.workers}, indent=2, default=str))
+        report_path.write_text(json.dumps({"wall_s": report.wall_s, "workers": report.workers,
+                                           "merge_owners": report.merge_owners}, indent=2, default=str))
     rate = report.records / report.wall_s if report.wall_s else 0
     console.print(
         f"[green]done[/] {report.records:,} records ({report.rejected:,} rejected, {report.late:,} late), "

@@ -51,6 +51,7 @@ class RunReport:
     wall_s: float = 0.0
     stopped: bool = False
     warnings: list[str] = field(default_factory=list)
+    merge_owners: list[dict] = field(default_factory=list)  # final status of each merge owner (Ray runs)
 
     def __post_init__(self):
         from pipeline.redact import redact
@@ -58,6 +59,7 @@ class RunReport:
         # a report is printed and written to files: no secret of the spec may reach it
         self.workers = redact(self.workers)
         self.warnings = redact(self.warnings)
+        self.merge_owners = redact(self.merge_owners)
 
     @property
     def records(self) -> int:
@@ -110,12 +112,15 @@ def run_pipeline(
         workers = _run_inline(spec, until_end, on_status, status_every_s, stop, partitions, end)
     else:
         workers = _run_on_ray(spec, until_end, address, on_status, status_every_s, stop, handle_signals, partitions, end)
+    owners = [w for w in workers if w.get("merge_owner")]
+    workers = [w for w in workers if not w.get("merge_owner")]
     if end is not None and not stop.is_set():
         # never report success with a partition short of its end: a gap is an error, not a silent loss
         problems = shortfalls(workers, end)
         if problems:
             raise IncompleteRun("the run ended short of its end offsets: " + "; ".join(problems))
-    return RunReport(workers=workers, wall_s=time.perf_counter() - t0, stopped=stop.is_set(), warnings=warnings)
+    return RunReport(workers=workers, wall_s=time.perf_counter() - t0, stopped=stop.is_set(), warnings=warnings,
+                     merge_owners=owners)
 
 
 def _restore_point(spec: PipelineSpec, from_checkpoint: int | None) -> list[str]:
