@@ -16,7 +16,7 @@ from tests.pipeline.harness import encode, make_spec
 from tests.reference import compare, windows
 
 AGGS = ["count", "sum(value)", "min(value)", "max(value)", "mean(value)", "p95(value)", "count_distinct(value)",
-        "first(value)", "last(value)"]
+        "first(value)", "last(value)", "tests.pipeline.udfs:spread(value) as spread"]
 KINDS = {
     "tumbling": {"size": "1s"},
     "sliding": {"size": "2s", "slide": "500ms"},
@@ -129,6 +129,8 @@ def test_merged_rows_equal_the_reference_for_any_partitioning_assignment_and_cut
                      size=w.size or 0, slide=w.slide or 0, gap=w.gap or 0, quantiles={"p95": 0.95}, orders=True)
     compare(got, ref, ["k"], exact=("count", "min_value", "max_value", "distinct_value", "first_value", "last_value"),
             sketch=("p95",))
+    # the user function saw every value of the group, from every partition
+    assert (got["spread"] == got["max_value"] - got["min_value"]).all()
 
 
 def test_merged_revision_is_the_sum_of_the_partials_and_only_grows():
