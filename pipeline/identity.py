@@ -34,6 +34,7 @@ class WindowLayout:
     identity: tuple[str, ...]
     values: tuple[str, ...]
     retention: int | None = None  # ms of rows kept where the sink can expire them
+    size: int | None = None  # ms (tumbling, sliding)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class SinkContext:
         if isinstance(spec, SinkContext):
             return spec
         windows = {w.name: WindowLayout(w.name, w.type, tuple(w.group_by), tuple(identity_columns(spec, w.name)),
-                                        tuple(a.column for a in w.aggregations), w.retention) for w in spec.windows}
+                                        tuple(a.column for a in w.aggregations), w.retention, w.size) for w in spec.windows}
         kafka = spec.source.kafka
         return cls(spec.name, windows, kafka.bootstrap_servers, kafka.topic, kafka.connect_timeout / 1000.0)
 

@@ -302,3 +302,29 @@ def test_sql_table_names_are_valid_and_distinct():
     assert len(names) == len(CLASHING)
     assert all(len(n) + len("_ident") <= 63 and n == n.lower() for n in names)
     assert sql_table("raystream_", "id-a", "w") == sql_table("raystream_", "id-a", "w")  # stable
+
+
+def test_postgres_retention_drops_whole_partitions(postgres):
+    """A window with a retention: its table is range-partitioned by window_start, and partitions whose rows all
+    ended more than the retention before the newest row's end are dropped; rows within it stay."""
+    import pyarrow as pa
+
+    from pipeline.io.sinks.postgres import read_table
+    from pipeline.spec import parse_spec
+
+    spec = parse_spec({"name": "pgret", "source": {"kafka": {"bootstrap_servers": "127.0.0.1:1", "topic": "e"}},
+                       "windows": [{"name": "w", "type": "tumbling", "size": "1s", "group_by": ["k"],
+                                    "aggregations": ["count"], "retention": "4s"}],
+                       "sinks": [{"postgres": {"dsn": postgres.extra["dsn"]}}]})
+    sink = make_sink(spec, spec.sinks[0])
+    t0 = 1_700_000_000_000
+    ts = pa.timestamp("ms", tz="UTC")
+    for i in range(12):  # 12 one-second windows, written as they close
+        start = t0 + i * 1000
+        sink.write(pa.table({"window": ["w"], "window_start": pa.array([start], ts), "window_end": pa.array([start + 1000], ts),
+                             "k": ["a"], "count": [i + 1], "revision": [i + 1]}))
+    sink.close()
+    rows = read_table(postgres.extra["dsn"], "raystream_", "pgret", "w")
+    ends = sorted(int(r["window_end"].timestamp() * 1000) - t0 for r in rows)
+    assert ends[-1] == 12_000 and all(e in ends for e in range(8_000, 12_001, 1000))  # within the retention: kept
+    assert ends[0] > 1000 and sink.inner.partitions_dropped >= 1  # the oldest partitions are gone

@@ -4,9 +4,11 @@ One table per window, ``<prefix><pipeline>_<window>_<digest>`` (see
 ``pipeline.identity``), created on first use
 with a unique constraint on the window identity (``window_start``, group keys,
 and ``partition`` for per_partition windows; NULLS NOT DISTINCT so a null key
-is a value). A window with ``retention`` keeps the rows ending within it of the
-newest row's end (older ones are deleted after writes, once a minute, and on
-close). A write COPYs the
+is a value). A tumbling/sliding window with ``retention`` gets a table range-
+partitioned by ``window_start`` (partitions about a quarter of the retention
+wide); partitions whose every row ended more than ``retention`` before the
+newest row's end are dropped (checked after writes, once a minute, and on
+close). Sessions with a retention have such rows deleted. A write COPYs the
 rows into a temporary table and upserts them with
 ``INSERT … ON CONFLICT … DO UPDATE … WHERE target.revision < EXCLUDED.revision``:
 a replay writes the same rows again without effect, and an older revision
@@ -16,6 +18,7 @@ never replaces a newer one.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import time
 
 import pyarrow as pa
@@ -29,6 +32,11 @@ from pipeline.spec import PipelineSpec, PostgresSink as PostgresSinkSpec
 __all__ = ["PostgresSink", "table_name"]
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def _partition_name(table: str, idx: int) -> str:
+    """A partition of ``table``: a digest of the table's exact name and the partition's index (fits 63 bytes)."""
+    return f"rsp_{hashlib.sha256(table.encode()).hexdigest()[:12]}_{idx}"
 
 
 def table_name(prefix: str, pipeline: str, window: str) -> str:
@@ -60,6 +68,9 @@ class PostgresSink:
         self.rows_written = 0
         self._expired_at: dict[str, float] = {}
         self._retained: dict[str, str] = {}  # table -> window, for windows with a retention
+        self.partitioned: dict[str, bool] = {}  # table -> range-partitioned by window_start (windows with retention)
+        self.partitions: dict[str, set[int]] = {}  # table -> partition indexes made by this sink
+        self.partitions_dropped = 0
 
     def _connect(self) -> psycopg.Connection:
         if self.conn is None or self.conn.closed:
@@ -89,9 +100,33 @@ class PostgresSink:
             defs.append(sql.SQL("updated_at timestamptz NOT NULL DEFAULT now()"))
             defs.append(sql.SQL("CONSTRAINT {} UNIQUE NULLS NOT DISTINCT ({})").format(
                 sql.Identifier(f"{table}_ident"), sql.SQL(", ").join(map(sql.Identifier, ident))))
-            cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(sql.Identifier(table), sql.SQL(", ").join(defs)))
+            chunk = self._chunk(window)
+            cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}){}").format(
+                sql.Identifier(table), sql.SQL(", ").join(defs),
+                sql.SQL(" PARTITION BY RANGE (window_start)") if chunk else sql.SQL("")))
+            cur.execute("SELECT c.relkind = 'p' FROM pg_class c WHERE c.oid = to_regclass(%s)", [f'"{table}"'])
+            row = cur.fetchone()
+            self.partitioned[table] = bool(row and row[0])  # a table made before retention was set stays plain
             self.created.add(table)
         return cols
+
+    def _chunk(self, window: str) -> int | None:
+        """Width (ms of window_start) of the range partitions of a tumbling/sliding window with a retention:
+        about a quarter of the retention, a whole number of windows; None without (sessions: rows deleted)."""
+        w = self.ctx.windows[window]
+        if not w.retention or not w.size or w.type == "session":
+            return None
+        return max(1, -(-(w.retention // 4) // w.size)) * w.size
+
+    def _ensure_partitions(self, cur, table: str, window: str, starts_ms: list[int]) -> None:
+        chunk = self._chunk(window)
+        have = self.partitions.setdefault(table, set())
+        for idx in sorted({s // chunk for s in starts_ms} - have):
+            cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
+                sql.Identifier(_partition_name(table, idx)), sql.Identifier(table),  # DDL takes literals, not parameters
+                sql.Literal(_EPOCH + dt.timedelta(milliseconds=idx * chunk)),
+                sql.Literal(_EPOCH + dt.timedelta(milliseconds=(idx + 1) * chunk))))
+            have.add(idx)
 
     def write(self, table: pa.Table) -> int:
         if table is None or table.num_rows == 0:
@@ -102,6 +137,8 @@ class PostgresSink:
         ident = identity_columns(self.ctx, window)
         with conn.cursor() as cur:
             cols = self._ensure_table(cur, target, window, table.schema)
+            if self.partitioned.get(target):
+                self._ensure_partitions(cur, target, window, table.column("window_start").cast(pa.int64()).to_pylist())
             tmp = f"_rs_stage_{target[-10:]}"  # the digest: unique per window, like the table
             cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS").format(
                 sql.Identifier(tmp), sql.Identifier(target)))
@@ -139,8 +176,23 @@ class PostgresSink:
             return
         self._expired_at[target] = now
         with conn.cursor() as cur:
-            cur.execute(sql.SQL("DELETE FROM {t} WHERE window_end < (SELECT max(window_end) FROM {t}) - %s * interval '1 millisecond'")
-                        .format(t=sql.Identifier(target)), [int(retention)])
+            if self.partitioned.get(target):
+                # drop whole partitions whose every row ended before the newest end - retention
+                chunk, size = self._chunk(window), self.ctx.windows[window].size
+                cur.execute(sql.SQL("SELECT (extract(epoch FROM max(window_end)) * 1000)::bigint FROM {}").format(
+                    sql.Identifier(target)))
+                newest = cur.fetchone()[0]
+                cur.execute("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                            "WHERE i.inhparent = to_regclass(%s)", [f'"{target}"'])
+                for (name,) in cur.fetchall():
+                    idx = int(name.rsplit("_", 1)[1])
+                    if newest is not None and (idx + 1) * chunk + size - 1 < newest - retention:
+                        cur.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
+                        self.partitions.get(target, set()).discard(idx)
+                        self.partitions_dropped += 1
+            else:
+                cur.execute(sql.SQL("DELETE FROM {t} WHERE window_end < (SELECT max(window_end) FROM {t}) - %s * interval '1 millisecond'")
+                            .format(t=sql.Identifier(target)), [int(retention)])
         conn.commit()
 
     def close(self) -> None:
