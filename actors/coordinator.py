@@ -102,6 +102,9 @@ class Coordinator:
         """``partitions`` and (with ``until_end``) ``end`` are read once by the driver and passed here,
         so a coordinator that Ray restarts gets the same ones back: it knows every partition that must
         be owned, and where a bounded run ends, without asking the broker again."""
+        if spec.merged_windows and spec.merge_owners is None:
+            # the owner count is pinned for this run: rescaling the workers must not move groups between owners
+            spec = spec.model_copy(update={"merge_owners": spec.owners})
         self.spec = spec
         self.until_end = until_end
         self.kafka = spec.source.kafka
@@ -188,6 +191,11 @@ class Coordinator:
             return
         latest = self.store.latest() if self.store is not None else None
         saved = (latest or {}).get("merge", {})
+        # a checkpoint taken with another number of owners: each new owner takes its groups from all of them
+        reshard = [e["path"] for _, e in sorted(saved.items(), key=lambda kv: int(kv[0])) if e.get("path")] \
+            if saved and len(saved) != self.spec.owners else None
+        if reshard:
+            self._event(f"merge owners: {len(saved)} in the checkpoint, {self.spec.owners} now: their groups are re-sharded")
         refs = []
         for k in range(self.spec.owners):
             name = owner_name(self.spec.name, k)
@@ -196,9 +204,9 @@ class Coordinator:
             except (ValueError, ray.exceptions.RayError):
                 pass
             _wait_name_free(name)
-            entry = saved.get(str(k)) or {}
+            entry = {} if reshard else (saved.get(str(k)) or {})
             h = MergeOwner.options(name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=0.01).remote(
-                self.spec, k, list(self.partitions), entry.get("path"))
+                self.spec, k, list(self.partitions), entry.get("path"), reshard)
             self.owners[k] = h
             refs.append(h.pid.remote())
         ray.get(refs, timeout=120)

@@ -23,7 +23,7 @@ from pipeline.identity import with_shard
 from pipeline.io.checkpoints import CheckpointStore
 from pipeline.io.kafka import DeadLetterProducer
 from pipeline.io.sinks.common import Backpressure, make_sink
-from pipeline.merge import Merger, split_by_shard
+from pipeline.merge import Merger, reshard, root_window, split_by_shard
 from pipeline.process import udf_rejects
 from pipeline.spec import PipelineSpec
 
@@ -38,14 +38,21 @@ def owner_name(pipeline: str, shard: int) -> str:
 class MergeOwner:
     """Merges the partial states of one shard of the groups and writes the merged rows to the sinks."""
 
-    def __init__(self, spec: PipelineSpec, shard: int, partitions: list[int], snapshot_path: str | None = None):
+    def __init__(self, spec: PipelineSpec, shard: int, partitions: list[int], snapshot_path: str | None = None,
+                 reshard_from: list[str] | None = None):
+        """``snapshot_path``: this shard's snapshot; ``reshard_from``: every owner's snapshot of a checkpoint
+        taken with another number of owners (this owner keeps the groups that hash to it now)."""
         self.spec = spec
         self.shard = shard
-        self.merger = Merger(spec, partitions)
         self.store = CheckpointStore(spec.checkpoint, spec.name) if spec.checkpoint else None
-        self.restored_from = snapshot_path
-        if snapshot_path:
-            decode_merge(self.store.read_partition(snapshot_path), self.merger)
+        self.restored_from = snapshot_path or reshard_from
+        if reshard_from:
+            self.merger = reshard(spec, partitions, [self.store.read_partition(p) for p in reshard_from], shard,
+                                  spec.owners, decode_merge)
+        else:
+            self.merger = Merger(spec, partitions)
+            if snapshot_path:
+                decode_merge(self.store.read_partition(snapshot_path), self.merger)
         self.sinks = [make_sink(spec, s) for s in spec.sinks]
         self.dlq = DeadLetterProducer(spec.source.kafka.bootstrap_servers, spec.dead_letter_topic, spec.name)
         self.lock = threading.Lock()
@@ -139,7 +146,7 @@ class RemoteMerge:
     def __call__(self, partials: dict, frontiers: dict) -> None:
         by_owner: dict[int, dict] = {}
         for window, tables in partials.items():
-            for k, part in split_by_shard(window, self.group_by[window], tables, self.owners).items():
+            for k, part in split_by_shard(root_window(self.spec, window), self.group_by[window], tables, self.owners).items():
                 by_owner.setdefault(k, {})[window] = part
         if not by_owner and frontiers == self._last:
             return
@@ -151,7 +158,16 @@ class RemoteMerge:
                 break
             attempt += 1
             if self.on_wait is not None:  # an owner waits on a sink: this worker is held back, not stalled
-                self.on_wait("merge owners", attempt, TimeoutError("waiting for the merge owners"), since)
+                store, error = "merge owners", "waiting for the merge owners"
+                for k in range(self.owners):
+                    try:
+                        wait = ray.get(self._owner(k).status.remote(), timeout=1.0).get("store_wait")
+                    except Exception:  # busy or gone: the next round asks again
+                        continue
+                    if wait:
+                        store, error = f"{wait['store']} (through merge owner {k})", wait["error"]
+                        break
+                self.on_wait(store, attempt, RuntimeError(error), since)
         try:
             ray.get(refs)
         except ray.exceptions.RayActorError:

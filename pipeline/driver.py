@@ -157,9 +157,10 @@ def _run_inline(spec, until_end, on_status, every, stop, partitions, end) -> lis
     start = {p: int(entries.get(p, {}).get("offset", 0)) for p in partitions}
     epoch = int(latest.get("epoch", 0)) + 1 if latest else 1
     resumed = latest is not None and not latest.get("final")  # the previous run did not end cleanly
-    merge_entry = (latest or {}).get("merge", {}).get("0")
-    merge_snapshot = store.read_partition(merge_entry["path"]) if merge_entry and merge_entry.get("path") else None
-    loop = PartitionLoop(spec, partitions, start, end, epoch, snapshots, resumed=resumed, merge_snapshot=merge_snapshot,
+    # the merge state of the checkpoint (all its owners' snapshots: a Ray run may have had several)
+    merge_snapshots = [store.read_partition(e["path"]) for _, e in sorted((latest or {}).get("merge", {}).items(),
+                                                                            key=lambda kv: int(kv[0])) if e.get("path")]
+    loop = PartitionLoop(spec, partitions, start, end, epoch, snapshots, resumed=resumed, merge_snapshots=merge_snapshots,
                          all_partitions=partitions)
     next_id = [max(store.all_ids(), default=0) if store else 0]
 

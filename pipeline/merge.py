@@ -41,8 +41,8 @@ from pipeline.spec import PipelineSpec
 from pipeline.watermarks import NEG_INF
 from pipeline.windows import WindowState, _KID_BITS, _TS, _WIDX_LIMIT, restore_slots, snapshot_slots
 
-__all__ = ["LevelWindow", "LocalMerge", "MergeWindow", "Merger", "merge_open", "shard_of", "split_by_shard", "take_rows",
-           "unshipped_partials"]
+__all__ = ["LevelWindow", "LocalMerge", "MergeWindow", "Merger", "merge_open", "reshard", "root_window", "shard_of",
+           "split_by_shard", "take_rows", "unshipped_partials"]
 
 
 def shard_of(window: str, keys: list[tuple], owners: int) -> np.ndarray:
@@ -431,6 +431,33 @@ class Merger:
         for name, t in tables.items():
             if name in self.windows:
                 self.windows[name].restore(t)
+
+
+def root_window(spec: PipelineSpec, name: str) -> str:
+    """The window a rollup level is built from, down to the one records fold into (a level lives in the owner
+    of its base group, so it is sharded by the base window's name)."""
+    by_name = {w.name: w for w in spec.windows}
+    while by_name[name].rollup_of:
+        name = by_name[name].rollup_of
+    return name
+
+
+def reshard(spec: PipelineSpec, partitions: list[int], snapshots: list, shard: int, owners: int, decode) -> Merger:
+    """A merge owner's state rebuilt from the snapshots of a different number of owners: every group whose
+    stable hash falls in ``shard`` of ``owners``, with the frontiers (the highest of each partition).
+    ``decode(data, merger)`` loads one snapshot (``pipeline.checkpoint.decode_merge``)."""
+    out = Merger(spec, partitions)
+    for data in snapshots:
+        old = Merger(spec, partitions)
+        decode(data, old)
+        for name, mw in old.windows.items():
+            tables = {k: v for k, v in mw.snapshot().items() if k not in ("frontier", "emitted")}
+            part = split_by_shard(root_window(spec, name), list(mw.spec.group_by), tables, owners).get(shard)
+            if part is not None:
+                out.windows[name].add(part)
+            if not mw.spec.rollup_of:
+                out.windows[name].advance(mw.frontier)
+    return out
 
 
 class LocalMerge:

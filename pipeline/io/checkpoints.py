@@ -120,8 +120,10 @@ class CheckpointStore:
         target = self.manifest(checkpoint_id)
         newest = self.latest()
         cid = max(self.all_ids(), default=0) + 1
-        manifest = self.write_manifest(cid, target["partitions"], int((newest or target).get("epoch", 0)),
-                                       {"restored_from": checkpoint_id})
+        extra = {"restored_from": checkpoint_id}
+        if "merge" in target:  # the merge owners' state of that checkpoint goes with its partitions
+            extra["merge"] = target["merge"]
+        manifest = self.write_manifest(cid, target["partitions"], int((newest or target).get("epoch", 0)), extra)
         offsets = ", ".join(f"{p}: {e['offset']}" for p, e in sorted(target["partitions"].items()))
         self.warnings.append(
             f"restoring from checkpoint {checkpoint_id}, older than the latest {newest['id'] if newest else '?'}: "
@@ -132,7 +134,7 @@ class CheckpointStore:
     def prune(self, keep: int) -> list[int]:
         """Delete all but the newest ``keep`` complete checkpoints, and abandoned folders older than them.
 
-        Files a kept manifest still names (reused partition entries) stay.
+        Files a kept manifest still names (reused partition entries, merge owners' snapshots) stay.
         """
         ids = self.ids()
         kept = ids[-keep:]
@@ -141,8 +143,9 @@ class CheckpointStore:
         needed = set()
         for cid in kept:
             try:
-                entries = self.manifest(cid)["partitions"].values()
-            except (ValueError, KeyError, TypeError, FileNotFoundError):
+                m = self.manifest(cid)
+                entries = [*m["partitions"].values(), *m.get("merge", {}).values()]
+            except (ValueError, KeyError, TypeError, FileNotFoundError, AttributeError):
                 continue  # an unreadable manifest names nothing to keep (latest() skips it too)
             for e in entries:
                 if e.get("path"):  # a partition never checkpointed has no file

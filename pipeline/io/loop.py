@@ -89,7 +89,7 @@ class PartitionLoop:
         fence: Callable[[], bool] | None = None,
         resumed: bool = False,
         merge_out: Callable[[dict, dict], None] | None = None,
-        merge_snapshot: bytes | None = None,
+        merge_snapshots: list[bytes] | None = None,
         all_partitions: list[int] | None = None,
     ):
         """``resumed``: this loop takes over partitions whose previous owner may have written output past
@@ -98,7 +98,7 @@ class PartitionLoop:
 
         Merged windows ship their partial states with ``merge_out(partials, frontiers)`` (the merge owners);
         without it this loop merges them itself (one owner: it must hold every partition of the topic,
-        ``all_partitions``), restored from ``merge_snapshot``."""
+        ``all_partitions``), restored from ``merge_snapshots`` (one per owner of the run that wrote them)."""
         self.spec = spec
         self.partitions = sorted(int(p) for p in partitions)
         self.epoch = epoch
@@ -132,9 +132,14 @@ class PartitionLoop:
             from pipeline.checkpoint import decode_merge
             from pipeline.merge import LocalMerge
 
-            self.local_merge = LocalMerge(spec, sorted(all_partitions or self.partitions))
-            if merge_snapshot is not None:
-                decode_merge(merge_snapshot, self.local_merge.merger)
+            parts = sorted(all_partitions or self.partitions)
+            self.local_merge = LocalMerge(spec, parts)
+            if merge_snapshots and len(merge_snapshots) == 1:
+                decode_merge(merge_snapshots[0], self.local_merge.merger)
+            elif merge_snapshots:  # written by several owners: every group comes here
+                from pipeline.merge import reshard
+
+                self.local_merge.merger = reshard(spec, parts, merge_snapshots, 0, 1, decode_merge)
         self.local_windows = {w.name for w in spec.windows if spec.window_mode(w.name) == "local"}
         self.late_writer = LateParquetWriter(spec, spec.late_output.parquet) if spec.late_output else None
         kafka = spec.source.kafka
