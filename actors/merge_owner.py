@@ -164,8 +164,8 @@ class RemoteMerge:
                         wait = ray.get(self._owner(k).status.remote(), timeout=1.0).get("store_wait")
                     except Exception:  # busy or gone: the next round asks again
                         continue
-                    if wait:
-                        store, error = f"{wait['store']} (through merge owner {k})", wait["error"]
+                    if wait:  # the store itself, as if this worker wrote it (the owner writes for it)
+                        store, error = wait["store"], f"{wait['error']} (merge owner {k} writing)"
                         break
                 self.on_wait(store, attempt, RuntimeError(error), since)
         try:

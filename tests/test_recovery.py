@@ -541,10 +541,13 @@ def test_revisions_never_go_backwards_through_a_replay_and_a_zombie(env):
     backwards: list = []
 
     def poll():
-        views = {
-            "postgres": pd.DataFrame(read_table(env["postgres"].extra["dsn"], "raystream_", env["name"], "tumble")),
-            "redis": pd.DataFrame(redis_sink.read("tumble")),
-        }
+        import psycopg
+
+        views = {"redis": pd.DataFrame(redis_sink.read("tumble"))}
+        try:
+            views["postgres"] = pd.DataFrame(read_table(env["postgres"].extra["dsn"], "raystream_", env["name"], "tumble"))
+        except psycopg.errors.UndefinedTable:
+            pass  # no merged row yet: a partition not read yet holds every window open
         try:
             views["parquet"] = read_windows(spec.sinks[0].parquet.uri, env["name"], "tumble").to_pandas()
         except Exception:  # nothing written yet
@@ -554,7 +557,8 @@ def test_revisions_never_go_backwards_through_a_replay_and_a_zombie(env):
                 continue
             starts = pd.to_datetime(df["window_start"], utc=True) if not str(df["window_start"].dtype).startswith("int") \
                 else pd.to_datetime(df["window_start"], unit="ms", utc=True)
-            for ws, t, e, p, r in zip(starts, df["tenant_id"], df["event_type"], df["partition"], df["revision"]):
+            parts = df["partition"] if "partition" in df.columns else [-1] * len(df)  # merged rows: none
+            for ws, t, e, p, r in zip(starts, df["tenant_id"], df["event_type"], parts, df["revision"]):
                 k = (sink, ws.value, t, e, int(p))
                 if int(r) < seen.get(k, -1):
                     backwards.append((k, seen[k], int(r)))
