@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["ERRORS", "Problem", "ScaleRequest", "SchemaRequest", "errors"]
 
@@ -37,6 +37,24 @@ class SchemaRequest(_Body):
     type: Literal["json", "protobuf"] = Field(default="json", description="schema kind")
     schema_: Union[dict[str, Any], str] = Field(alias="schema", description="the JSON Schema, or the base64 FileDescriptorSet")
     message: Optional[str] = Field(default=None, max_length=512, description="protobuf: the record message's full name")
+
+    @field_validator("schema_", "message")
+    @classmethod
+    def _no_nul(cls, v: Any) -> Any:
+        # the registry keeps schemas in PostgreSQL, whose text cannot hold NUL: refused here as a 400, not a 500
+        if _has_nul(v):
+            raise ValueError("must not contain NUL (\\u0000) characters")
+        return v
+
+
+def _has_nul(v: Any) -> bool:
+    if isinstance(v, str):
+        return "\x00" in v
+    if isinstance(v, dict):
+        return any(_has_nul(k) or _has_nul(x) for k, x in v.items())
+    if isinstance(v, list):
+        return any(_has_nul(x) for x in v)
+    return False
 
 
 ERRORS = {400: "a filter, field, cursor, parameter or body this API does not accept (the parameter is named)",

@@ -298,6 +298,9 @@ def _ingest_and_schemas(client, keys, broker, postgres, topic_name, subject, sch
     writer = {"Authorization": f"Bearer {keys.token('acme', scope='schemas:write')}"}
     r = client.post(f"/v1/schemas/{subject}", json={"schema": bad}, headers=writer)
     assert r.status_code == 409 and any("field 'value'" in p for p in r.json()["problems"])
+    # a NUL character anywhere in the schema cannot be stored: a 400 naming the field, never a 500
+    nul = client.post(f"/v1/schemas/{subject}", json={"schema": {**schema, "description": "a\u0000b"}}, headers=writer)
+    assert nul.status_code == 400 and nul.json()["parameter"] == "schema", nul.text
     ok = {**schema, "properties": {**schema["properties"], "note": {"type": "string"}}}
     # property-level authorization: properties the API does not take are refused by name, never applied
     for extra in ("tenant_id", "owner", "version"):
