@@ -2,11 +2,12 @@
 
 Each owner holds the merged windows of the groups whose stable hash falls in
 its shard. Workers call ``feed`` with a batch's partial states (only the
-owner's groups) and then every partition's frontier, and wait for the answer
-before their next batch: so when a worker's checkpoint snapshot is taken
-(between batches) every partial it shipped is already in its owners, and an
-owner snapshot taken after the workers' holds at least what their
-checkpointed positions shipped (see ``Coordinator._checkpoint``).
+owner's groups) and then every partition's frontier; a worker has at most one
+batch in flight and waits for it before sending the next, before its
+checkpoint snapshot and before it drains: so when a worker's snapshot is taken
+every partial it shipped is already in its owners, and an owner snapshot
+taken after the workers' holds at least what their checkpointed positions
+shipped (see ``Coordinator._checkpoint``).
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ class RemoteMerge:
         self.group_by = {w.name: list(w.group_by) for w in spec.windows}
         self.on_wait = on_wait  # (store, attempt, error, since): the loop reports the wait as backpressure
         self._last: dict | None = None
+        self._pending: list = []
 
     def _owner(self, k: int):
         h = self.handles.get(k)
@@ -144,13 +146,24 @@ class RemoteMerge:
         return h
 
     def __call__(self, partials: dict, frontiers: dict) -> None:
+        """Send one batch's partials and frontiers. At most one batch is in flight: the previous one is waited
+        for first (its owners' work overlaps this worker's next batch, and an owner, which runs calls on
+        several threads, never sees one worker's batches out of order)."""
         by_owner: dict[int, dict] = {}
         for window, tables in partials.items():
             for k, part in split_by_shard(root_window(self.spec, window), self.group_by[window], tables, self.owners).items():
                 by_owner.setdefault(k, {})[window] = part
         if not by_owner and frontiers == self._last:
             return
-        refs = [self._owner(k).feed.remote(by_owner.get(k, {}), frontiers) for k in range(self.owners)]
+        self.flush()
+        self._pending = [self._owner(k).feed.remote(by_owner.get(k, {}), frontiers) for k in range(self.owners)]
+        self._last = frontiers
+
+    def flush(self) -> None:
+        """Wait until the owners applied every batch sent (before a checkpoint snapshot, and at the end)."""
+        refs, self._pending = self._pending, []
+        if not refs:
+            return
         since, attempt = time.monotonic(), 0
         while True:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
@@ -175,4 +188,3 @@ class RemoteMerge:
             raise
         except ray.exceptions.RayTaskError as exc:  # the owner's own error (a sink that gave up), as itself
             raise exc.cause from None
-        self._last = frontiers

@@ -375,6 +375,11 @@ class PartitionLoop:
             self.stats.udf_errors += result.udf_failures.num_rows
             self.dlq.write(result.udf_failures)
 
+    def _flush_merge(self) -> None:
+        flush = getattr(self.merge_out, "flush", None)
+        if flush is not None:
+            flush()
+
     def _shards(self, tables: list) -> list:
         """Rows of windows grouped by the Kafka key lose ``partition`` (each group lives in one partition);
         they are written per source partition as one shard each."""
@@ -421,6 +426,7 @@ class PartitionLoop:
                 self.poll_once()
             self._answer_requests()
             self._write(advance(self.state))
+            self._flush_merge()
             self.max_rss = max(self.max_rss, _rss_bytes())
             self.stats.run_s = time.perf_counter() - t0
             self.drained = True
@@ -441,6 +447,7 @@ class PartitionLoop:
         try:
             if to_end:
                 self._write(advance(self.state, to_end=True))
+            self._flush_merge()
             return self.status()
         finally:
             self.close()
@@ -470,6 +477,7 @@ class PartitionLoop:
             behind = {p: (self.positions[p], e) for p, e in self.hold_until.items() if self.positions[p] < e}
             raise HeldOutput(f"replaying output written before the restart, no checkpoint until partitions pass their end "
                              f"offsets (position, end): {behind}")
+        self._flush_merge()  # every partial shipped so far is in the merge owners before they are snapshotted
         out = {}
         for p in self.partitions:
             data = encode_partition(self.state, p, self.positions[p], self.epoch, checkpoint_id)
