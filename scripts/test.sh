@@ -7,7 +7,7 @@ echo "== import rules (pipeline core and pipeline/io never import Ray)"
 .venv/bin/lint-imports --no-cache
 echo "== tests"
 set +e
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -30,7 +30,7 @@ def _rows(t: pd.DataFrame) -> pd.DataFrame:
 
 def test_merged_windows_and_rollups_equal_the_reference_in_every_sink(broker, ray_local, postgres, redis_server, tmp_path,
                                                                       topic_name, pipeline_name):
-    values, keys, parts, df, _, _ = _dataset(45_000, seed=23)  # 22 s of event time
+    values, keys, parts, df, _, _ = _dataset(32_000, seed=23)  # 16 s of event time
     broker.extra["broker"].create_topic(topic_name, PARTITIONS)
     produce_all(broker.address, topic_name, values, keys, parts)
     out = f"file://{tmp_path}/out"

@@ -108,7 +108,7 @@ def _latest(tables: list[pa.Table], keys: list[str]) -> pd.DataFrame:
     return df.sort_values("revision", kind="stable").drop_duplicates([*keys, "window_start"], keep="last")
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), kind=st.sampled_from(sorted(KINDS)), partitions=st.integers(2, 6),
        workers=st.integers(1, 3), owners=st.integers(1, 3), cuts=st.lists(st.floats(0.01, 0.99), max_size=6),
        order_seed=st.integers(0, 1000), restart_at=st.integers(0, 12), owner_restart_at=st.integers(0, 12),
@@ -160,7 +160,7 @@ def test_key_following_the_kafka_key_needs_no_merge():
     assert spec.merged_windows == ["by_type"] and spec.owners == 1
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), partitions=st.integers(1, 5), workers=st.integers(1, 3), owners=st.integers(1, 3),
        cuts=st.lists(st.floats(0.01, 0.99), max_size=6), order_seed=st.integers(0, 1000),
        restart_at=st.integers(0, 12), owner_restart_at=st.integers(0, 12), lateness=st.sampled_from(["0s", "700ms"]))
