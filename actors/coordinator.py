@@ -125,6 +125,7 @@ class Coordinator:
         self.checkpoint_id = 0
         self.owners: dict[int, Any] = {}  # merge owner shard -> handle
         self.owner_status: dict[int, dict] = {}
+        self.owner_ok: dict[int, float] = {}  # when each owner last answered (monotonic)
         self.global_restarts = 0
         self.last_checkpoint: dict | None = None
         self.last_checkpoint_t = time.monotonic()
@@ -210,14 +211,25 @@ class Coordinator:
             self.owners[k] = h
             refs.append(h.pid.remote())
         ray.get(refs, timeout=120)
+        self.owner_ok = {k: time.monotonic() for k in self.owners}
 
     def _owners_alive(self) -> str | None:
-        """None when every merge owner answers; else why not."""
-        for k, h in self.owners.items():
+        """None when every merge owner answers; else why not: dead, or silent for heartbeat_timeout (a stalled
+        process: its workers wait on it forever otherwise). An owner busy on a sink still answers ``status``
+        from another thread, so silence is not taken for backpressure."""
+        hb = self.spec.health.heartbeat_timeout / 1000.0
+        refs = {k: h.status.remote() for k, h in self.owners.items()}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=min(2.0, hb))
+        now = time.monotonic()
+        for k, ref in refs.items():
+            if ref not in ready:
+                silent = now - self.owner_ok.setdefault(k, now)
+                if silent > hb:
+                    return f"merge owner {k} has not answered for {silent:.1f}s"
+                continue
             try:
-                self.owner_status[k] = ray.get(h.status.remote(), timeout=max(2.0, self.spec.health.heartbeat_timeout / 1000.0))
-            except ray.exceptions.GetTimeoutError:
-                continue  # busy on a sink (its workers show the wait): not dead
+                self.owner_status[k] = ray.get(ref)
+                self.owner_ok[k] = now
             except ray.exceptions.RayError as exc:
                 return f"merge owner {k} died ({type(exc).__name__})"
         return None

@@ -242,17 +242,29 @@ def test_worker_killed_mid_window_recovers_exactly(env):
     assert all(o > 0 for o in committed.values())
 
 
-def test_merge_owner_killed_mid_stream_recovers_exactly(env):
-    """A merge owner SIGKILLed mid-stream: every owner and worker goes back to the latest checkpoint (owners
-    from their snapshots, workers from their offsets) and every sink ends equal to the reference."""
+def test_merge_owners_killed_and_frozen_mid_stream_recover_exactly(env):
+    """A merge owner SIGKILLed mid-stream, then another frozen (SIGSTOP: alive, silent, its workers waiting on
+    it): each time every owner and worker goes back to the latest checkpoint (owners from their snapshots,
+    workers from their offsets), and every sink ends equal to the reference."""
     d = _dict(env)
     run = Runner(parse_spec(d))
-    st = run.wait_for(lambda s: _mid_stream(s) and s.get("merge_owners") and all(o.get("pid") for o in s["merge_owners"]),
-                      what="a checkpoint mid-stream")
-    victim = st["merge_owners"][-1]
-    os.kill(victim["pid"], signal.SIGKILL)
-    st2 = run.wait_for(lambda s: s.get("global_restarts", 0) >= 1, what="the restore of every owner and worker")
-    assert any("every worker and merge owner restarted" in e["event"] for e in st2["events"])
+    owners_up = lambda s: s.get("merge_owners") and all(o.get("pid") for o in s["merge_owners"])  # noqa: E731
+    st = run.wait_for(lambda s: _mid_stream(s) and owners_up(s), what="a checkpoint mid-stream")
+    os.kill(st["merge_owners"][-1]["pid"], signal.SIGKILL)
+    st = run.wait_for(lambda s: s.get("global_restarts", 0) >= 1 and owners_up(s)
+                      and all(o["pid"] != st["merge_owners"][-1]["pid"] for o in s["merge_owners"]),
+                      what="the restore after the kill")
+    assert any("died" in e["event"] and "every worker and merge owner restarted" in e["event"] for e in st["events"])
+    frozen = st["merge_owners"][0]["pid"]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        st = run.wait_for(lambda s: s.get("global_restarts", 0) >= 2, timeout_s=60, what="the restore after the freeze")
+        assert any("has not answered" in e["event"] for e in st["events"])
+    finally:
+        try:
+            os.kill(frozen, signal.SIGCONT)  # if it still exists, it wakes up replaced
+        except ProcessLookupError:
+            pass
     run.join()
     _check(env, d)
 
