@@ -126,6 +126,7 @@ class Coordinator:
         self.owners: dict[int, Any] = {}  # merge owner shard -> handle
         self.owner_status: dict[int, dict] = {}
         self.owner_ok: dict[int, float] = {}  # when each owner last answered (monotonic)
+        self.owner_epoch = -1  # the only epoch whose owners may write (see MergeOwner._fence)
         self.global_restarts = 0
         self.last_checkpoint: dict | None = None
         self.last_checkpoint_t = time.monotonic()
@@ -198,6 +199,7 @@ class Coordinator:
         if reshard:
             self._event(f"merge owners: {len(saved)} in the checkpoint, {self.spec.owners} now: their groups are re-sharded")
         refs = []
+        self.owner_epoch = epoch = self._new_epoch()  # fences the owners replaced here at once
         for k in range(self.spec.owners):
             name = owner_name(self.spec.name, k)
             try:
@@ -207,7 +209,7 @@ class Coordinator:
             _wait_name_free(name)
             entry = {} if reshard else (saved.get(str(k)) or {})
             h = MergeOwner.options(name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=0.01).remote(
-                self.spec, k, list(self.partitions), entry.get("path"), reshard)
+                self.spec, k, list(self.partitions), entry.get("path"), reshard, epoch)
             self.owners[k] = h
             refs.append(h.pid.remote())
         ray.get(refs, timeout=120)
@@ -323,8 +325,11 @@ class Coordinator:
         for k in range(self.spec.owners):
             try:
                 self.owners[k] = ray.get_actor(owner_name(self.spec.name, k), namespace=NAMESPACE)
-            except ValueError:
-                pass  # missing: the monitor restores every owner and worker from the checkpoint
+                st = ray.get(self.owners[k].status.remote(), timeout=10)
+                self.owner_epoch = max(self.owner_epoch, int(st.get("epoch", -1)))
+                self.next_epoch = max(self.next_epoch, self.owner_epoch + 1)
+            except Exception:  # missing or silent: the monitor restores every owner and worker from the checkpoint
+                self.owners.pop(k, None)
         adopted = len(self.slots)
         if self.partitions is None and self.store is not None and self.store.latest() is not None:
             self.partitions = sorted(int(p) for p in self.store.latest()["partitions"])
@@ -343,6 +348,10 @@ class Coordinator:
                         s.handle.stop.remote()
                     except Exception:  # a dead worker is handled by the monitor
                         pass
+
+    def owner_epoch_of(self) -> int:
+        """The epoch the merge owners now running were started at (read without the lock, like ``epoch_of``)."""
+        return self.owner_epoch
 
     def epoch_of(self, index: int) -> int:
         """Current epoch of worker ``index`` (read without the lock: workers ask it while a checkpoint waits on them)."""

@@ -19,13 +19,16 @@ import time
 import ray
 
 from actors.runtime import NAMESPACE, actor_name
+from actors.worker import _FENCE_POLICY, FENCE_VALID_S
 from pipeline.checkpoint import decode_merge, encode_merge
 from pipeline.identity import with_shard
 from pipeline.io.checkpoints import CheckpointStore
 from pipeline.io.kafka import DeadLetterProducer
+from pipeline.io.loop import Fenced
 from pipeline.io.sinks.common import Backpressure, make_sink
 from pipeline.merge import Merger, reshard, root_window, split_by_shard
 from pipeline.process import udf_rejects
+from pipeline.retry import call_with_retries
 from pipeline.spec import PipelineSpec
 
 __all__ = ["MergeOwner", "RemoteMerge", "owner_name"]
@@ -40,11 +43,14 @@ class MergeOwner:
     """Merges the partial states of one shard of the groups and writes the merged rows to the sinks."""
 
     def __init__(self, spec: PipelineSpec, shard: int, partitions: list[int], snapshot_path: str | None = None,
-                 reshard_from: list[str] | None = None):
+                 reshard_from: list[str] | None = None, epoch: int = 0):
         """``snapshot_path``: this shard's snapshot; ``reshard_from``: every owner's snapshot of a checkpoint
         taken with another number of owners (this owner keeps the groups that hash to it now)."""
         self.spec = spec
         self.shard = shard
+        self.epoch = epoch
+        self._fence_ok_at = -1e9
+        self._coordinator = None
         self.store = CheckpointStore(spec.checkpoint, spec.name) if spec.checkpoint else None
         self.restored_from = snapshot_path or reshard_from
         if reshard_from:
@@ -74,6 +80,10 @@ class MergeOwner:
                 n += self.merger.add(window, tables)
             self.merger.advance(frontiers)
             merged, failures = self.merger.close()
+            if (merged or failures) and not self._fence():
+                # replaced while it was frozen or cut off: a newer set of owners writes these windows now
+                self.finished = True
+                raise Fenced(f"merge owner {self.shard} of epoch {self.epoch} was replaced: it writes nothing")
             for t in merged:
                 self._write(with_shard(t, f"m{self.shard}"))
             if failures:
@@ -83,6 +93,27 @@ class MergeOwner:
             self.stats["partials"] += n
             self.stats["rows_emitted"] += sum(t.num_rows for t in merged)
             return n
+
+    def _fence(self) -> bool:
+        """This owner's epoch is still the coordinator's (asked at most once a second; waits for a restarting
+        coordinator, never writes unconfirmed)."""
+        began = time.monotonic()
+        if began - self._fence_ok_at < FENCE_VALID_S:
+            return True
+
+        def ask() -> int:
+            try:
+                if self._coordinator is None:
+                    self._coordinator = ray.get_actor(actor_name(self.spec.name, "coordinator"), namespace=NAMESPACE)
+                return ray.get(self._coordinator.owner_epoch_of.remote(), timeout=10)
+            except Exception:
+                self._coordinator = None  # restarting: look it up again
+                raise
+
+        ok = call_with_retries(ask, _FENCE_POLICY, "owner epoch check") == self.epoch
+        if ok:
+            self._fence_ok_at = began
+        return ok
 
     def _write(self, table) -> None:
         for sink in self.sinks:
@@ -123,7 +154,7 @@ class MergeOwner:
         from pipeline.io.loop import _rss_bytes
 
         self.max_rss = max(getattr(self, "max_rss", 0), _rss_bytes())
-        return {"shard": self.shard, "pid": os.getpid(), "open_slots": self.merger.open_slots, "max_rss_bytes": self.max_rss,
+        return {"shard": self.shard, "epoch": self.epoch, "pid": os.getpid(), "open_slots": self.merger.open_slots, "max_rss_bytes": self.max_rss,
                 "store_wait": self.store_wait, "restored_from": self.restored_from, **self.stats}
 
 
