@@ -75,19 +75,9 @@ def encode_partition(state: PipelineState, partition: int, offset: int, epoch: i
 
 
 def decode_partition(data: bytes) -> PartitionSnapshot:
-    outer = _table(data)
-    meta: dict = {}
-    tables: dict[str, dict[str, pa.Table]] = {}
-    for name, blob in zip(outer.column("name").to_pylist(), outer.column("ipc").to_pylist()):
-        if name == "meta":
-            meta = json.loads(blob)
-        elif name == "dedup":
-            tables.setdefault("", {})["dedup"] = _table(blob)
-        else:
-            window, _, tname = name.partition("/")
-            tables.setdefault(window, {})[tname] = _table(blob)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"checkpoint format {meta.get('format')!r} is not {FORMAT}")
+    meta, tables = decode_partition_tables(data)
+    if "dedup" in tables:  # stored under its own name, not a window's
+        tables.setdefault("", {})["dedup"] = tables.pop("dedup")[""]
     return PartitionSnapshot(meta, tables)
 
 
@@ -138,8 +128,7 @@ def encode_merge(merger, shard: int, checkpoint_id: int) -> bytes:
 def decode_merge(data: bytes, merger) -> dict:
     """Load an ``encode_merge`` snapshot into ``merger`` (fresh); returns its meta. A window whose definition
     changed since is refused, as for partitions."""
-    snap = decode_partition_tables(data)
-    meta, tables = snap
+    meta, tables = decode_partition_tables(data)
     for name, saved in meta.get("windows", {}).items():
         w = next((w for w in merger.spec.windows if w.name == name), None)
         if w is not None and not same_window(saved, w.model_dump(mode="json")):
@@ -150,6 +139,7 @@ def decode_merge(data: bytes, merger) -> dict:
 
 
 def decode_partition_tables(data: bytes) -> tuple[dict, dict[str, dict[str, pa.Table]]]:
+    """(meta, window name -> table name -> table) of a partition or merge-owner snapshot."""
     outer = _table(data)
     meta: dict = {}
     tables: dict[str, dict[str, pa.Table]] = {}

@@ -426,10 +426,13 @@ class WindowState:
             return {int(p): int(wm) for p, wm in watermarks.items()}
         out = {int(p): int(wm) - self.spec.gap - self.lateness for p, wm in watermarks.items()}
         open_slots = np.flatnonzero(self.active)
-        for slot in open_slots.tolist():
-            p = int(self.partition[slot])
-            if p in out:
-                out[p] = min(out[p], int(self.start[slot]))
+        if len(open_slots):
+            parts, first = np.unique(self.partition[open_slots], return_inverse=True)
+            earliest = np.full(len(parts), np.iinfo(np.int64).max, np.int64)
+            np.minimum.at(earliest, first.reshape(-1), self.start[open_slots])
+            for p, e in zip(parts.tolist(), earliest.tolist()):
+                if p in out:
+                    out[p] = min(out[p], e)
         return out
 
     def free_slots(self, done: np.ndarray) -> None:
@@ -455,18 +458,7 @@ class WindowState:
         done = np.flatnonzero(self.active & ~self.dirty & (self.end + extra <= self._slot_watermarks(watermarks)))
         if len(done) == 0:
             return 0
-        if self.spec.type == "session":
-            for s in done.tolist():
-                self._release(s)
-        else:
-            self._index_drop(done)
-            kids = self.slot_kid[done]
-            np.subtract.at(self.key_refs, kids, 1)
-            for kid in np.unique(kids[self.key_refs[kids] == 0]).tolist():
-                del self.key_ids[self.key_of_id[kid]]
-                self.key_of_id[kid] = None
-                self.free_kids.append(kid)
-            self._retire(done)
+        self.free_slots(done)
         self.store.compact(self.active)
         return len(done)
 
