@@ -21,6 +21,7 @@ checkpoint every ``checkpoint.interval``; and when every worker has drained
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -33,16 +34,21 @@ import ray
 from actors.assignment import plan
 from actors.health import Action, Observation, Slot, judge
 from actors.merge_owner import MergeOwner, owner_name
+from actors.metrics import ray_metrics
 from actors.runtime import NAMESPACE, actor_name
 from actors.worker import PartitionWorker
 from pipeline.io.checkpoints import CheckpointStore, commit_checkpoint
 from pipeline.io.kafka import commit_offsets, end_offsets, ensure_topic, topic_partitions
+from pipeline.io.notify import Notifier, recovery_message
+from pipeline.logs import configure_logging
+from pipeline.metrics import checkpoint_metrics
 from pipeline.redact import redact
 from pipeline.spec import PipelineSpec
 
 __all__ = ["Coordinator", "PipelineDegraded", "WorkerSlot", "kill_pipeline_actors"]
 
 TICK_S = 0.5
+log = logging.getLogger("raystream.coordinator")
 
 
 @dataclass
@@ -134,6 +140,11 @@ class Coordinator:
         self.results: list[dict] | None = None
         self.started = time.time()
         self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        configure_logging()
+        self.metrics = ray_metrics(spec.observability.metrics)
+        notify = spec.observability.notify
+        self.notifier = Notifier(notify.webhook, notify.timeout / 1000.0) if notify is not None else None
+        self.recovering: dict[int, float] = {}  # worker index -> when its restart began (for recovery time)
         if self.store is not None:
             ids = self.store.all_ids()
             self.checkpoint_id = ids[-1] if ids else 0
@@ -146,8 +157,16 @@ class Coordinator:
         threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
 
     # -- helpers ------------------------------------------------------------
-    def _event(self, text: str, **extra) -> None:
-        self.events.append({"time": time.time(), "event": text, **extra})
+    def _event(self, text: str, action: str | None = None, **extra) -> None:
+        """Remember ``text`` for ``status``, log it; a recovery ``action`` is also counted and announced."""
+        self.events.append({"time": time.time(), "event": text, **({"action": action} if action else {}), **extra})
+        log.log(logging.WARNING if action else logging.INFO, text,
+                extra={"pipeline": self.spec.name, **({"action": action} if action else {}),
+                       **{k: v for k, v in extra.items() if k in ("worker", "epoch", "partitions")}})
+        if action:
+            self.metrics.inc("raystream_recovery_actions", 1, pipeline=self.spec.name, action=action)
+            if self.notifier is not None:
+                self.notifier.send(recovery_message(self.spec.name, action, text))
 
     def _new_epoch(self) -> int:
         e = self.next_epoch
@@ -254,7 +273,8 @@ class Coordinator:
                 self._launch(i, s.partitions, epoch, self._entries(s.partitions), resumed=True)
             except Exception as exc:  # the next tick sees it dead and restarts it alone
                 self._event(f"worker {i}: restart failed: {type(exc).__name__}: {exc}", worker=i)
-        self._event(f"{reason}: every worker and merge owner restarted from the latest checkpoint at epoch {epoch}")
+        self._event(f"{reason}: every worker and merge owner restarted from the latest checkpoint at epoch {epoch}",
+                    action="restart_all")
         self.global_restarts += 1
         if self.stopping:
             for s in self.slots.values():
@@ -334,7 +354,7 @@ class Coordinator:
         if self.partitions is None and self.store is not None and self.store.latest() is not None:
             self.partitions = sorted(int(p) for p in self.store.latest()["partitions"])
         self.phase = "running" if self.slots or self.partitions else "created"
-        self._event(f"coordinator restarted: adopted {adopted} workers")
+        self._event(f"coordinator restarted: adopted {adopted} workers", action="resume")
         if self.phase == "running":
             self._cover()  # partitions of workers that died with it are owned again at once
 
@@ -370,6 +390,7 @@ class Coordinator:
                     if self.phase != "running":
                         continue
                     self._health()
+                    self._gauges()
                     if self._all_drained():
                         self._finalize()
                     elif (self.store is not None and not self.stopping
@@ -418,6 +439,7 @@ class Coordinator:
                 obs = Observation(False)
             except ray.exceptions.RayError:
                 obs = Observation(False, died=True)
+            self._recovered(i, s)
             verdict = judge(obs, track, time.monotonic(), hb, stall)
             s.backpressure = verdict.reason if verdict.action is Action.BACKPRESSURE else None
             if verdict.action is Action.RESTART:
@@ -440,7 +462,7 @@ class Coordinator:
         orphans = self._orphans()
         if not orphans:
             return
-        self._event(f"partitions {orphans} have no owner: starting workers for them", partitions=orphans)
+        self._event(f"partitions {orphans} have no owner: starting workers for them", action="cover", partitions=orphans)
         groups: dict[int, list[int]] = {}
         for i, planned in enumerate(plan(self.partitions, self.spec.workers)):
             mine = [p for p in planned if p in orphans]
@@ -472,25 +494,52 @@ class Coordinator:
             s.given_up = reason
             self.degraded = (f"worker {index} (partitions {s.partitions}) restarted {len(s.restarts) - 1} times within "
                              f"{window:.0f}s, last because {reason}; it is no longer restarted")
-            self._event(self.degraded, worker=index)
+            self._event(self.degraded, action="degrade", worker=index)
+            self.metrics.set("raystream_degraded", 1, pipeline=self.spec.name)
             return
         epoch = self._new_epoch()
-        s.epoch = epoch  # fence the old one at once, even before the new one runs
+        old, s.epoch = s.epoch, epoch  # fence the old one at once, even before the new one runs
+        self._event(f"worker {index} epoch {old} fenced: {reason}", action="fence", worker=index, epoch=old)
         t0 = time.time()
+        self.recovering[index] = t0
+        self.metrics.inc("raystream_worker_restarts", 1, pipeline=self.spec.name, worker=index)
         try:
             info = self._launch(index, s.partitions, epoch, self._entries(s.partitions), resumed=True)
         except Exception as exc:  # the next tick sees it dead again and counts another restart
             self._event(f"worker {index}: restart failed: {type(exc).__name__}: {exc}", worker=index)
             return
         self._event(f"worker {index} restarted at epoch {epoch} from offsets {info['positions']}: {reason}",
-                    worker=index, epoch=epoch, detected=t0)
+                    action="restart", worker=index, epoch=epoch, detected=t0)
         if self.stopping:  # a clean stop was asked before this worker existed: it drains too
             self.slots[index].handle.stop.remote()
 
     # -- checkpoints ----------------------------------------------------------
+    def _checkpoint_failed(self) -> None:
+        self.checkpoints_failed += 1
+        self.metrics.inc("raystream_checkpoint_failures", 1, pipeline=self.spec.name)
+
+    def _recovered(self, index: int, s) -> None:
+        """A restarted worker consumes again: its recovery time is from the restart to its first batch."""
+        began = self.recovering.get(index)
+        first = (s.status or {}).get("first_batch_at")
+        if began is not None and first is not None and first >= began:
+            self.metrics.observe("raystream_recovery_seconds", first - began, pipeline=self.spec.name)
+            del self.recovering[index]
+
+    def _gauges(self) -> None:
+        name = self.spec.name
+        running = sum(1 for s in self.slots.values() if not s.given_up and (s.status or {}).get("state") == "running")
+        self.metrics.set("raystream_workers_running", running, pipeline=name)
+        self.metrics.set("raystream_unowned_partitions", len(self._orphans()), pipeline=name)
+        self.metrics.set("raystream_degraded", 1 if self.degraded else 0, pipeline=name)
+        if self.store is not None:  # before the first checkpoint, its age counts from the start of the run
+            self.metrics.set("raystream_checkpoint_interval_seconds", self.spec.checkpoint.interval / 1000.0, pipeline=name)
+            last = self.last_checkpoint["created"] if self.last_checkpoint else self.started
+            self.metrics.set("raystream_checkpoint_last_success_timestamp", last, pipeline=name)
+
     def _checkpoint(self, final: bool = False) -> dict | None:
         """Snapshot every live worker; write the manifest when there is something new. None when nothing was written."""
-        self.last_checkpoint_t = time.monotonic()
+        self.last_checkpoint_t = t_begin = time.monotonic()
         self.checkpoint_id += 1
         cid = self.checkpoint_id
         timeout = self.spec.checkpoint.timeout / 1000.0
@@ -529,7 +578,7 @@ class Coordinator:
         for ref, (i, _) in pending.items():
             self._event(f"checkpoint {cid}: worker {i} timed out", worker=i)
         if not entries:
-            self.checkpoints_failed += 1
+            self._checkpoint_failed()
             return None
         merge = None
         if self.owners:
@@ -538,7 +587,7 @@ class Coordinator:
                 got = ray.get([h.snapshot.remote(cid, self.next_epoch - 1) for h in self.owners.values()], timeout=timeout + 5)
                 merge = dict(zip(self.owners, got))
             except Exception as exc:  # an older owner snapshot with newer offsets would lose partials: no manifest
-                self.checkpoints_failed += 1
+                self._checkpoint_failed()
                 self._event(f"checkpoint {cid}: a merge owner did not snapshot ({type(exc).__name__}: {str(exc)[:200]}); "
                             "no manifest this round")
                 return None
@@ -551,12 +600,13 @@ class Coordinator:
                                                offsets, 5.0),
                 final=final, merge=merge)
         except Exception as exc:
-            self.checkpoints_failed += 1
+            self._checkpoint_failed()
             self._event(f"checkpoint {cid}: manifest not written: {type(exc).__name__}: {str(exc)[:300]}")
             return None
         for problem in problems:
             self._event(f"checkpoint {cid}: {problem}")
         self.last_checkpoint = self._summary(manifest)
+        checkpoint_metrics(self.metrics, self.spec, manifest, time.monotonic() - t_begin)
         return manifest
 
     def checkpoint(self) -> dict | None:
@@ -576,6 +626,8 @@ class Coordinator:
         given_up = {i: s.given_up for i, s in self.slots.items() if s.given_up}
         if given_up and not self.degraded:  # never finish quietly without a worker's output
             self.degraded = "; ".join(f"worker {i} is no longer restarted: {why}" for i, why in sorted(given_up.items()))
+            self._event(self.degraded, action="degrade")
+            self.metrics.set("raystream_degraded", 1, pipeline=self.spec.name)
         if self.store is not None:
             self._checkpoint(final=not self.degraded and not self.failure)
         results = []
@@ -651,7 +703,7 @@ class Coordinator:
             for i, parts in enumerate(plan(partitions, workers)):
                 self._launch(i, parts, epoch, {p: entries[p] for p in parts}, resumed=False)  # a clean handoff
             self._event(f"scaled from {before} to {workers} workers at epoch {epoch} through checkpoint "
-                        f"{manifest['id'] if manifest else '?'}")
+                        f"{manifest['id'] if manifest else '?'}", action="scale")
             return self._plan_info()
 
     def open_windows(self, window: str, filters: dict[str, str]) -> list[dict]:

@@ -18,6 +18,7 @@ import time
 
 import ray
 
+from actors.metrics import ray_metrics
 from actors.runtime import NAMESPACE, actor_name
 from actors.worker import _FENCE_POLICY, FENCE_VALID_S
 from pipeline.checkpoint import decode_merge, encode_merge
@@ -27,6 +28,7 @@ from pipeline.io.kafka import DeadLetterProducer
 from pipeline.io.loop import Fenced
 from pipeline.io.sinks.common import Backpressure, make_sink
 from pipeline.merge import Merger, reshard, root_window, split_by_shard
+from pipeline.metrics import LoopMetrics
 from pipeline.process import udf_rejects
 from pipeline.retry import call_with_retries
 from pipeline.spec import PipelineSpec
@@ -66,6 +68,7 @@ class MergeOwner:
         self.stats = {"feeds": 0, "partials": 0, "rows_emitted": 0, "udf_errors": 0, "sink_wait_s": 0.0}
         self.store_wait: dict | None = None
         self.finished = False
+        self.metrics = LoopMetrics(ray_metrics(spec.observability.metrics), spec.name, f"merge-{shard}")
 
     def pid(self) -> int:
         return os.getpid()
@@ -116,16 +119,25 @@ class MergeOwner:
         return ok
 
     def _write(self, table) -> None:
+        if table.num_rows:
+            self.metrics.emitted(table.column("window")[0].as_py(), table)
         for sink in self.sinks:
+            waited = 0.0
             while True:
                 try:
+                    t0 = time.perf_counter()
                     sink.write(table)
+                    self.metrics.sink_write(sink.name, time.perf_counter() - t0)
                     break
                 except Backpressure as bp:  # the workers wait on this call: backpressure reaches them
                     self.store_wait = {"store": bp.store, "attempts": bp.attempt, "error": str(bp.error)[:300]}
+                    self.metrics.store_wait(bp.store)
                     t0 = time.monotonic()
                     time.sleep(bp.delay_s)
-                    self.stats["sink_wait_s"] += time.monotonic() - t0
+                    waited += time.monotonic() - t0
+            self.stats["sink_wait_s"] += waited
+            if self.store_wait is not None:
+                self.metrics.store_back(self.store_wait["store"], waited)
             self.store_wait = None
 
     def snapshot(self, checkpoint_id: int, epoch: int) -> dict:

@@ -24,8 +24,11 @@ def actor_name(pipeline: str, role: str) -> str:
     return f"{pipeline}:{role}"
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, metrics_port: int | None = None) -> None:
     """Connect to ``address``, or start a one-machine Ray bound to 127.0.0.1.
+
+    ``metrics_port``: where the started Ray's metrics agent serves every actor's
+    Prometheus metrics (a cluster's nodes have their own, ``--metrics-export-port``).
 
     Without ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray takes the machine's
     network address and listens on every interface; with it every listener is
@@ -46,4 +49,5 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
+        **({"_metrics_export_port": metrics_port} if metrics_port else {}),
     )

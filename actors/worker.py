@@ -16,6 +16,7 @@ import traceback
 
 import ray
 
+from actors.metrics import ray_metrics
 from actors.runtime import NAMESPACE, actor_name
 from pipeline.io.checkpoints import CheckpointStore
 from pipeline.io.loop import Fenced, PartitionLoop
@@ -50,6 +51,7 @@ class PartitionWorker:
         self.store = CheckpointStore(spec.checkpoint, spec.name) if spec.checkpoint else None
         self._fence_ok_at = -1e9
         self._coordinator = None
+        self.metrics = None
 
     def pid(self) -> int:
         return os.getpid()
@@ -69,8 +71,10 @@ class PartitionWorker:
             from actors.merge_owner import RemoteMerge
 
             merge_out = RemoteMerge(self.spec, self.spec.owners)
+        if self.metrics is None:
+            self.metrics = ray_metrics(self.spec.observability.metrics)
         self.loop = PartitionLoop(self.spec, partitions, start, end_offsets, epoch, snapshots, fence=self._fence,
-                                  resumed=resumed, merge_out=merge_out)
+                                  resumed=resumed, merge_out=merge_out, metrics=self.metrics, worker=str(self.index))
         if merge_out is not None:
             merge_out.on_wait = self.loop._backpressure
         self.state = "running"

@@ -45,6 +45,9 @@ def input_schema(spec: PipelineSpec) -> dict[str, pa.DataType]:
             out.setdefault(k, _TYPES[spec.fields.get(k, "string")])
     if spec.dedup is not None:
         out.setdefault(spec.dedup.field, _TYPES[spec.fields.get(spec.dedup.field, "string")])
+    tenant = spec.observability.tenant_field
+    if tenant is not None:
+        out.setdefault(tenant, _TYPES[spec.fields.get(tenant, "string")])
     for e in spec.enrich:
         for f, kind in e.fields.items():
             out.pop(f, None)

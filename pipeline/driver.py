@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pipeline.io.kafka import end_offsets, ensure_topic, topic_partitions
+from pipeline.metrics import checkpoint_metrics
 from pipeline.spec import PipelineSpec
 
 __all__ = ["IncompleteRun", "RunReport", "run_pipeline", "shortfalls"]
@@ -93,12 +94,17 @@ def run_pipeline(
     stop: threading.Event | None = None,
     handle_signals: bool = False,
     from_checkpoint: int | None = None,
+    metrics_port: int | None = None,
 ) -> RunReport:
     """Run ``spec`` until stopped (``stop`` set) or, with ``until_end``, to the end offsets.
 
     Fails fast, before starting anything, with ``BrokerUnavailable`` or
     ``TopicMissing`` when the source cannot be used. With ``handle_signals`` the
     first SIGINT/SIGTERM sets ``stop`` (a clean stop) and a second one interrupts.
+
+    ``metrics_port``: Prometheus metrics on 127.0.0.1 at that port: the metrics
+    agent of the Ray that this call starts, or (``inline``) a server in this
+    process. On an existing cluster (``address``) each node serves its own.
     """
     stop = stop or threading.Event()
     if handle_signals:
@@ -109,9 +115,10 @@ def run_pipeline(
     end = end_offsets(kafka.bootstrap_servers, kafka.topic, partitions, kafka.connect_timeout / 1000.0) if until_end else None
     t0 = time.perf_counter()
     if inline:
-        workers = _run_inline(spec, until_end, on_status, status_every_s, stop, partitions, end)
+        workers = _run_inline(spec, until_end, on_status, status_every_s, stop, partitions, end, metrics_port)
     else:
-        workers = _run_on_ray(spec, until_end, address, on_status, status_every_s, stop, handle_signals, partitions, end)
+        workers = _run_on_ray(spec, until_end, address, on_status, status_every_s, stop, handle_signals, partitions, end,
+                              metrics_port)
     owners = [w for w in workers if w.get("merge_owner")]
     workers = [w for w in workers if not w.get("merge_owner")]
     if end is not None and not stop.is_set():
@@ -141,7 +148,7 @@ def _restore_point(spec: PipelineSpec, from_checkpoint: int | None) -> list[str]
     return list(store.warnings)
 
 
-def _run_inline(spec, until_end, on_status, every, stop, partitions, end) -> list[dict]:
+def _run_inline(spec, until_end, on_status, every, stop, partitions, end, metrics_port=None) -> list[dict]:
     """One loop over every partition in this process; checkpoints like the coordinator does, when configured."""
     from pipeline.io.checkpoints import CheckpointStore, commit_checkpoint
     from pipeline.io.kafka import commit_offsets
@@ -160,8 +167,15 @@ def _run_inline(spec, until_end, on_status, every, stop, partitions, end) -> lis
     # the merge state of the checkpoint (all its owners' snapshots: a Ray run may have had several)
     merge_snapshots = [store.read_partition(e["path"]) for _, e in sorted((latest or {}).get("merge", {}).items(),
                                                                             key=lambda kv: int(kv[0])) if e.get("path")]
+    metrics, backend = None, None
+    if metrics_port is not None and spec.observability.metrics:
+        from pipeline.metrics import Metrics, PromClientBackend
+
+        backend = PromClientBackend()
+        backend.serve("127.0.0.1", metrics_port)
+        metrics = Metrics(backend)
     loop = PartitionLoop(spec, partitions, start, end, epoch, snapshots, resumed=resumed, merge_snapshots=merge_snapshots,
-                         all_partitions=partitions)
+                         all_partitions=partitions, metrics=metrics)
     next_id = [max(store.all_ids(), default=0) if store else 0]
 
     def checkpoint(final: bool = False) -> None:
@@ -171,11 +185,21 @@ def _run_inline(spec, until_end, on_status, every, stop, partitions, end) -> lis
             parts = loop.snapshot(cid, lambda p, data: store.write_partition(cid, p, epoch, data))
             return parts, loop.snapshot_merge(cid, lambda data: store.write_merge(cid, 0, epoch, data))
 
-        got, merge = loop.call_between_batches(snap, spec.checkpoint.timeout / 1000.0)
-        _, problems = commit_checkpoint(
-            store, cid, got, partitions, epoch, spec.checkpoint.keep,
-            lambda offsets: commit_offsets(kafka.bootstrap_servers, spec.group_id, kafka.topic, offsets, 5.0), final=final,
-            merge={0: merge} if merge is not None else None)
+        t0 = time.perf_counter()
+        try:
+            got, merge = loop.call_between_batches(snap, spec.checkpoint.timeout / 1000.0)
+            manifest, problems = commit_checkpoint(
+                store, cid, got, partitions, epoch, spec.checkpoint.keep,
+                lambda offsets: commit_offsets(kafka.bootstrap_servers, spec.group_id, kafka.topic, offsets, 5.0),
+                final=final, merge={0: merge} if merge is not None else None)
+        except HeldOutput:
+            raise
+        except Exception:
+            if metrics is not None:
+                metrics.inc("raystream_checkpoint_failures", pipeline=spec.name)
+            raise
+        if metrics is not None:
+            checkpoint_metrics(metrics, spec, manifest, time.perf_counter() - t0)
         for problem in problems:
             print(f"checkpoint {cid}: {problem}", file=sys.stderr, flush=True)
 
@@ -209,6 +233,8 @@ def _run_inline(spec, until_end, on_status, every, stop, partitions, end) -> lis
                 print(f"checkpoint failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         if on_status is not None:
             on_status([{"index": 0, **loop.status()}])
+    if backend is not None:
+        backend.close()
     if errors:
         raise errors[0]
     return result
@@ -229,7 +255,8 @@ def _stop_on_signals(stop: threading.Event) -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
-def _run_on_ray(spec, until_end, address, on_status, every, stop, handle_signals, partitions, end) -> list[dict]:
+def _run_on_ray(spec, until_end, address, on_status, every, stop, handle_signals, partitions, end,
+                metrics_port=None) -> list[dict]:
     from actors.runtime import NAMESPACE, actor_name, ensure_ray, local_ray_env
 
     if address is None:
@@ -238,7 +265,7 @@ def _run_on_ray(spec, until_end, address, on_status, every, stop, handle_signals
 
     from actors.coordinator import Coordinator, kill_pipeline_actors
 
-    ensure_ray(address)
+    ensure_ray(address, metrics_port=metrics_port)
     if handle_signals:
         _stop_on_signals(stop)  # ray.init installs its own SIGTERM handler: take it back
     from actors.control import forget_pipeline, record_pipeline

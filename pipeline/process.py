@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.decode import JsonDecoder
+from pipeline.metrics import tenant_counts
 from pipeline.spec import PipelineSpec
 from pipeline.watermarks import NEG_INF, POS_INF, WatermarkTracker
 from pipeline.windows import Rows, WindowState
@@ -73,6 +74,23 @@ class Batch:
     def __len__(self) -> int:
         return len(self.values)
 
+    def take(self, rows: np.ndarray) -> "Batch":
+        """The records at positions ``rows`` (ascending), in order."""
+        idx = rows.tolist()
+        return Batch(self.topic, [self.values[i] for i in idx], self.partitions[rows], self.offsets[rows],
+                     self.timestamps[rows], None if self.keys is None else [self.keys[i] for i in idx],
+                     None if self.schema_versions is None else self.schema_versions[rows])
+
+    def below(self, positions: dict[int, int]) -> np.ndarray:
+        """Mask of records whose offset is below their partition's position (already processed)."""
+        if not len(self) or not positions:
+            return np.zeros(len(self), bool)
+        top = max(max(positions), int(self.partitions.max())) + 1
+        lut = np.zeros(top, np.int64)
+        for p, o in positions.items():
+            lut[int(p)] = o
+        return self.offsets < lut[self.partitions]
+
     @classmethod
     def of(cls, topic: str, values: list, partitions, offsets, timestamps=None, keys=None) -> "Batch":
         n = len(values)
@@ -102,6 +120,7 @@ class BatchResult:
     watermark: int = NEG_INF
     min_event_time: int | None = None
     max_event_time: int | None = None
+    tenants: dict[str, int] | None = None  # records past every reject stage per tenant (observability.tenant_field)
 
 
 class PipelineState:
@@ -285,6 +304,9 @@ def process_batch(spec: PipelineSpec, state: PipelineState, batch: Batch, enrich
         # dead-lettered record that is replayed (or a corrected resend) is not taken as a duplicate
         table, times, rows, drejects = _dedup(spec, state, batch, table, times, rows)
         rejects += drejects
+    tenant_field = spec.observability.tenant_field
+    if tenant_field is not None:
+        result.tenants = tenant_counts(table, tenant_field)
     parts = batch.partitions[rows]
     state.tracker.touch(np.unique(batch.partitions).tolist())
     seen_before = state.tracker.seen(parts)

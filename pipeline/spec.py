@@ -402,6 +402,26 @@ class HealthSpec(_Model):
     restart_window: Duration = Field(default=300_000, description="window for max_restarts")
 
 
+class NotifySpec(_Model):
+    webhook: str = Field(pattern=r"^https?://", description=(
+        "Slack-compatible webhook (POST of JSON {\"text\": ...}) told of every recovery action the coordinator takes"))
+    timeout: Duration = Field(default=5_000, description="per notification; a slow receiver never blocks recovery")
+
+
+class TracingSpec(_Model):
+    otlp_endpoint: str = Field(pattern=r"^https?://", description="OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces")
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0, description="share of traces kept (parent-based: ingest decides)")
+
+
+class ObservabilitySpec(_Model):
+    metrics: bool = Field(default=True, description="export Prometheus metrics (through Ray's metrics API on Ray)")
+    tenant_field: str | None = Field(default=None, description="record field whose value labels per-tenant record counts")
+    max_tenants: int = Field(default=100, ge=1, le=10_000, description=(
+        "tenants that get a label of their own per worker; later ones are counted as _other (cardinality cap)"))
+    notify: NotifySpec | None = Field(default=None, description="where recovery actions are announced")
+    tracing: TracingSpec | None = Field(default=None, description="OpenTelemetry spans of batches, window emits and sink writes")
+
+
 class DeadLetter(_Model):
     topic: str | None = Field(default=None, description="dead-letter topic; default <source topic>.dlq")
 
@@ -513,6 +533,7 @@ class PipelineSpec(_Model):
     checkpoint: CheckpointSpec | None = Field(default=None, description="periodic snapshots of state and offsets; enables recovery")
     health: HealthSpec = Field(default_factory=HealthSpec, description="worker health checks and restart limits")
     dead_letter: DeadLetter = Field(default_factory=DeadLetter, description="where rejected records go")
+    observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec, description="metrics, notifications, traces")
     enrich: list[Enricher] = Field(default_factory=list, description="lookups that add fields before windowing")
     workers: int = Field(default=1, ge=1, le=256, description="number of PartitionWorker actors")
     worker_cpus: float = Field(default=0.5, gt=0, le=64, description="CPU request of each worker actor")

@@ -23,6 +23,7 @@ from serve.config import ServeConfig
 from serve.core import Core, shared_core
 from serve.errors import ApiError, http_headers, problem
 from serve.guard import Guard
+from serve.metrics import Measure
 
 __all__ = ["app_builder", "build_app", "deployment"]
 
@@ -71,6 +72,7 @@ def build_app(cfg: ServeConfig, core: Core | None = None) -> FastAPI:
     app.add_middleware(GZipMiddleware, minimum_size=1024)
     # outermost but for Starlette's own error middleware: nothing inside reads a body the Guard has not admitted
     app.add_middleware(Guard, core=core, routes=app.router.routes, limit=cfg.max_body_bytes)
+    app.add_middleware(Measure, routes=app.router.routes, metrics=core.metrics)  # outermost: sees the Guard's refusals
     app.router.on_shutdown.append(core.close)
     return app
 

@@ -14,6 +14,7 @@ import asyncio
 import threading
 
 from serve.auth import AuthError, Authenticator, Principal
+from serve.metrics import ServeMetrics
 from serve.config import ServeConfig
 from serve.errors import ApiError
 from serve.query import MAX_MS, aquery_windows, catalog
@@ -37,6 +38,7 @@ class Core:
         self.dsn = cfg.postgres_dsn.get_secret_value()
         self.registry = Registry(self.dsn)
         self.limiter = None
+        self.metrics = ServeMetrics()
         if cfg.rate_limit is not None:
             from serve.ratelimit import RateLimiter
 
@@ -94,6 +96,7 @@ class Core:
         except (redis.RedisError, OSError):  # fail closed: without the shared buckets no tenant's bound can be kept
             raise ApiError(503, "rate limiter unavailable", retry_after=1) from None
         if not ok:
+            self.metrics.rate_limited(who.tenant)
             raise ApiError(429, f"rate limit of {endpoint} reached for this tenant", retry_after=int(retry) or 1)
 
     def window(self, pipeline: str, window: str):

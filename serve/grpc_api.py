@@ -60,6 +60,27 @@ def _authorization(context) -> str | None:
     return None
 
 
+def _measured(fn):
+    """Count a unary/client-streaming call in the API metrics: route = the method, status = its gRPC code."""
+    import functools
+    import time
+
+    @functools.wraps(fn)
+    async def call(self, request, context):
+        t0, status = time.perf_counter(), "OK"
+        try:
+            return await fn(self, request, context)
+        except Aborted as exc:
+            status = grpc_code(exc.status).name
+            raise
+        except BaseException:
+            status = "INTERNAL"
+            raise
+        finally:
+            self.core.metrics.request(f"grpc:{fn.__name__}", "grpc", status, time.perf_counter() - t0)
+    return call
+
+
 class GrpcMethods:
     """Ingest (client streaming), QueryWindows (unary; QueryAggregates its deprecated name), Subscribe (server streaming)."""
 
@@ -71,6 +92,7 @@ class GrpcMethods:
         await self.core.admit(who, endpoint)
         return who
 
+    @_measured
     async def QueryWindows(self, request: pb.QueryRequest, grpc_context) -> pb.QueryResponse:
         try:
             who = await self._caller(grpc_context, "windows")
@@ -88,6 +110,7 @@ class GrpcMethods:
         """Deprecated name of ``QueryWindows``."""
         return await self.QueryWindows(request, grpc_context)
 
+    @_measured
     async def Ingest(self, request_stream, grpc_context) -> pb.IngestResponse:
         ing = self.core.ingestor
         try:

@@ -248,6 +248,7 @@ class Feed:
         self.hub: Hub | None = None
         self.redis = None
         self.lease: Lease | None = None
+        self._counted = False  # in the replica's live subscribers gauge
 
     def wanted(self, row: dict) -> bool:
         return (row.get("window") == self.window and row.get("pipeline", self.pipeline) == self.pipeline
@@ -287,6 +288,9 @@ class Feed:
         if self.lease is None:
             await self.admit()
         await self.hub.join(self)
+        if not self._counted:
+            self._counted = True
+            self.core.metrics.subscriber(+1)
         seen = {k.decode(): int(v) for k, v in (await self.redis.hgetall(self.skey)).items()}
         if seen or self.resuming:
             # the tenant's own index: a resume never reads another tenant's windows
@@ -327,6 +331,9 @@ class Feed:
             self.hub.mark(self.skey, marks, int(self.sc.session_ttl))
 
     async def close(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.core.metrics.subscriber(-1)
         if self.lease is not None:
             await self.lease.release()
         if self.hub is not None:

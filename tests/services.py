@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 
 from pipeline.io.broker import EmbeddedBroker, free_port
@@ -22,7 +23,8 @@ from pipeline.io.local import binary as _binary
 from pipeline.io.local import tail as _tail
 from pipeline.io.local import wait_port as _wait_port
 
-__all__ = ["Service", "TcpProxy", "start_broker", "start_moto", "start_postgres", "start_redis", "start_victoria_metrics"]
+__all__ = ["Service", "TcpProxy", "WebhookReceiver", "prom_query", "prom_value", "start_alertmanager", "start_broker", "start_moto",
+           "start_postgres", "start_prometheus", "start_redis", "start_victoria_metrics"]
 
 
 def start_broker() -> Service:
@@ -186,3 +188,118 @@ class Cli:
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self._out.close()
         subprocess.run(["pkill", "-9", "-f", str(self.tmp)], check=False)
+
+
+def _http_ok(url: str, proc, log: str, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not ready:\n{_tail(log)}")
+        time.sleep(0.1)
+
+
+def start_prometheus(targets: list[str], rule_files: list[str] = (), alertmanager: str | None = None,
+                     interval: str = "1s") -> Service:
+    """The Debian ``prometheus`` scraping ``targets`` (host:port) every ``interval``, evaluating ``rule_files``."""
+    import yaml
+
+    exe = _binary("prometheus", "apt-get install prometheus")
+    port = free_port()
+    work = tempfile.mkdtemp(prefix="raystream-prom-")
+    conf = {"global": {"scrape_interval": interval, "evaluation_interval": interval},
+            "rule_files": list(rule_files),
+            "scrape_configs": [{"job_name": "raystream", "static_configs": [{"targets": list(targets)}]}]}
+    if alertmanager:
+        conf["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
+    with open(os.path.join(work, "prometheus.yml"), "w") as f:
+        yaml.safe_dump(conf, f)
+    log = os.path.join(work, "prometheus.log")
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([exe, f"--config.file={work}/prometheus.yml", f"--storage.tsdb.path={work}/data",
+                                 f"--web.listen-address=127.0.0.1:{port}", "--rules.alert.resend-delay=1s"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    _http_ok(f"http://127.0.0.1:{port}/-/ready", proc, log, "prometheus")
+    return Service("prometheus", "127.0.0.1", port, proc, work, {"url": f"http://127.0.0.1:{port}"})
+
+
+def start_alertmanager(config: dict) -> Service:
+    """The Debian ``prometheus-alertmanager`` with ``config``, on loopback, clustering off."""
+    import yaml
+
+    exe = _binary("prometheus-alertmanager", "apt-get install prometheus-alertmanager")
+    port = free_port()
+    work = tempfile.mkdtemp(prefix="raystream-am-")
+    with open(os.path.join(work, "alertmanager.yml"), "w") as f:
+        yaml.safe_dump(config, f)
+    log = os.path.join(work, "alertmanager.log")
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([exe, f"--config.file={work}/alertmanager.yml", f"--storage.path={work}/data",
+                                 f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
+                                stdout=out, stderr=subprocess.STDOUT)
+    _http_ok(f"http://127.0.0.1:{port}/-/ready", proc, log, "alertmanager")
+    return Service("alertmanager", "127.0.0.1", port, proc, work, {"address": f"127.0.0.1:{port}"})
+
+
+def prom_query(prom: Service, expr: str) -> list[dict]:
+    """An instant query's result vector (``[{"metric": {...}, "value": [t, "v"]}]``)."""
+    import json
+
+    q = urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(f"{prom.extra['url']}/api/v1/query?{q}", timeout=10) as r:
+        body = json.load(r)
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def prom_value(prom: Service, expr: str) -> float | None:
+    res = prom_query(prom, expr)
+    return float(res[0]["value"][1]) if res else None
+
+
+class WebhookReceiver:
+    """A loopback HTTP server that keeps every JSON body POSTed to it (a stand-in for Slack's incoming webhook)."""
+
+    def __init__(self):
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                try:
+                    received.append({"path": self.path, "body": json.loads(self.rfile.read(n) or b"null"),
+                                     "time": time.time()})
+                finally:
+                    self.send_response(200)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, pred, timeout_s: float = 60.0, what: str = "a notification") -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for item in list(self.received):
+                if pred(item):
+                    return item
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}; received: {self.received[-5:]}")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -21,6 +21,7 @@ from pipeline.io.sinks.common import Backpressure, make_sink
 from pipeline.io.sinks.parquet import LateParquetWriter
 from pipeline.checkpoint import decode_partition, encode_partition, restore_partition
 from pipeline.identity import shard_of_table, with_shard
+from pipeline.metrics import LoopMetrics, Metrics
 from pipeline.process import Batch, BatchResult, PipelineState, advance, process_batch, udf_rejects
 from pipeline.spec import PipelineSpec
 from pipeline.watermarks import NEG_INF, POS_INF
@@ -49,6 +50,7 @@ class LoopStats:
     held_rows: int = 0  # window rows held back during that replay (only the highest revision is written)
     offset_resets: int = 0  # checkpointed positions the broker no longer had, moved by the spec's policy
     records_skipped: int = 0  # records those moves skipped (deleted by retention before they were read)
+    redelivered: int = 0  # records the client delivered again below the position (dropped: processed once)
     store_wait_s: float = 0.0  # time spent waiting on failing sinks (backpressure)
     backpressure_pauses: int = 0  # times a failing sink paused fetching  # records of window groups whose user function raised (dead-lettered, still in the windows)
     windows_emitted: int = 0
@@ -91,6 +93,8 @@ class PartitionLoop:
         merge_out: Callable[[dict, dict], None] | None = None,
         merge_snapshots: list[bytes] | None = None,
         all_partitions: list[int] | None = None,
+        metrics=None,
+        worker: str = "0",
     ):
         """``resumed``: this loop takes over partitions whose previous owner may have written output past
         their start positions (it crashed, or the run was killed); their window output is held back until
@@ -98,8 +102,12 @@ class PartitionLoop:
 
         Merged windows ship their partial states with ``merge_out(partials, frontiers)`` (the merge owners);
         without it this loop merges them itself (one owner: it must hold every partition of the topic,
-        ``all_partitions``), restored from ``merge_snapshots`` (one per owner of the run that wrote them)."""
+        ``all_partitions``), restored from ``merge_snapshots`` (one per owner of the run that wrote them).
+
+        ``metrics`` (a ``pipeline.metrics.Metrics``) receives this loop's series, labelled ``worker``."""
         self.spec = spec
+        obs = spec.observability
+        self.metrics = LoopMetrics(metrics or Metrics(), spec.name, worker, obs.tenant_field, obs.max_tenants)
         self.partitions = sorted(int(p) for p in partitions)
         self.epoch = epoch
         self.positions = {p: int((start_offsets or {}).get(p, 0)) for p in self.partitions}
@@ -217,6 +225,11 @@ class PartitionLoop:
             batch, self._ahead = self._ahead, None
         else:
             batch = self.source.poll(kafka.max_batch_records, kafka.poll_timeout / 1000.0)
+        seen = batch.below(self.positions)
+        if seen.any():
+            # a client may deliver records again after pause/resume (librdkafka races): each offset is processed once
+            self.stats.redelivered += int(seen.sum())
+            batch = batch.take(np.flatnonzero(~seen))
         if self.lookahead and len(batch) and not self.paused:
             # only what already arrived (no wait); positions advance only when it is processed,
             # so a checkpoint or a stop before that simply reads it again
@@ -251,12 +264,32 @@ class PartitionLoop:
         self.stats.busy_s += time.perf_counter() - t0 if len(batch) else 0.0
         if self.stats.batches % 16 == 1:
             self.max_rss = max(self.max_rss, _rss_bytes())
+        if self.metrics.enabled:
+            self._record(batch, result, time.perf_counter() - t0)
         if kafka.max_rate and len(batch):
             # throttle: this batch may take no less than len / max_rate seconds
             rest = len(batch) / kafka.max_rate - (time.perf_counter() - tp)
             if rest > 0:
                 self._stop.wait(rest)
         return result
+
+    def _record(self, batch, result: BatchResult, seconds: float) -> None:
+        m = self.metrics
+        if len(batch):
+            m.batch(batch.partitions, result, seconds, self.late_writer is None, result.tenants)
+        wm = self.state.tracker.watermark
+        m.watermark(None if wm <= NEG_INF or wm >= POS_INF else int(wm), self.state.open_windows, self.max_rss)
+        if m.lag_due():
+            if self.end_offsets is not None:
+                ends = {p: self.end_offsets.get(p, 0) for p in self.partitions}
+            else:
+                try:
+                    ends = self.source.end_offsets(self.partitions, 1.0)
+                except Exception:  # broker away: the lag is unknown, not zero
+                    ends = {}
+            m.lag(ends, self.positions)
+            if self.enrichment is not None:
+                m.enrich(self.enrichment.stats())
 
     def _finish_reached(self) -> None:
         if self.end_offsets is None:
@@ -269,7 +302,10 @@ class PartitionLoop:
         """Write ``table`` to ``sink``; each ``Backpressure`` pauses the partitions, is reported, and waited out."""
         while True:
             try:
-                return sink.write(table)
+                t0 = time.perf_counter()
+                written = sink.write(table)
+                self.metrics.sink_write(sink.name, time.perf_counter() - t0)
+                return written
             except Backpressure as bp:
                 self._backpressure(bp.store, bp.attempt, bp.error, bp.since)
                 self._store_retry.wait(bp.delay_s)
@@ -313,6 +349,7 @@ class PartitionLoop:
         self.store_wait = {"store": store, "since": time.time() - (time.monotonic() - since), "attempts": attempt,
                           "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         self.stats.sink_retries += 1
+        self.metrics.store_wait(store)
         if not self.paused:
             try:
                 self.source.pause()
@@ -326,7 +363,9 @@ class PartitionLoop:
             self._write_all(result)
         finally:
             if self.store_wait is not None:
-                self.stats.store_wait_s += time.time() - self.store_wait["since"]
+                waited = time.time() - self.store_wait["since"]
+                self.stats.store_wait_s += waited
+                self.metrics.store_back(self.store_wait["store"], waited)
                 self.store_wait = None
             if self.paused:
                 try:
@@ -362,6 +401,8 @@ class PartitionLoop:
                 self._held = _highest_revisions(self.spec, self._held)
         for table in closed:
             self.stats.windows_emitted += table.num_rows
+            if self.metrics.enabled and table.num_rows:
+                self.metrics.emitted(table.column("window")[0].as_py(), table)
             for sink in self.sinks:
                 self.stats.files_written += self._write_sink(sink, table)
         if result.late is not None:
