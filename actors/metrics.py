@@ -8,6 +8,8 @@ __all__ = ["RayBackend", "ray_metrics"]
 
 
 class RayBackend:
+    gauges_fade = True  # a gauge not set since the last export is not exported again (``Metrics`` re-sets them)
+
     def instrument(self, d: MetricDef):
         from ray.util import metrics as rm
 

@@ -195,11 +195,15 @@ class Metrics:
     raises: a metric must not take a pipeline down.
     """
 
-    def __init__(self, backend=None):
+    def __init__(self, backend=None, refresh_s: float = 1.0):
         self.backend = backend or NullBackend()
         self._instruments: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.enabled = not isinstance(self.backend, NullBackend)
+        # Ray exports a gauge only while it is being set: the last value of each is set again every refresh_s
+        self._held: dict[tuple[str, tuple], float] | None = {} if getattr(self.backend, "gauges_fade", False) else None
+        self.refresh_s = refresh_s
+        self._refresher: threading.Thread | None = None
 
     def _get(self, name: str):
         inst = self._instruments.get(name)
@@ -216,6 +220,29 @@ class Metrics:
 
     def set(self, name: str, value: float, **labels) -> None:
         self._call(name, "set", value, labels)
+        if self._held is not None and self.enabled:
+            with self._lock:
+                self._held[(name, tuple(sorted((k, str(v)) for k, v in labels.items())))] = float(value)
+                if self._refresher is None:
+                    self._refresher = threading.Thread(target=self._refresh, name="metrics-refresh", daemon=True)
+                    self._refresher.start()
+
+    def forget(self, **labels) -> None:
+        """Stop re-setting the gauges carrying all of ``labels`` (a loop that closed: its partitions moved on)."""
+        if self._held is None:
+            return
+        want = {(k, str(v)) for k, v in labels.items()}
+        with self._lock:
+            for key in [k for k in self._held if want <= set(k[1])]:
+                del self._held[key]
+
+    def _refresh(self) -> None:
+        while True:
+            time.sleep(self.refresh_s)
+            with self._lock:
+                held = list(self._held.items())
+            for (name, labels), value in held:
+                self._call(name, "set", value, dict(labels))
 
     def observe(self, name: str, value: float, **labels) -> None:
         self._call(name, "observe", value, labels)
@@ -284,6 +311,10 @@ class LoopMetrics:
             self.m.set("raystream_watermark_lag_seconds", max(0.0, time.time() - watermark_ms / 1000.0), **self.labels)
         self.m.set("raystream_open_windows", open_windows, **self.labels)
         self.m.set("raystream_worker_rss_bytes", rss, **self.labels)
+
+    def close(self) -> None:
+        """This loop's gauges are no longer kept alive (its partitions may be another worker's now)."""
+        self.m.forget(**self.labels)
 
     def lag_due(self) -> bool:
         if not self.m.enabled:

@@ -9,6 +9,8 @@ command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || need_
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v victoria-metrics >/dev/null 2>&1 || [ -x /usr/bin/victoria-metrics ] || need_apt+=(victoria-metrics)
 command -v runuser >/dev/null 2>&1 || need_apt+=(util-linux)
+[ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ] || need_apt+=(prometheus)
+[ -x /usr/bin/prometheus-alertmanager ] && [ -x /usr/bin/amtool ] || need_apt+=(prometheus-alertmanager)
 
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then

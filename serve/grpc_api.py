@@ -237,6 +237,7 @@ def _token_gate(core):
                 await core.auth.averify(auth)
             except AuthError as exc:
                 code, message = grpc_code(exc.status), str(exc)
+                core.metrics.request(f"grpc:{details.method.rsplit('/', 1)[-1]}", "grpc", code.name, 0.0)
 
                 async def refuse(_request, context):
                     await context.abort(code, message)

@@ -82,7 +82,7 @@ class Guard:
         await gate(self.app, scope, receive, send, self.limit, self.admit)
 
 
-async def gate(app, scope, receive, send, limit: int, admit) -> None:
+async def gate(app, scope, receive, send, limit: int, admit, refused=None) -> None:
     """The one check sequence of the Guard and the ProxyGate: for ``/v1/`` HTTP requests, ``admit`` (token, and in
     the replica the rate limit), then a declared ``Content-Length`` over ``limit``, then the body cut at ``limit``
     while it is read. What ``admit`` returns (the caller, in the replica) is left in ``scope["state"]``."""
@@ -97,6 +97,8 @@ async def gate(app, scope, receive, send, limit: int, admit) -> None:
             raise ApiError(413, f"request body over {limit} bytes")
     except ApiError as exc:
         await error_response(exc, send)
+        if refused is not None:
+            refused(scope, exc.status)
         return
     if who is not None:
         scope.setdefault("state", {})["principal"] = who
@@ -140,6 +142,7 @@ class ProxyGate:
         from serve.auth import Authenticator
 
         self.app, self.limit = app, limit
+        self.metrics = None
         self.auth = Authenticator(auth["jwks"], auth["issuer"], auth["audience"], auth["tenant_claim"],
                                   auth.get("hs256_secret"), refresh_min_s=auth["refresh_min_s"])
 
@@ -153,7 +156,16 @@ class ProxyGate:
         return None  # the replica verifies again and keeps the caller; nothing travels from the proxy
 
     async def __call__(self, scope, receive, send):
-        await gate(self.app, scope, receive, send, self.limit, self.admit)
+        await gate(self.app, scope, receive, send, self.limit, self.admit, self._refused)
+
+    def _refused(self, scope, status: int) -> None:
+        """A request answered here never reaches a replica: the proxy counts it (route ``proxy_gate``: no route
+        templates here, and raw paths would be unbounded labels)."""
+        if self.metrics is None:
+            from serve.metrics import ServeMetrics
+
+            self.metrics = ServeMetrics()
+        self.metrics.request("proxy_gate", scope.get("method", "GET"), status, 0.0)
 
 
 GATE_ENV = "RAYSTREAM_PROXY_GATE"  # path of the ProxyGate's settings (JSON, mode 0600) in the proxy's environment

@@ -10,7 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 
 from actors import control
 from pipeline.driver import run_pipeline
@@ -18,12 +17,12 @@ from pipeline.io.kafka import produce_all
 from pipeline.io.storage import open_location
 from pipeline.metrics import CATALOGUE, series_names
 from pipeline.spec import parse_spec
+from tests.dashboards import DASHBOARDS, check_dashboards
 from tests.services import TcpProxy, prom_query, prom_value
 from pipeline.synthetic import events
 from tests.test_end_to_end import BASE_MS, PARTITIONS, _dataset, _read_dlq, _users_table
 
 ROOT = Path(__file__).resolve().parents[1]
-DASHBOARDS = ROOT / "cluster" / "monitoring" / "dashboards"
 
 
 def _wait(pred, timeout_s: float, what: str, every: float = 0.5):
@@ -45,35 +44,6 @@ def _later(n: int, seed: int, minutes: int) -> tuple[list, list, list]:
 
 def _sum(prom, expr: str) -> float:
     return prom_value(prom, f"sum({expr})") or 0.0
-
-
-def dashboard_exprs(names: list[str]) -> dict[str, list[str]]:
-    """Every panel target's PromQL of the named dashboards (``{file: [expr, ...]}``)."""
-    out = {}
-    for name in names:
-        board = json.loads((DASHBOARDS / name).read_text())
-        exprs = []
-        for panel in board["panels"]:
-            exprs += [t["expr"] for t in panel.get("targets", [])]
-        for var in board.get("templating", {}).get("list", []):
-            if var.get("type") == "query":
-                q = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
-                exprs.append(re.sub(r"^label_values\((.*),\s*\w+\)$", r"\1", q))
-        out[name] = exprs
-    return out
-
-
-def check_dashboards(prom, names: list[str]) -> None:
-    """Each expression parses (Prometheus answers it) and names only series a real scrape returned."""
-    with __import__("urllib.request").request.urlopen(f"{prom.extra['url']}/api/v1/label/__name__/values", timeout=10) as r:
-        scraped = set(json.load(r)["data"])
-    for board, exprs in dashboard_exprs(names).items():
-        assert exprs, f"{board} has no queries"
-        for expr in exprs:
-            concrete = expr.replace("$pipeline", "x").replace("$__rate_interval", "1m").replace("$__interval", "1m")
-            prom_query(prom, concrete)  # a parse error is a 400 from Prometheus: fails here
-            for metric in set(re.findall(r"\bray_raystream_[a-z0-9_]+", expr)):
-                assert metric in scraped, f"{board}: {metric} is in a panel but no scrape returned it"
 
 
 def test_catalogue_names_are_what_rules_and_dashboards_use():
@@ -237,3 +207,20 @@ def test_prometheus_sees_what_the_run_did_alerts_fire_and_resolve(broker, postgr
     assert by_reason == {k: int(v) for k, v in rejected.items()}
     assert len(bad_offsets) == 30
     print("redelivered", [w.get("redelivered") for w in box["report"].workers])
+
+
+def test_alert_rules_pass_their_promtool_unit_tests_and_configs_are_valid():
+    """``promtool test rules`` runs the rules' own unit tests (each alert fires when it should and not before);
+    the example Prometheus and Alertmanager configurations pass their tools' checks."""
+    import subprocess
+
+    mon = ROOT / "cluster" / "monitoring"
+    for cmd in (["promtool", "check", "rules", "rules/raystream.rules.yml"],
+                ["promtool", "test", "rules", "rules/raystream.rules.test.yml"],
+                ["promtool", "check", "config", "--syntax-only", "prometheus.yml"],
+                ["amtool", "check-config", "alertmanager.yml"]):
+        out = subprocess.run(cmd, cwd=mon, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, (cmd, out.stdout, out.stderr)
+    tested = set(re.findall(r"alertname: (\w+)", (mon / "rules/raystream.rules.test.yml").read_text()))
+    defined = set(re.findall(r"- alert: (\w+)", (mon / "rules/raystream.rules.yml").read_text()))
+    assert defined == tested, defined ^ tested  # every rule has a unit test

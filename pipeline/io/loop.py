@@ -564,6 +564,7 @@ class PartitionLoop:
             fut.set_exception(RuntimeError("the loop stopped before answering"))
 
     def close(self) -> None:
+        self.metrics.close()
         closers = [self.source.close, self.dlq.close, *(s.close for s in self.sinks)]
         if self.enrichment is not None:
             closers.append(self.enrichment.close)

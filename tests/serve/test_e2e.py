@@ -24,7 +24,9 @@ from pipeline.spec import parse_spec
 from serve.grpc_api import row_of
 from serve.protos import raystream_pb2 as pb
 from serve.protos import raystream_pb2_grpc as pbg
+from tests.dashboards import check_dashboards
 from tests.serve_keys import AUDIENCE, ISSUER, Keys
+from tests.services import prom_query, prom_value
 
 T0 = 1_700_000_000_000
 SCHEMA = {"type": "object", "required": ["tenant_id", "ts", "kind", "value"], "additionalProperties": False,
@@ -113,8 +115,8 @@ def keys():
     return Keys()
 
 
-def test_ingest_pipeline_query_subscribe_on_all_protocols(keys, broker, postgres, redis_server, ray_local, tmp_path,
-                                                          topic_name, pipeline_name):
+def test_ingest_pipeline_query_subscribe_on_all_protocols(keys, broker, postgres, redis_server, ray_local, monitoring,
+                                                          tmp_path, topic_name, pipeline_name):
     from pipeline.driver import run_pipeline
     from serve.config import ServeConfig
     from serve.runner import start_serve, stop_serve
@@ -136,6 +138,9 @@ def test_ingest_pipeline_query_subscribe_on_all_protocols(keys, broker, postgres
         "auth": {"jwks_file": str(tmp_path / "jwks.json"), "issuer": ISSUER, "audience": AUDIENCE},
         "ingest": {"bootstrap_servers": broker.address, "topic": topic_name, "subject": subject},
         "stream": {"redis_url": redis_server.extra["url"], "heartbeat": 1.0}, "direct_port": free_port(),
+        # only GET /v1/schemas ("subjects") is tight: one request a tenant, the second is refused (429)
+        "rate_limit": {"redis_url": redis_server.extra["url"], "capacity": 100_000, "per_second": 10_000.0,
+                       "endpoints": {"subjects": [1, 0.001]}},
         "autoscaling": {"min_replicas": 1, "max_replicas": 1}})
     urls = start_serve(cfg)
     stop = threading.Event()
@@ -333,6 +338,42 @@ def test_ingest_pipeline_query_subscribe_on_all_protocols(keys, broker, postgres
             rows = conn.execute("select actor, detail from raystream_audit where action = 'scale_pipeline' and target = %s",
                                 (pipeline_name,)).fetchall()
         assert rows == [("api:user-1@acme", {"from": 1, "to": 2})]
+
+        # metrics: Prometheus scraped the replica's series through the node's metrics port
+        assert [httpx.get(f"{urls['http']}/v1/schemas", headers={"Authorization": f"Bearer {globex}"},
+                          timeout=30).status_code for _ in range(2)] == [200, 429]
+        prom = monitoring["prometheus"]
+
+        def value(expr: str) -> float:
+            return prom_value(prom, f"sum({expr})") or 0.0
+
+        agg = 'route="/v1/aggregates/{pipeline}/{window}"'
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and value('ray_raystream_api_rate_limited_total{tenant="globex"}') < 1:
+            time.sleep(0.5)
+        assert value(f'ray_raystream_api_requests_total{{{agg},status="200"}}') >= 10
+        assert value(f'ray_raystream_api_requests_total{{{agg},status="403"}}') >= 1
+        assert value('ray_raystream_api_requests_total{route="/v1/events",method="POST",status="207"}') == 1
+        assert value('ray_raystream_api_requests_total{route="/v1/schemas",status="429"}') == 1
+        assert value('ray_raystream_api_rate_limited_total{tenant="globex"}') == 1
+        assert value('ray_raystream_api_requests_total{route="grpc:QueryWindows",status="OK"}') >= 2
+        grpc_calls = {(r["metric"]["route"], r["metric"]["status"]): float(r["value"][1]) for r in prom_query(
+            prom, "sum by (route, status) (ray_raystream_api_requests_total{method=\"grpc\"})")}
+        assert grpc_calls.get(("grpc:QueryAggregates", "UNAUTHENTICATED"), 0) >= 5, grpc_calls  # refused by the token gate
+        assert value('ray_raystream_api_requests_total{route="grpc:Ingest",status="OK"}') == 2
+        assert value(f'ray_raystream_api_request_seconds_count{{{agg}}}') == \
+            value(f'ray_raystream_api_requests_total{{{agg}}}')
+        # live subscribers: the WebSocket (proxy and direct) and gRPC streams still open
+        assert value("ray_raystream_api_subscribers") >= 3
+        # a refusal without a token is counted where it is answered (the replica here; Serve's proxy when the
+        # ProxyGate runs there, as route "proxy_gate")
+        before = value('ray_raystream_api_requests_total{status="401"}')
+        assert httpx.get(f"{urls['http']}/v1/aggregates/{pipeline_name}/w", timeout=30).status_code == 401
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and value('ray_raystream_api_requests_total{status="401"}') < before + 1:
+            time.sleep(0.5)
+        assert value('ray_raystream_api_requests_total{status="401"}') == before + 1
+        check_dashboards(prom, ["raystream-serving.json"])
     finally:
         for s in subs:
             s.close()
