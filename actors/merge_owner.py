@@ -24,6 +24,7 @@ from actors.worker import _FENCE_POLICY, FENCE_VALID_S
 from pipeline.checkpoint import decode_merge, encode_merge
 from pipeline.identity import with_shard
 from pipeline.io.checkpoints import CheckpointStore
+from pipeline.logs import configure_logging
 from pipeline.io.kafka import DeadLetterProducer
 from pipeline.io.loop import Fenced
 from pipeline.io.sinks.common import Backpressure, make_sink
@@ -69,6 +70,7 @@ class MergeOwner:
         self.store_wait: dict | None = None
         self.finished = False
         self.metrics = LoopMetrics(ray_metrics(spec.observability.metrics), spec.name, f"merge-{shard}")
+        configure_logging()  # the format of the process that started Ray (RAYSTREAM_LOG_FORMAT)
 
     def pid(self) -> int:
         return os.getpid()

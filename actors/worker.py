@@ -19,6 +19,7 @@ import ray
 from actors.metrics import ray_metrics
 from actors.runtime import NAMESPACE, actor_name
 from pipeline.io.checkpoints import CheckpointStore
+from pipeline.logs import configure_logging
 from pipeline.io.loop import Fenced, PartitionLoop
 from pipeline.retry import RetryPolicy, call_with_retries
 from pipeline.spec import PipelineSpec
@@ -52,6 +53,7 @@ class PartitionWorker:
         self._fence_ok_at = -1e9
         self._coordinator = None
         self.metrics = None
+        configure_logging()  # the format of the process that started Ray (RAYSTREAM_LOG_FORMAT)
 
     def pid(self) -> int:
         return os.getpid()

@@ -24,6 +24,19 @@ EXIT_SPEC = 2
 EXIT_RUNTIME = 1
 
 
+@app.callback()
+def _options(
+    log_format: str = typer.Option("text", "--log-format", envvar="RAYSTREAM_LOG_FORMAT",
+                                   help="logs on stderr (and in the actors' logs): json (one object a line) or text"),
+) -> None:
+    """raystream: event-time stream processing on Ray."""
+    from pipeline.logs import configure_logging
+
+    if log_format not in ("json", "text"):
+        raise typer.BadParameter("json or text", param_hint="--log-format")
+    configure_logging(log_format)
+
+
 def _fmt_time(ms: Optional[int]) -> str:
     if ms is None:
         return "-"
@@ -101,6 +114,9 @@ def run(
     report: Optional[Path] = typer.Option(None, "--report", help="write the final per-worker counters as JSON here"),
     from_checkpoint: Optional[int] = typer.Option(None, "--from-checkpoint",
                                                   help="resume from this checkpoint id instead of the newest (a loud warning names both)"),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help=(
+        "Prometheus metrics on 127.0.0.1:PORT: the local Ray's metrics agent (every actor), or with --inline this "
+        "process; on a cluster (--address) each node serves its own metrics-export-port")),
 ) -> None:
     """Run a pipeline until stopped (SIGINT/SIGTERM) or, with --until-end, to the end of its input."""
     try:
@@ -109,11 +125,12 @@ def run(
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(EXIT_SPEC)
     _run_and_report(s, until_end=until_end, address=address, inline=inline, quiet=quiet, report_path=report,
-                    from_checkpoint=from_checkpoint)
+                    from_checkpoint=from_checkpoint, metrics_port=metrics_port)
 
 
 def _run_and_report(s, until_end: bool, address, inline: bool, quiet: bool, duration: Optional[float] = None,
-                    report_path: Optional[Path] = None, from_checkpoint: Optional[int] = None) -> None:
+                    report_path: Optional[Path] = None, from_checkpoint: Optional[int] = None,
+                    metrics_port: Optional[int] = None) -> None:
     from pipeline.driver import run_pipeline
 
     stop = threading.Event()
@@ -135,7 +152,7 @@ def _run_and_report(s, until_end: bool, address, inline: bool, quiet: bool, dura
             live.start()
         report = run_pipeline(s, until_end=until_end, address=address, inline=inline, on_status=on_status,
                               from_checkpoint=from_checkpoint, stop=stop,
-                              handle_signals=True)
+                              handle_signals=True, metrics_port=metrics_port)
     except KafkaFailure as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(EXIT_RUNTIME)

@@ -7,6 +7,7 @@ pipelines'; nowhere otherwise.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -16,6 +17,8 @@ from starlette.routing import Match
 from pipeline.metrics import Metrics, TenantCap
 
 __all__ = ["Measure", "ServeMetrics", "serve_metrics"]
+
+log = logging.getLogger("raystream.api")
 
 
 def serve_metrics() -> Metrics:
@@ -87,4 +90,10 @@ class Measure:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.metrics.request(self.route(scope), scope.get("method", "GET"), status, time.perf_counter() - t0)
+            route, seconds = self.route(scope), time.perf_counter() - t0
+            self.metrics.request(route, scope.get("method", "GET"), status, seconds)
+            if status >= 400:  # refusals and failures, with the caller when it was verified
+                who = (scope.get("state") or {}).get("principal")
+                log.log(logging.WARNING if status >= 500 else logging.INFO, "%s %s -> %d (%.1f ms)",
+                        scope.get("method", "GET"), route, status, seconds * 1000,
+                        extra={"tenant": getattr(who, "tenant", None), "route": route, "status": status})

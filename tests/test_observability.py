@@ -224,3 +224,71 @@ def test_alert_rules_pass_their_promtool_unit_tests_and_configs_are_valid():
     tested = set(re.findall(r"alertname: (\w+)", (mon / "rules/raystream.rules.test.yml").read_text()))
     defined = set(re.findall(r"- alert: (\w+)", (mon / "rules/raystream.rules.yml").read_text()))
     assert defined == tested, defined ^ tested  # every rule has a unit test
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """Sum of each series name over its labels, from a /metrics text page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with __import__("urllib.request").request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    return out
+
+
+def test_inline_run_serves_metrics_and_writes_json_logs(broker, tmp_path, topic_name, pipeline_name):
+    """``raystream --log-format json run --inline --metrics-port P``: the process serves the same series
+    (prometheus_client) and logs one JSON object a line with the pipeline, worker and partitions."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    from pipeline.io.broker import free_port
+
+    values, keys, parts, df, _, _ = _dataset(3_000, seed=31, bad=7)
+    broker.extra["broker"].create_topic(topic_name, PARTITIONS)
+    produce_all(broker.address, topic_name, values, keys, parts)
+    spec = {"name": pipeline_name, "source": {"kafka": {"bootstrap_servers": broker.address, "topic": topic_name}},
+            "event_time": {"field": "ts", "max_out_of_orderness": "2s", "idle_timeout": "5s"},
+            "windows": [{"name": "tumble", "type": "tumbling", "size": "10s", "group_by": ["tenant_id"],
+                         "aggregations": ["count", "sum(value)"]}],
+            "sinks": [{"parquet": {"uri": f"file://{tmp_path}/out"}}]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--log-format", "json", "run", str(tmp_path / "spec.yaml"),
+                             "--inline", "--metrics-port", str(port), "-q"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        deadline = time.monotonic() + 60
+        got: dict = {}
+        while time.monotonic() < deadline and got.get("ray_raystream_records_in_total") != len(values):
+            try:
+                got = _scrape(url)
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.3)
+        assert got.get("ray_raystream_records_in_total") == len(values), got
+        assert got["ray_raystream_records_rejected_total"] == 7
+        assert got["ray_raystream_records_accepted_total"] + got["ray_raystream_records_late_total"] == len(values) - 7
+        assert got["ray_raystream_batch_seconds_count"] >= 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    ours = [x for x in lines if x.get("logger", "").startswith("raystream.")]
+    assert ours, err
+    for x in ours:
+        assert x["pipeline"] == pipeline_name and {"time", "level", "message"} <= set(x), x
+    start = next(x for x in ours if x["message"].startswith("consuming partitions"))
+    assert start["partition"] == list(range(PARTITIONS)) and start["worker"] == "0"
+    done = next(x for x in ours if x["message"].startswith("finished"))
+    assert f"{len(values)} records (7 rejected" in done["message"]

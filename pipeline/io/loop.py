@@ -6,6 +6,7 @@ wraps one, and ``pipeline.api`` runs one inline (all partitions, no cluster).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -27,6 +28,9 @@ from pipeline.spec import PipelineSpec
 from pipeline.watermarks import NEG_INF, POS_INF
 
 __all__ = ["Fenced", "HeldOutput", "LoopStats", "PartitionLoop", "resolve_positions"]
+
+
+log = logging.getLogger("raystream.worker")
 
 
 class Fenced(RuntimeError):
@@ -181,6 +185,12 @@ class PartitionLoop:
         else:
             self.offset_resets = []
         self.source.assign(self.positions, fresh)
+        self._log = {"pipeline": spec.name, "worker": worker}
+        for r in self.offset_resets:
+            log.warning("partition %s: checkpointed offset no longer on the broker, moved by policy: %s", r.get("partition"),
+                        r, extra={**self._log, "partition": r.get("partition")})
+        log.info("consuming partitions %s from %s (epoch %s, %d slots restored)", self.partitions, self.positions, epoch,
+                 self.restored_slots, extra={**self._log, "partition": self.partitions, "epoch": epoch})
         # Revisions never go backwards in a sink: a replay re-emits, in order, revisions the previous owner
         # already wrote (and maybe raised since). Closed windows are held back while the positions are below
         # the end offset as of now (which the previous owner cannot have passed), then only the highest
@@ -229,6 +239,8 @@ class PartitionLoop:
         if seen.any():
             # a client may deliver records again after pause/resume (librdkafka races): each offset is processed once
             self.stats.redelivered += int(seen.sum())
+            log.warning("%d records delivered again below the position were dropped", int(seen.sum()),
+                        extra={**self._log, "partition": sorted(set(batch.partitions[seen].tolist()))})
             batch = batch.take(np.flatnonzero(~seen))
         if self.lookahead and len(batch) and not self.paused:
             # only what already arrived (no wait); positions advance only when it is processed,
@@ -350,6 +362,9 @@ class PartitionLoop:
                           "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         self.stats.sink_retries += 1
         self.metrics.store_wait(store)
+        if attempt == 1:
+            log.warning("waiting on %s (attempt %d): %s; partitions paused", store, attempt, self.store_wait["error"],
+                        extra={**self._log, "store": store, "partition": self.partitions})
         if not self.paused:
             try:
                 self.source.pause()
@@ -366,6 +381,8 @@ class PartitionLoop:
                 waited = time.time() - self.store_wait["since"]
                 self.stats.store_wait_s += waited
                 self.metrics.store_back(self.store_wait["store"], waited)
+                log.info("%s is back after %.1fs; partitions resumed", self.store_wait["store"], waited,
+                         extra={**self._log, "store": self.store_wait["store"]})
                 self.store_wait = None
             if self.paused:
                 try:
@@ -382,6 +399,8 @@ class PartitionLoop:
                 # it must not write anything any more
                 self.fenced = True
                 self._stop.set()
+                log.warning("epoch %s is stale: partitions %s were reassigned; writing nothing", self.epoch,
+                            self.partitions, extra={**self._log, "epoch": self.epoch})
                 raise Fenced(f"epoch {self.epoch} is stale: partitions {self.partitions} were reassigned")
         closed = self._shards(result.closed)
         if result.partials or result.frontiers:
@@ -489,7 +508,10 @@ class PartitionLoop:
             if to_end:
                 self._write(advance(self.state, to_end=True))
             self._flush_merge()
-            return self.status()
+            st = self.status()
+            log.info("finished: %d records (%d rejected, %d late), %d window rows written", st["records"], st["rejected"],
+                     st["late"], st["windows_emitted"], extra={**self._log, "partition": self.partitions})
+            return st
         finally:
             self.close()
 
