@@ -12,6 +12,7 @@ shipped (see ``Coordinator._checkpoint``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -33,6 +34,7 @@ from pipeline.metrics import LoopMetrics
 from pipeline.process import udf_rejects
 from pipeline.retry import call_with_retries
 from pipeline.spec import PipelineSpec
+from pipeline.tracing import make_tracer
 
 __all__ = ["MergeOwner", "RemoteMerge", "owner_name"]
 
@@ -70,14 +72,17 @@ class MergeOwner:
         self.store_wait: dict | None = None
         self.finished = False
         self.metrics = LoopMetrics(ray_metrics(spec.observability.metrics), spec.name, f"merge-{shard}")
+        self.tracer = make_tracer(spec.observability.tracing, "raystream-merge-owner")
         configure_logging()  # the format of the process that started Ray (RAYSTREAM_LOG_FORMAT)
 
     def pid(self) -> int:
         return os.getpid()
 
-    def feed(self, partials: dict, frontiers: dict) -> int:
-        """One worker batch: its partials for this shard, then its partitions' frontiers; writes what is ready."""
-        with self.lock:
+    def feed(self, partials: dict, frontiers: dict, trace: str | None = None) -> int:
+        """One worker batch: its partials for this shard, then its partitions' frontiers; writes what is ready.
+        ``trace``: the worker's batch span (this owner's emit and sink write spans are its children)."""
+        with self.lock, (self.tracer.span("merge", {"raystream.shard": self.shard}, parent=trace) if trace
+                         else contextlib.nullcontext()):
             if self.finished:
                 raise RuntimeError(f"merge owner {self.shard} has finished")
             n = 0
@@ -121,26 +126,32 @@ class MergeOwner:
         return ok
 
     def _write(self, table) -> None:
+        window = table.column("window")[0].as_py() if table.num_rows else None
         if table.num_rows:
-            self.metrics.emitted(table.column("window")[0].as_py(), table)
-        for sink in self.sinks:
-            waited = 0.0
-            while True:
-                try:
-                    t0 = time.perf_counter()
-                    sink.write(table)
-                    self.metrics.sink_write(sink.name, time.perf_counter() - t0)
-                    break
-                except Backpressure as bp:  # the workers wait on this call: backpressure reaches them
-                    self.store_wait = {"store": bp.store, "attempts": bp.attempt, "error": str(bp.error)[:300]}
-                    self.metrics.store_wait(bp.store)
-                    t0 = time.monotonic()
-                    time.sleep(bp.delay_s)
-                    waited += time.monotonic() - t0
-            self.stats["sink_wait_s"] += waited
-            if self.store_wait is not None:
-                self.metrics.store_back(self.store_wait["store"], waited)
-            self.store_wait = None
+            self.metrics.emitted(window, table)
+        with self.tracer.span("window emit", {"raystream.window": window, "raystream.rows": table.num_rows}):
+            for sink in self.sinks:
+                with self.tracer.span("sink write", {"raystream.sink": sink.name, "raystream.rows": table.num_rows}):
+                    self._write_sink(sink, table)
+
+    def _write_sink(self, sink, table) -> None:
+        waited = 0.0
+        while True:
+            try:
+                t0 = time.perf_counter()
+                sink.write(table)
+                self.metrics.sink_write(sink.name, time.perf_counter() - t0)
+                break
+            except Backpressure as bp:  # the workers wait on this call: backpressure reaches them
+                self.store_wait = {"store": bp.store, "attempts": bp.attempt, "error": str(bp.error)[:300]}
+                self.metrics.store_wait(bp.store)
+                t0 = time.monotonic()
+                time.sleep(bp.delay_s)
+                waited += time.monotonic() - t0
+        self.stats["sink_wait_s"] += waited
+        if self.store_wait is not None:
+            self.metrics.store_back(self.store_wait["store"], waited)
+        self.store_wait = None
 
     def snapshot(self, checkpoint_id: int, epoch: int) -> dict:
         """Write this owner's state for checkpoint ``checkpoint_id``; returns its manifest entry."""
@@ -190,7 +201,7 @@ class RemoteMerge:
             h = self.handles[k] = ray.get_actor(owner_name(self.spec.name, k), namespace=NAMESPACE)
         return h
 
-    def __call__(self, partials: dict, frontiers: dict) -> None:
+    def __call__(self, partials: dict, frontiers: dict, trace: str | None = None) -> None:
         """Send one batch's partials and frontiers. At most one batch is in flight: the previous one is waited
         for first (its owners' work overlaps this worker's next batch, and an owner, which runs calls on
         several threads, never sees one worker's batches out of order)."""
@@ -201,7 +212,8 @@ class RemoteMerge:
         if not by_owner and frontiers == self._last:
             return
         self.flush()
-        self._pending = [self._owner(k).feed.remote(by_owner.get(k, {}), frontiers) for k in range(self.owners)]
+        # every owner gets the batch's context: the windows its frontiers close are emitted under it
+        self._pending = [self._owner(k).feed.remote(by_owner.get(k, {}), frontiers, trace) for k in range(self.owners)]
         self._last = frontiers
 
     def flush(self) -> None:

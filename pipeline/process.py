@@ -70,6 +70,7 @@ class Batch:
     timestamps: np.ndarray  # broker timestamps, ms (-1 when unknown)
     keys: list | None = None
     schema_versions: np.ndarray | None = None  # from the version header: -1 none, -2 unreadable
+    traceparents: list | None = None  # distinct W3C traceparent headers of the records (when tracing)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -79,7 +80,7 @@ class Batch:
         idx = rows.tolist()
         return Batch(self.topic, [self.values[i] for i in idx], self.partitions[rows], self.offsets[rows],
                      self.timestamps[rows], None if self.keys is None else [self.keys[i] for i in idx],
-                     None if self.schema_versions is None else self.schema_versions[rows])
+                     None if self.schema_versions is None else self.schema_versions[rows], self.traceparents)
 
     def below(self, positions: dict[int, int]) -> np.ndarray:
         """Mask of records whose offset is below their partition's position (already processed)."""

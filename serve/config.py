@@ -75,6 +75,11 @@ class RateLimitConfig(_M):
     endpoints: dict[str, tuple[int, float]] = Field(default_factory=dict, description="endpoint name -> (capacity, per_second)")
 
 
+class TracingConfig(_M):
+    otlp_endpoint: str = Field(pattern=r"^https?://", description="OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces")
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0, description="share of ingest requests traced")
+
+
 class IngestConfig(_M):
     bootstrap_servers: str = Field(description="Kafka bootstrap servers")
     topic: str = Field(description="topic records are produced to, keyed by tenant")
@@ -115,6 +120,8 @@ class ServeConfig(_M):
     stream: StreamConfig | None = Field(default=None, description="WebSocket /v1/stream")
     ingest: IngestConfig | None = Field(default=None, description="POST /v1/events")
     rate_limit: RateLimitConfig | None = Field(default=None, description="token buckets per tenant and endpoint (429 + Retry-After)")
+    tracing: TracingConfig | None = Field(default=None, description="OpenTelemetry spans of ingest requests (their context "
+                                          "travels in each record's traceparent header to the pipelines' batches)")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
 
     @model_validator(mode="after")

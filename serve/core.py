@@ -48,7 +48,9 @@ class Core:
         if cfg.ingest is not None:
             from serve.ingest import Ingestor
 
-            self.ingestor = Ingestor(cfg.ingest, self.registry)
+            from pipeline.tracing import make_tracer
+
+            self.ingestor = Ingestor(cfg.ingest, self.registry, make_tracer(cfg.tracing, "raystream-api"))
         self._pool = None
         self._apools: dict[int, tuple] = {}
         self._lock = threading.Lock()

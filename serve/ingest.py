@@ -30,9 +30,12 @@ Verdict = dict  # {"index", "status": "accepted"|"rejected", "reason"?, "detail"
 class Ingestor:
     """Validation and the idempotent producer of one serving process."""
 
-    def __init__(self, cfg: IngestConfig, registry):
+    def __init__(self, cfg: IngestConfig, registry, tracer=None):
+        from pipeline.tracing import NOOP
+
         self.cfg = cfg
         self.registry = registry
+        self.tracer = tracer or NOOP
         self._producer = None
         self._validators: dict = {}
         self._cache = None
@@ -108,13 +111,18 @@ class Ingestor:
         p.poll(0)  # serve callbacks of earlier requests: frees queue space
         if len(p) + len(to_send) > QUEUE_MESSAGES:
             raise ApiError(503, "the broker is not keeping up: the producer queue is full", retry_after=1)
-        key, headers = tenant.encode(), [("raystream.schema", label.encode())]
-        for i, value in to_send:
-            try:
-                p.produce(self.cfg.topic, value=value, key=key, headers=headers,
-                          on_delivery=lambda err, _m, i=i: done.__setitem__(i, None if err is None else str(err)))
-            except BufferError:  # the queue's byte limit: this record is refused, not waited for
-                done[i] = "queue_full"
+        with self.tracer.span("ingest", {"raystream.tenant": tenant, "raystream.records": len(to_send),
+                                         "messaging.destination.name": self.cfg.topic}, kind="producer"):
+            key, headers = tenant.encode(), [("raystream.schema", label.encode())]
+            trace = self.tracer.current()
+            if trace:  # every record carries the request's context to the worker that windows it
+                headers.append(("traceparent", trace.encode()))
+            for i, value in to_send:
+                try:
+                    p.produce(self.cfg.topic, value=value, key=key, headers=headers,
+                              on_delivery=lambda err, _m, i=i: done.__setitem__(i, None if err is None else str(err)))
+                except BufferError:  # the queue's byte limit: this record is refused, not waited for
+                    done[i] = "queue_full"
         return done
 
     def _await(self, done: dict, n: int, timeout_s: float) -> None:

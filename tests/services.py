@@ -303,3 +303,57 @@ class WebhookReceiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class OtlpReceiver:
+    """An OTLP/HTTP traces endpoint on loopback that decodes each protobuf ``ExportTraceServiceRequest``.
+
+    ``spans`` holds one dict per span: service, name, kind, trace/span/parent ids (hex), links (trace, span ids),
+    attributes.
+    """
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,
+                                                                               ExportTraceServiceResponse)
+
+        spans = self.spans = []
+
+        def value(v):
+            kind = v.WhichOneof("value")
+            if kind == "array_value":
+                return [value(x) for x in v.array_value.values]
+            return getattr(v, kind) if kind else None
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                req = ExportTraceServiceRequest()
+                req.ParseFromString(body)  # a malformed body fails here: the exporter must send real OTLP
+                for rs in req.resource_spans:
+                    res = {a.key: value(a.value) for a in rs.resource.attributes}
+                    for ss in rs.scope_spans:
+                        for s in ss.spans:
+                            spans.append({"service": res.get("service.name"), "name": s.name, "kind": s.kind,
+                                          "trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(),
+                                          "parent": s.parent_span_id.hex() or None,
+                                          "links": [(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
+                                          "attributes": {a.key: value(a.value) for a in s.attributes}})
+                out = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

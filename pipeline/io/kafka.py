@@ -160,6 +160,7 @@ class ConfluentSource:
         self.topic = cfg.topic
         self.consumer = Consumer(conf)
         self.version_header: str | None = None
+        self.trace_header = False  # collect the records' traceparent headers (tracing on)
 
     def assign(self, positions: dict[int, int], from_beginning: set[int] = frozenset()) -> None:
         """Consume each partition from its position; those in ``from_beginning`` from the earliest offset the broker has."""
@@ -206,6 +207,8 @@ class ConfluentSource:
         batch = Batch(self.topic, values, partitions, offsets, stamps, keys)
         if self.version_header:
             batch.schema_versions = header_versions(map(Message.headers, msgs), self.version_header, len(msgs))
+        if self.trace_header and msgs:
+            batch.traceparents = header_values(map(Message.headers, msgs), "traceparent")
         return batch
 
     def commit(self, positions: dict[int, int]) -> None:
@@ -248,6 +251,7 @@ class KafkaPythonSource:
         extra = {k: v for k, v in cfg.config.items()}
         self.topic = cfg.topic
         self.version_header: str | None = None
+        self.trace_header = False  # collect the records' traceparent headers (tracing on)
         self.consumer = KafkaConsumer(
             bootstrap_servers=cfg.bootstrap_servers.split(","),
             group_id=group_id,
@@ -300,6 +304,8 @@ class KafkaPythonSource:
         )
         if self.version_header:
             batch.schema_versions = header_versions((r.headers for r in recs), self.version_header, len(recs))
+        if self.trace_header and recs:
+            batch.traceparents = header_values((r.headers for r in recs), "traceparent")
         return batch
 
     def commit(self, positions: dict[int, int]) -> None:
@@ -327,6 +333,19 @@ class KafkaPythonSource:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def header_values(headers, name: str, limit: int = 32) -> list[bytes]:
+    """The first ``limit`` distinct values of header ``name`` over the records' headers."""
+    key, out, seen = name.encode(), [], set()
+    for hs in headers:
+        for k, v in hs or ():
+            if (k.encode() if isinstance(k, str) else k) == key and v not in seen:
+                seen.add(v)
+                out.append(v)
+                if len(out) >= limit:
+                    return out
+    return out
 
 
 def header_versions(headers, name: str, n: int) -> np.ndarray:

@@ -6,6 +6,7 @@ wraps one, and ``pipeline.api`` runs one inline (all partitions, no cluster).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -23,6 +24,7 @@ from pipeline.io.sinks.parquet import LateParquetWriter
 from pipeline.checkpoint import decode_partition, encode_partition, restore_partition
 from pipeline.identity import shard_of_table, with_shard
 from pipeline.metrics import LoopMetrics, Metrics
+from pipeline.tracing import make_tracer
 from pipeline.process import Batch, BatchResult, PipelineState, advance, process_batch, udf_rejects
 from pipeline.spec import PipelineSpec
 from pipeline.watermarks import NEG_INF, POS_INF
@@ -94,7 +96,7 @@ class PartitionLoop:
         snapshots: dict[int, bytes] | None = None,
         fence: Callable[[], bool] | None = None,
         resumed: bool = False,
-        merge_out: Callable[[dict, dict], None] | None = None,
+        merge_out: Callable[[dict, dict, str | None], None] | None = None,
         merge_snapshots: list[bytes] | None = None,
         all_partitions: list[int] | None = None,
         metrics=None,
@@ -104,7 +106,7 @@ class PartitionLoop:
         their start positions (it crashed, or the run was killed); their window output is held back until
         they pass the broker's end offset as of now (see ``_hold``).
 
-        Merged windows ship their partial states with ``merge_out(partials, frontiers)`` (the merge owners);
+        Merged windows ship their partial states with ``merge_out(partials, frontiers, traceparent)`` (the merge owners);
         without it this loop merges them itself (one owner: it must hold every partition of the topic,
         ``all_partitions``), restored from ``merge_snapshots`` (one per owner of the run that wrote them).
 
@@ -165,6 +167,10 @@ class PartitionLoop:
                 runtime.on_wait = self._backpressure  # a lookup store outage pauses the partitions like a sink's
             self.enrichment.warm()
         self.source = make_source(kafka, spec.group_id)
+        self.tracer = make_tracer(spec.observability.tracing, "raystream-worker")
+        self._last_trace: str | None = None  # traceparent of the last traced batch
+        self._last_frontiers: dict | None = None
+        self.source.trace_header = self.tracer.enabled
         self.paused = False
         self.store_wait: dict | None = None  # while a sink write is retried: which, since when, why
         self._store_retry = threading.Event()  # waited on between attempts of a failing sink (never set)
@@ -250,9 +256,23 @@ class PartitionLoop:
                 self._ahead = nxt
                 self.enrichment.prefetch(nxt.values)
         t0 = time.perf_counter()
-        result = process_batch(self.spec, self.state, batch, self.enrichment, self.validation)
-        t1 = time.perf_counter()
-        self._write(result)
+        traced = self.tracer.enabled and len(batch)
+        with (self.tracer.span("batch", {"raystream.pipeline": self.spec.name, "raystream.worker": self._log["worker"],
+                                         "raystream.records": len(batch)}, links=batch.traceparents or (), kind="consumer")
+              if traced else contextlib.nullcontext()) as span:
+            result = process_batch(self.spec, self.state, batch, self.enrichment, self.validation)
+            t1 = time.perf_counter()
+            if self.tracer.enabled and not len(batch) and self._last_trace and self._emits(result):
+                # windows closed by time alone (idle partitions): their spans link to the last traced batch
+                with self.tracer.span("watermark advance", {"raystream.pipeline": self.spec.name},
+                                      links=[self._last_trace]):
+                    self._write(result)
+            else:
+                self._write(result)
+            if span is not None:
+                span.set_attributes({"raystream.rejected": result.rejected, "raystream.late": result.late_records,
+                                     "raystream.partitions": sorted(set(batch.partitions.tolist()))})
+                self._last_trace = self.tracer.current() or self._last_trace
         if len(batch) and self.first_batch_at is None:
             self.first_batch_at = time.time()
         if len(batch):
@@ -284,6 +304,13 @@ class PartitionLoop:
             if rest > 0:
                 self._stop.wait(rest)
         return result
+
+    def _emits(self, result: BatchResult) -> bool:
+        """Whether writing ``result`` may emit windows (closed tables, partials, or frontiers that moved)."""
+        moved = bool(result.frontiers) and result.frontiers != self._last_frontiers
+        if result.frontiers:
+            self._last_frontiers = result.frontiers
+        return bool(result.closed or result.partials) or moved
 
     def _record(self, batch, result: BatchResult, seconds: float) -> None:
         m = self.metrics
@@ -404,8 +431,8 @@ class PartitionLoop:
                 raise Fenced(f"epoch {self.epoch} is stale: partitions {self.partitions} were reassigned")
         closed = self._shards(result.closed)
         if result.partials or result.frontiers:
-            if self.merge_out is not None:
-                self.merge_out(result.partials, result.frontiers)  # partials first, then frontiers, in order
+            if self.merge_out is not None:  # partials first, then frontiers, in order; the owner's spans follow ours
+                self.merge_out(result.partials, result.frontiers, self.tracer.current())
             elif self.local_merge is not None:
                 merged, failures = self.local_merge.feed(result.partials, result.frontiers)
                 closed += [with_shard(t, "m0") for t in merged]
@@ -420,10 +447,13 @@ class PartitionLoop:
                 self._held = _highest_revisions(self.spec, self._held)
         for table in closed:
             self.stats.windows_emitted += table.num_rows
+            window = table.column("window")[0].as_py() if table.num_rows else None
             if self.metrics.enabled and table.num_rows:
-                self.metrics.emitted(table.column("window")[0].as_py(), table)
-            for sink in self.sinks:
-                self.stats.files_written += self._write_sink(sink, table)
+                self.metrics.emitted(window, table)
+            with self.tracer.span("window emit", {"raystream.window": window, "raystream.rows": table.num_rows}):
+                for sink in self.sinks:
+                    with self.tracer.span("sink write", {"raystream.sink": sink.name, "raystream.rows": table.num_rows}):
+                        self.stats.files_written += self._write_sink(sink, table)
         if result.late is not None:
             if self.late_writer is not None:
                 self.late_writer.write(result.late)

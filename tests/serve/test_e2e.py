@@ -26,7 +26,7 @@ from serve.protos import raystream_pb2 as pb
 from serve.protos import raystream_pb2_grpc as pbg
 from tests.dashboards import check_dashboards
 from tests.serve_keys import AUDIENCE, ISSUER, Keys
-from tests.services import prom_query, prom_value
+from tests.services import OtlpReceiver, prom_query, prom_value
 
 T0 = 1_700_000_000_000
 SCHEMA = {"type": "object", "required": ["tenant_id", "ts", "kind", "value"], "additionalProperties": False,
@@ -121,6 +121,7 @@ def test_ingest_pipeline_query_subscribe_on_all_protocols(keys, broker, postgres
     from serve.config import ServeConfig
     from serve.runner import start_serve, stop_serve
 
+    otlp = OtlpReceiver()
     subject = f"{topic_name}-value"
     Registry(postgres.extra["dsn"]).register(subject, schema_of(SCHEMA))
     broker.extra["broker"].create_topic(topic_name, 2)
@@ -129,7 +130,9 @@ def test_ingest_pipeline_query_subscribe_on_all_protocols(keys, broker, postgres
               "windows": [{"name": "w", "type": "tumbling", "size": "1s", "group_by": ["tenant_id", "kind"],
                            "aggregations": ["count", "sum(value)"]}],
               "sinks": [{"postgres": {"dsn": postgres.extra["dsn"]}}, {"redis": {"url": redis_server.extra["url"]}}],
-              "checkpoint": {"uri": f"file://{tmp_path}/chk", "interval": "2s"}, "workers": 1}
+              "checkpoint": {"uri": f"file://{tmp_path}/chk", "interval": "2s"}, "workers": 1,
+              # ratio 0: a batch is traced only because records of traced ingest requests are in it
+              "observability": {"tracing": {"otlp_endpoint": otlp.url, "sample_ratio": 0.0}}}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec_d))
     (tmp_path / "jwks.json").write_text(json.dumps(keys.jwks()))
     gport = free_port()
@@ -141,7 +144,8 @@ def test_ingest_pipeline_query_subscribe_on_all_protocols(keys, broker, postgres
         # only GET /v1/schemas ("subjects") is tight: one request a tenant, the second is refused (429)
         "rate_limit": {"redis_url": redis_server.extra["url"], "capacity": 100_000, "per_second": 10_000.0,
                        "endpoints": {"subjects": [1, 0.001]}},
-        "autoscaling": {"min_replicas": 1, "max_replicas": 1}})
+        "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+        "tracing": {"otlp_endpoint": otlp.url, "sample_ratio": 1.0}})
     urls = start_serve(cfg)
     stop = threading.Event()
     th = threading.Thread(target=lambda: run_pipeline(parse_spec(spec_d), stop=stop), daemon=True)
@@ -374,6 +378,39 @@ def test_ingest_pipeline_query_subscribe_on_all_protocols(keys, broker, postgres
             time.sleep(0.5)
         assert value('ray_raystream_api_requests_total{status="401"}') == before + 1
         check_dashboards(prom, ["raystream-serving.json"])
+
+        # traces (real OTLP, decoded): ingest -> Kafka header -> the batch (linked) -> window emit -> sink write
+        def chains() -> list[list[dict]]:
+            by_id = {s["span_id"]: s for s in otlp.spans}
+            out = []
+            for s in otlp.spans:
+                if s["name"] == "sink write":
+                    chain = [s]
+                    while chain[-1]["parent"] in by_id:
+                        chain.append(by_id[chain[-1]["parent"]])
+                    out.append(chain)
+            return out
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(c[-1]["name"] in ("batch", "watermark advance") for c in chains()):
+            time.sleep(0.5)
+        ingests = [s for s in otlp.spans if s["name"] == "ingest"]
+        assert {s["service"] for s in ingests} == {"raystream-api"} and len(ingests) >= 4  # REST and gRPC requests
+        ingest_ids = {(s["trace_id"], s["span_id"]) for s in ingests}
+        batches = [s for s in otlp.spans if s["name"] == "batch"]
+        assert batches and all(s["service"] == "raystream-worker" and s["links"] for s in batches)
+        assert all(set(s["links"]) <= ingest_ids for s in batches)
+        # a chain ends at the batch whose records closed the windows, or at a watermark advance (windows closed by
+        # time alone) linked to the last traced batch
+        batch_ids = {(s["trace_id"], s["span_id"]) for s in batches}
+        full = [c for c in chains() if c[-1]["name"] == "batch" or
+                (c[-1]["name"] == "watermark advance" and set(c[-1]["links"]) & batch_ids)]
+        assert full, ([[s["name"] for s in c] for c in chains()], sorted({(s["service"], s["name"], s["parent"] is None) for s in otlp.spans}))
+        for chain in full:
+            names = [s["name"] for s in chain]
+            assert names[:2] == ["sink write", "window emit"] and names[-1] in ("batch", "watermark advance"), names
+            assert len({s["trace_id"] for s in chain}) == 1  # one trace from the batch to the write
+        assert {c[0]["attributes"]["raystream.sink"] for c in full} >= {"postgres"}
     finally:
         for s in subs:
             s.close()
@@ -381,3 +418,4 @@ def test_ingest_pipeline_query_subscribe_on_all_protocols(keys, broker, postgres
         stop.set()
         th.join(60)
         stop_serve()
+        otlp.close()
