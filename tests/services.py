@@ -8,7 +8,6 @@ run. A server that does not come up fails with its log tail in the message.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import tempfile
 import threading
@@ -17,6 +16,7 @@ import urllib.parse
 import urllib.request
 
 from pipeline.io.broker import EmbeddedBroker, free_port
+from pipeline.io.proxy import BreakableProxy
 from pipeline.io.local import Service, start_postgres, start_redis
 from pipeline.io.local import _pg_bin  # noqa: F401  (tests stop and restart PostgreSQL by hand)
 from pipeline.io.local import binary as _binary
@@ -68,83 +68,7 @@ def start_moto() -> Service:
     return Service("moto", "127.0.0.1", port, None, "", {"endpoint": f"http://127.0.0.1:{port}"}, server.stop)
 
 
-class TcpProxy:
-    """A loopback TCP proxy that can be broken (connections refused/reset) to drill store failures."""
-
-    def __init__(self, target_port: int):
-        import socket
-
-        self.target = target_port
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.broken = False
-        self.refused = 0
-        self.conns: list = []
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-
-        while not self._closed:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            if self.broken:
-                self.refused += 1
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
-            except OSError:
-                client.close()
-                continue
-            self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    def _pipe(self, a, b) -> None:
-        try:
-            while True:
-                data = a.recv(65536)
-                if not data or self.broken:
-                    break
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
-    def set_broken(self, broken: bool) -> None:
-        self.broken = broken
-        if broken:
-            import socket
-
-            for c in self.conns:
-                try:
-                    # shutdown first: close() alone does not wake a thread blocked in recv() on it, and the
-                    # connection would stay open (a client waiting for an answer would wait forever)
-                    c.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                try:
-                    c.close()
-                except OSError:
-                    pass
-            self.conns = []
-
-    def close(self) -> None:
-        self._closed = True
-        self.sock.close()
-        self.set_broken(True)
+TcpProxy = BreakableProxy  # the tests' name for it
 
 
 class Cli:
