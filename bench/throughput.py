@@ -57,21 +57,28 @@ def raw_consume_rate(bootstrap: str, topic: str, total: int, repeats: int = 3) -
     return best
 
 
-def run_pipeline_cli(bootstrap: str, topic: str, workers: int, work: Path, per_partition: bool = False) -> dict:
+def run_pipeline_cli(bootstrap: str, topic: str, workers: int, work: Path, per_partition: bool = False,
+                     metrics: bool = True, inline: bool = False, tag: str | None = None) -> dict:
     spec = yaml.safe_load((ROOT / "examples" / "clicks.yaml").read_text())
     spec["workers"] = workers
     for w in spec["windows"]:
         w["per_partition"] = per_partition
     spec["worker_cpus"] = round(min(1.0, 1.9 / workers), 2)  # the coordinator needs 0.01 of the 2 CPUs
-    tag = f"{workers}{'-pp' if per_partition else ''}"
+    spec["observability"] = {"metrics": metrics, "tenant_field": "tenant_id"}
+    tag = tag or f"{workers}{'-pp' if per_partition else ''}"
     spec_path = work / f"spec-{tag}.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     report = work / f"report-{tag}.json"
     env = {**os.environ, "KAFKA_BOOTSTRAP": bootstrap, "TOPIC": topic,
            "OUT_URI": f"file://{work}/out-{tag}", "LATE_URI": f"file://{work}/late-{tag}"}
     t0 = time.perf_counter()
+    extra = ["--inline"] if inline else []
+    if metrics:  # served and exported as in production (Ray's metrics agent, or prometheus_client inline)
+        from pipeline.io.broker import free_port
+
+        extra += ["--metrics-port", str(free_port())]
     proc = subprocess.run([str(ROOT / ".venv" / "bin" / "raystream"), "run", str(spec_path), "--until-end", "--quiet",
-                           "--report", str(report)], env=env, capture_output=True, text=True)
+                           "--report", str(report), *extra], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"raystream run failed:\n{proc.stderr[-3000:]}")
     out = json.loads(report.read_text())
@@ -86,7 +93,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--per-partition", action="store_true",
                     help="windows with per_partition: true (no merge across partitions); results in throughput-per-partition.*")
+    ap.add_argument("--metrics-cost", type=int, metavar="REPEATS", default=0,
+                    help="instead: 1 worker with metrics off and on (Ray, and inline with prometheus_client), "
+                         "alternated REPEATS times; results in metrics-cost.*")
     args = ap.parse_args()
+    if args.metrics_cost:
+        metrics_cost(args)
+        return
     name = "throughput-per-partition" if args.per_partition else "throughput"
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="raystream-bench-"))
@@ -149,6 +162,66 @@ def main() -> None:
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=2))
     _plot(results, args.out / f"{name}.png")
     console.print(f"wrote {args.out / name}.json and {name}.png")
+
+
+def _generate(n: int):
+    with Progress(console=console) as prog:
+        task = prog.add_task("generating events", total=n)
+        values, keys, parts = [], [], []
+        for i in range(0, n, 100_000):
+            m = min(100_000, n - i)
+            v, k, cols = events(m, 1_760_000_000_000 + i, rate_per_s=1000, tenants=100, max_disorder_ms=2000,
+                                seed=i, id_offset=i)
+            values += v
+            keys += k
+            parts += [int(t.split("-")[1]) % 4 for t in cols["tenant_id"]]
+            prog.update(task, advance=m)
+    return values, keys, parts
+
+
+def metrics_cost(args) -> None:
+    """Events/s of one worker with metrics off and on, alternated (same broker, same input) so drift hits both."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="raystream-bench-"))
+    values, keys, parts = _generate(args.events)
+    configs = [("ray, metrics off", False, False), ("ray, metrics on (Ray metrics API)", True, False),
+               ("inline, metrics off", False, True), ("inline, metrics on (prometheus_client)", True, True)]
+    rates: dict[str, list[float]] = {c[0]: [] for c in configs}
+    with EmbeddedBroker() as broker:
+        broker.create_topic("bench", 4)
+        produce_all(broker.bootstrap, "bench", values, keys, parts)
+        del values, keys
+        for r in range(args.metrics_cost):
+            for label, metrics, inline in configs:
+                rep = run_pipeline_cli(broker.bootstrap, "bench", 1, work, metrics=metrics, inline=inline,
+                                       tag=f"mc-{r}-{int(metrics)}{int(inline)}")
+                ws = rep["workers"]
+                rate = sum(w["records"] for w in ws) / max(w["run_s"] for w in ws)
+                rates[label].append(rate)
+                console.print(f"repeat {r + 1}: {label}: {rate:,.0f} events/s")
+    med = {k: float(np.median(v)) for k, v in rates.items()}
+    results = {"events": args.events, "repeats": args.metrics_cost, "events_per_s": rates, "median": med,
+               "cost_ray": 1 - med[configs[1][0]] / med[configs[0][0]],
+               "cost_inline": 1 - med[configs[3][0]] / med[configs[2][0]],
+               "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
+                           "date": time.strftime("%Y-%m-%d")}}
+    (args.out / "metrics-cost.json").write_text(json.dumps(results, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    labels = list(med)
+    ax.barh(labels, [med[k] / 1000 for k in labels], color=["#888", "#2a6", "#888", "#26a"])
+    for i, k in enumerate(labels):
+        ax.text(med[k] / 1000, i, f" {med[k] / 1000:,.0f}k", va="center")
+    ax.set_xlabel("thousand events / s (median)")
+    ax.set_title(f"metrics cost: Ray {results['cost_ray']:+.1%}, inline {results['cost_inline']:+.1%}")
+    fig.tight_layout()
+    fig.savefig(args.out / "metrics-cost.png", dpi=110)
+    console.print(f"cost of metrics: Ray {results['cost_ray']:+.2%}, inline {results['cost_inline']:+.2%}; "
+                  f"wrote {args.out / 'metrics-cost.json'} and .png")
 
 
 def _cpu() -> str:

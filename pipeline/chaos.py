@@ -16,6 +16,7 @@ is the shell that starts things and injects the faults.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -229,6 +230,8 @@ def write_report(out: Path, exp: Experiment, samples: list[Sample], faults: list
         rec = "not recovered" if r["recovered_after_s"] is None else f"{r['recovered_after_s']:.2f}"
         lines.append(f"| {r['fault']} | {r['at_s']:.2f} | {r['lasted_s']:.2f} | {r['lag_before']:,} | {r['lag_peak']:,} | "
                      f"{rec} | {', '.join(r['actions']) or '-'} |")
+    if summary.get("not_injected"):
+        lines += ["", "Not injected (the run had ended): " + ", ".join(summary["not_injected"]) + "."]
     lines += ["", f"Records replayed (counted more than once after restarts): {summary['replayed']:,}.", "",
               "## Output", ""]
     for name, verdict in summary["windows"].items():
@@ -242,8 +245,12 @@ def write_report(out: Path, exp: Experiment, samples: list[Sample], faults: list
 
 # -- the shell ----------------------------------------------------------------------
 def _status(name: str) -> dict | None:
+    import ray
+
     from actors import control
 
+    if not ray.is_initialized():  # the run starts (or joins) Ray itself; never connect anywhere else first
+        return None
     try:
         return control.pipeline_status(name, timeout_s=5)
     except Exception:  # starting, finished or the coordinator restarting
@@ -261,6 +268,10 @@ def _sample(st: dict, t: float) -> Sample:
 
 def run_experiment(path: str | Path, out: str | Path, on_progress=None) -> dict:
     """Run the experiment at ``path``; write the report under ``out``; returns the summary (``exact`` etc.)."""
+    from actors.runtime import ensure_ray, local_ray_env
+
+    local_ray_env()  # before Ray is first imported: it reads the auth mode then
+    ensure_ray()  # here, in the main thread (a local, loopback, token-auth Ray unless one is connected already)
     from actors import control
     from pipeline.driver import run_pipeline
     from pipeline.io.broker import EmbeddedBroker
@@ -364,6 +375,7 @@ def run_experiment(path: str | Path, out: str | Path, on_progress=None) -> dict:
         summary = {"experiment": exp.name, "pipeline": name, "produced": len(values), "workers": spec.workers,
                    "wall_s": wall, "replayed": replayed(samples, len(values)), "faults": rows, "windows": verdicts,
                    "exact": exact, "checked": checked, "records": report.records,
+                   "not_injected": [f"{f.fault} at {f.at / 1000:g}s" for f in pending],
                    "actions": sorted(({"t": round(e["t"], 2), "action": e["action"], "event": e["event"][:200]}
                                       for e in seen_events.values() if e.get("action")), key=lambda e: e["t"])}
         summary["report"] = str(write_report(out, exp, samples, faults, rows, summary))
@@ -379,7 +391,9 @@ def _run(box: dict, run_pipeline, spec) -> None:
     try:
         box["report"] = run_pipeline(spec, until_end=True)
         box["finished"] = time.monotonic()
-    except BaseException as exc:  # re-raised by run_experiment
+    except BaseException as exc:  # re-raised by run_experiment; logged now (the sampler may still be waiting)
+        logging.getLogger("raystream.chaos").error("the pipeline failed: %s: %s", type(exc).__name__, exc,
+                                                   exc_info=exc)
         box["error"] = exc
 
 

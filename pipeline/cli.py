@@ -296,6 +296,8 @@ def chaos_run(
     console.print(t)
     for name, verdict in summary["windows"].items():
         console.print(f"window {name}: {verdict}")
+    if summary["not_injected"]:
+        console.print(f"[yellow]not injected (the run had ended):[/] {', '.join(summary['not_injected'])}")
     console.print(f"replayed {summary['replayed']:,} records; report: {summary['report']}")
     if not summary["exact"]:
         raise typer.Exit(EXIT_RUNTIME)

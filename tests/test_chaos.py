@@ -40,7 +40,7 @@ def test_experiment_with_five_faults_reports_impact_and_exact_output(postgres, r
     assert faults["store-outage"]["recovered_after_s"] >= 4  # nothing recovers before the store is back
     assert summary["windows"]["t"] == "equal to the reference", summary["windows"]
     assert summary["windows"]["s"].startswith("not checked")  # sessions are outside the reference
-    assert summary["exact"] and summary["checked"]
+    assert summary["exact"] and summary["checked"] and not summary["not_injected"]
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| kill-worker |" in report and "Verdict: **exact**" in report
     assert (tmp_path / "report" / "timeline.png").stat().st_size > 10_000
