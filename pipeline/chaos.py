@@ -209,8 +209,11 @@ def write_report(out: Path, exp: Experiment, samples: list[Sample], faults: list
     t = [s.t for s in samples]
     ax1.plot(t, [s.lag for s in samples], label="consumer lag (records)")
     ax1.set_ylabel("lag")
-    rates = [0.0] + [max(0.0, (b.records - a.records) / max(1e-9, b.t - a.t)) for a, b in zip(samples, samples[1:])]
-    ax2.plot(t, rates, color="tab:green", label="records/s (live workers)")
+    rates = []  # over the last 2 s: heartbeats refresh the counts in steps
+    for i, b in enumerate(samples):
+        a = next((x for x in samples[:i] if b.t - x.t <= 2.0), b)
+        rates.append(max(0.0, (b.records - a.records) / (b.t - a.t)) if b.t > a.t else 0.0)
+    ax2.plot(t, rates, color="tab:green", label="records/s (live workers, 2 s window)")
     ax2.set_ylabel("records/s")
     ax2.set_xlabel("seconds since start")
     for fault, start, end in faults:

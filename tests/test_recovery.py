@@ -284,23 +284,6 @@ def test_coordinator_killed_workers_keep_running(env):
     _check(env, d)
 
 
-def test_broker_paused_for_10s(env):
-    d = _dict(env)
-    run = Runner(parse_spec(d))
-    run.wait_for(_mid_stream, what="a checkpoint mid-stream")
-    pid = env["broker"].proc.pid
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        time.sleep(1)
-        with open(f"/proc/{pid}/status") as f:
-            assert any(line.startswith("State:") and "T" in line.split()[1] for line in f), "broker not paused"
-        time.sleep(9)
-    finally:
-        os.kill(pid, signal.SIGCONT)
-    run.join()
-    _check(env, d)
-
-
 def test_s3_fails_during_checkpoints(env, s3):
     import boto3
 
@@ -494,11 +477,11 @@ def test_faults_in_a_row_workers_and_coordinator(env):
     _check(env, d)
 
 
-OUTAGE_S = float(os.environ.get("RAYSTREAM_SINK_OUTAGE_S", "25"))  # 180 for the long drill (bench/README.md)
+OUTAGE_S = float(os.environ.get("RAYSTREAM_SINK_OUTAGE_S", "15"))  # 180 for the long drill (bench/README.md)
 
 
 def test_sink_outage_longer_than_every_timeout_is_backpressure_not_a_stall(env):
-    """PostgreSQL unreachable for 25 s (5x stall_timeout, longer than the old retry budget) mid-run:
+    """PostgreSQL unreachable for 15 s (3x stall_timeout, longer than the old retry budget) mid-run:
     the workers wait on it with their partitions paused, are never restarted, the pipeline never
     degrades, and every sink ends equal to the reference."""
     pg_port = int(env["postgres"].extra["dsn"].rsplit(":", 1)[1].split("/")[0])
