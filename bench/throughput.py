@@ -104,18 +104,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="raystream-bench-"))
     n = args.events
-    with Progress(console=console) as prog:
-        task = prog.add_task("generating events", total=n)
-        values, keys, parts = [], [], []
-        chunk = 100_000
-        for i in range(0, n, chunk):
-            m = min(chunk, n - i)
-            v, k, cols = events(m, 1_760_000_000_000 + i, rate_per_s=1000, tenants=100, max_disorder_ms=2000,
-                                seed=i, id_offset=i)
-            values += v
-            keys += k
-            parts += [int(t.split("-")[1]) % 4 for t in cols["tenant_id"]]
-            prog.update(task, advance=m)
+    values, keys, parts = _generate(n)
     mean_bytes = float(np.mean([len(v) for v in values[:10000]]))
     results: dict = {"events": n, "mean_event_bytes": mean_bytes, "per_partition": args.per_partition, "runs": []}
     with EmbeddedBroker() as broker:
@@ -200,7 +189,16 @@ def metrics_cost(args) -> None:
                 rates[label].append(rate)
                 console.print(f"repeat {r + 1}: {label}: {rate:,.0f} events/s")
     med = {k: float(np.median(v)) for k, v in rates.items()}
+    per_batch = {"ray": _metrics_per_batch("ray"), "prometheus_client": _metrics_per_batch("prom")}
+    batch_records = yaml.safe_load((ROOT / "examples" / "clicks.yaml").read_text())["source"]["kafka"].get(
+        "max_batch_records", 100_000)
+    batch_s = batch_records / med[configs[0][0]]  # one full batch at the measured rate without metrics
+    console.print(f"metrics work per batch of {batch_records:,} records: Ray {per_batch['ray'] * 1e6:,.0f} us, "
+                  f"prometheus_client {per_batch['prometheus_client'] * 1e6:,.0f} us; a batch takes {batch_s * 1e3:,.1f} ms")
     results = {"events": args.events, "repeats": args.metrics_cost, "events_per_s": rates, "median": med,
+               "metrics_seconds_per_batch": per_batch, "batch_records": batch_records, "batch_seconds": batch_s,
+               "cost_per_batch_ray": per_batch["ray"] / batch_s,
+               "cost_per_batch_prometheus_client": per_batch["prometheus_client"] / batch_s,
                "cost_ray": 1 - med[configs[1][0]] / med[configs[0][0]],
                "cost_inline": 1 - med[configs[3][0]] / med[configs[2][0]],
                "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
@@ -217,11 +215,52 @@ def metrics_cost(args) -> None:
     for i, k in enumerate(labels):
         ax.text(med[k] / 1000, i, f" {med[k] / 1000:,.0f}k", va="center")
     ax.set_xlabel("thousand events / s (median)")
-    ax.set_title(f"metrics cost: Ray {results['cost_ray']:+.1%}, inline {results['cost_inline']:+.1%}")
+    ax.set_title(f"metrics: end-to-end Ray {results['cost_ray']:+.1%}, inline {results['cost_inline']:+.1%}; "
+                 f"per batch {results['cost_per_batch_ray']:.2%} / {results['cost_per_batch_prometheus_client']:.2%}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(args.out / "metrics-cost.png", dpi=110)
     console.print(f"cost of metrics: Ray {results['cost_ray']:+.2%}, inline {results['cost_inline']:+.2%}; "
                   f"wrote {args.out / 'metrics-cost.json'} and .png")
+
+
+def _metrics_per_batch(kind: str, repeats: int = 2000) -> float:
+    """Seconds of metrics work the loop does per batch (100 tenants, 4 partitions, rejects, 2 windows, 2 sinks)."""
+    import pyarrow as pa
+
+    from pipeline.metrics import LoopMetrics, Metrics, PromClientBackend
+    from pipeline.process import BatchResult
+
+    if kind == "ray":
+        from actors.runtime import local_ray_env
+
+        local_ray_env()  # before Ray is imported
+        import ray
+
+        from actors.metrics import RayBackend
+
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        backend = RayBackend()
+    else:
+        backend = PromClientBackend()
+    lm = LoopMetrics(Metrics(backend), "bench", "0", "tenant_id", 100)
+    rejects = pa.table({"reason": ["decode_error"] * 5 + ["schema_violation:required"] * 5})
+    result = BatchResult(records=10_000, rejected=10, late_records=5, rejects=rejects,
+                         tenants={f"tenant-{i:03d}": 100 for i in range(100)})
+    parts = np.repeat(np.arange(4, dtype=np.int32), 2500)
+    table = pa.table({"window": ["w"] * 50, "window_end": pa.array(np.full(50, 1_760_000_000_000), pa.timestamp("ms"))})
+    try:
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            lm.batch(parts, result, 0.05, False, result.tenants)
+            lm.watermark(1_760_000_000_000, 1000, 1 << 28)
+            for w in ("tenant_type_10s", "tenant_1m"):
+                lm.emitted(w, table)
+                lm.sink_write("parquet", 0.001)
+        return (time.perf_counter() - t0) / repeats
+    finally:
+        if kind == "ray":
+            ray.shutdown()
 
 
 def _cpu() -> str:

@@ -128,46 +128,42 @@ def _http_ok(url: str, proc, log: str, what: str, timeout_s: float = 30.0) -> No
         time.sleep(0.1)
 
 
+def _config_server(name: str, exe: str, config: dict, args: list[str], ready_path: str, extra) -> Service:
+    """A server binary started with ``config`` written as YAML into a temporary folder (``{work}`` and ``{port}``
+    in ``args`` are filled in), on a free loopback port, ready when ``ready_path`` answers 200."""
+    import yaml
+
+    port = free_port()
+    work = tempfile.mkdtemp(prefix=f"raystream-{name}-")
+    with open(os.path.join(work, f"{name}.yml"), "w") as f:
+        yaml.safe_dump(config, f)
+    log = os.path.join(work, f"{name}.log")
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([exe, *(a.format(work=work, port=port) for a in args)], stdout=out, stderr=subprocess.STDOUT)
+    _http_ok(f"http://127.0.0.1:{port}{ready_path}", proc, log, name)
+    return Service(name, "127.0.0.1", port, proc, work, extra(port))
+
+
 def start_prometheus(targets: list[str], rule_files: list[str] = (), alertmanager: str | None = None,
                      interval: str = "1s") -> Service:
     """The Debian ``prometheus`` scraping ``targets`` (host:port) every ``interval``, evaluating ``rule_files``."""
-    import yaml
-
-    exe = _binary("prometheus", "apt-get install prometheus")
-    port = free_port()
-    work = tempfile.mkdtemp(prefix="raystream-prom-")
     conf = {"global": {"scrape_interval": interval, "evaluation_interval": interval},
             "rule_files": list(rule_files),
             "scrape_configs": [{"job_name": "raystream", "static_configs": [{"targets": list(targets)}]}]}
     if alertmanager:
         conf["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
-    with open(os.path.join(work, "prometheus.yml"), "w") as f:
-        yaml.safe_dump(conf, f)
-    log = os.path.join(work, "prometheus.log")
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([exe, f"--config.file={work}/prometheus.yml", f"--storage.tsdb.path={work}/data",
-                                 f"--web.listen-address=127.0.0.1:{port}", "--rules.alert.resend-delay=1s"],
-                                stdout=out, stderr=subprocess.STDOUT)
-    _http_ok(f"http://127.0.0.1:{port}/-/ready", proc, log, "prometheus")
-    return Service("prometheus", "127.0.0.1", port, proc, work, {"url": f"http://127.0.0.1:{port}"})
+    return _config_server("prometheus", _binary("prometheus", "apt-get install prometheus"), conf,
+                          ["--config.file={work}/prometheus.yml", "--storage.tsdb.path={work}/data",
+                           "--web.listen-address=127.0.0.1:{port}", "--rules.alert.resend-delay=1s"],
+                          "/-/ready", lambda port: {"url": f"http://127.0.0.1:{port}"})
 
 
 def start_alertmanager(config: dict) -> Service:
     """The Debian ``prometheus-alertmanager`` with ``config``, on loopback, clustering off."""
-    import yaml
-
-    exe = _binary("prometheus-alertmanager", "apt-get install prometheus-alertmanager")
-    port = free_port()
-    work = tempfile.mkdtemp(prefix="raystream-am-")
-    with open(os.path.join(work, "alertmanager.yml"), "w") as f:
-        yaml.safe_dump(config, f)
-    log = os.path.join(work, "alertmanager.log")
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([exe, f"--config.file={work}/alertmanager.yml", f"--storage.path={work}/data",
-                                 f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
-                                stdout=out, stderr=subprocess.STDOUT)
-    _http_ok(f"http://127.0.0.1:{port}/-/ready", proc, log, "alertmanager")
-    return Service("alertmanager", "127.0.0.1", port, proc, work, {"address": f"127.0.0.1:{port}"})
+    return _config_server("alertmanager", _binary("prometheus-alertmanager", "apt-get install prometheus-alertmanager"),
+                          config, ["--config.file={work}/alertmanager.yml", "--storage.path={work}/data",
+                                   "--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
+                          "/-/ready", lambda port: {"address": f"127.0.0.1:{port}"})
 
 
 def prom_query(prom: Service, expr: str) -> list[dict]:
