@@ -58,7 +58,7 @@ def s3():
 RAY_METRICS_PORT = services.free_port()  # the session Ray's metrics agent: every actor's Prometheus metrics
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # per module: a 1 s scrape and rule loop must not load the rest of the suite
 def monitoring(ray_local):
     """Prometheus scraping the session Ray (rules of cluster/monitoring, their ``for`` cut to 1 s), Alertmanager
     with the shipped routing to a Slack-compatible webhook receiver (waits cut to 1 s), and that receiver."""
