@@ -277,3 +277,15 @@ class OtlpReceiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def sigterm_and_wait(proc, timeout_s: float = 60.0) -> str:
+    """SIGTERM ``proc`` (a clean stop), wait for it and return its stderr; killed if it does not stop."""
+    import signal
+
+    try:
+        proc.send_signal(signal.SIGTERM)
+        return proc.communicate(timeout=timeout_s)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

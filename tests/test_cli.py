@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pipeline.io.kafka import produce_all
 from pipeline.io.sinks.parquet import read_windows
 from pipeline.synthetic import events
 from tests import reference
+from tests.services import sigterm_and_wait
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "clicks.yaml")
 
@@ -37,11 +37,8 @@ def test_sigterm_writes_closed_windows_and_exits_zero(broker, tmp_path, topic_na
             assert proc.poll() is None, proc.stderr.read()
             time.sleep(0.5)
         time.sleep(3)  # let it consume everything: 30 s of event time, 3 windows per key still open
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        err = sigterm_and_wait(proc)
     assert proc.returncode == 0, err[-3000:]
     assert "SIGTERM: flushing and stopping" in err
     got = read_windows(f"file://{out}", "clicks", "tenant_type_10s").to_pandas()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pipeline.io.kafka import produce_all
 from pipeline.io.sinks.parquet import read_windows
 from pipeline.synthetic import events
 from tests import reference
+from tests.services import sigterm_and_wait
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,11 +78,8 @@ def test_whole_run_under_a_skewed_clock_equals_the_reference(broker, tmp_path, t
                 break
             time.sleep(0.5)
         time.sleep(1.5)  # nothing more may close: the rest waits for records that never come
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        err = sigterm_and_wait(proc)
     assert proc.returncode == 0, err[-3000:]
     # the process really ran an hour off: its log stamps say so
     first = next(json.loads(line) for line in err.splitlines() if line.startswith("{"))

@@ -18,7 +18,7 @@ from pipeline.io.storage import open_location
 from pipeline.metrics import CATALOGUE, series_names
 from pipeline.spec import parse_spec
 from tests.dashboards import DASHBOARDS, check_dashboards
-from tests.services import TcpProxy, prom_query, prom_value
+from tests.services import TcpProxy, prom_query, prom_value, sigterm_and_wait
 from pipeline.synthetic import events
 from tests.test_end_to_end import BASE_MS, PARTITIONS, _dataset, _read_dlq, _users_table
 
@@ -243,7 +243,6 @@ def test_inline_run_serves_metrics_and_writes_json_logs(broker, tmp_path, topic_
     """``raystream --log-format json run --inline --metrics-port P``: the process serves the same series
     (prometheus_client) and logs one JSON object a line with the pipeline, worker and partitions."""
     import os
-    import signal
     import subprocess
     import sys
 
@@ -280,8 +279,7 @@ def test_inline_run_serves_metrics_and_writes_json_logs(broker, tmp_path, topic_
         assert got["ray_raystream_records_accepted_total"] + got["ray_raystream_records_late_total"] == len(values) - 7
         assert got["ray_raystream_batch_seconds_count"] >= 1
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        err = sigterm_and_wait(proc)
     assert proc.returncode == 0, err
     lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     ours = [x for x in lines if x.get("logger", "").startswith("raystream.")]
