@@ -77,7 +77,8 @@ def test_prometheus_sees_what_the_run_did_alerts_fire_and_resolve(broker, postgr
                                 "connect_timeout": "1s"}, "retry_backoff": "100ms"}],
         "late_output": {"parquet": {"uri": late_uri}},
         "checkpoint": {"uri": f"file://{tmp_path}/chk", "interval": "1s"},
-        "health": {"heartbeat_timeout": "4s", "stall_timeout": "5s"},
+        # a loaded machine may take seconds for the first batch (enrichment, owners starting): no false stalls
+        "health": {"heartbeat_timeout": "5s", "stall_timeout": "30s"},
         "enrich": [{"name": "users", "key": ["user_id"], "fields": {"tier": "string"},
                     "source": {"postgres": {"dsn": postgres.extra["dsn"], "table": users_table}},
                     "on_miss": "default", "defaults": {"tier": "unknown"}}],
