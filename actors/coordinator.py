@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections import deque
@@ -35,8 +36,10 @@ from actors.assignment import plan
 from actors.health import Action, Observation, Slot, judge
 from actors.merge_owner import MergeOwner, owner_name
 from actors.metrics import ray_metrics
+from actors.placement import NodeView, choose_node, exclusion_selector
 from actors.runtime import NAMESPACE, actor_name
 from actors.worker import PartitionWorker
+from pipeline.autoscale import Policy, Sample
 from pipeline.io.checkpoints import CheckpointStore, commit_checkpoint
 from pipeline.io.kafka import commit_offsets, end_offsets, ensure_topic, topic_partitions
 from pipeline.io.notify import Notifier, recovery_message
@@ -87,6 +90,17 @@ def kill_pipeline_actors(pipeline: str, workers: int, include_coordinator: bool 
         ray.kill(handle, no_restart=True)
         killed += 1
     return killed
+
+
+def _answers(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """Whether a node's raylet accepts a TCP connection now (a lost node refuses or times out)."""
+    if not host or not port:
+        return True  # nothing to probe: trust Ray's view
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def _wait_name_free(name: str, timeout_s: float = 15.0) -> None:
@@ -145,6 +159,12 @@ class Coordinator:
         notify = spec.observability.notify
         self.notifier = Notifier(notify.webhook, notify.timeout / 1000.0) if notify is not None else None
         self.recovering: dict[int, float] = {}  # worker index -> when its restart began (for recovery time)
+        self.placed: dict[int, str] = {}  # worker index -> the node it was started on
+        self.silent_nodes: set[str] = set()  # nodes Ray still lists alive whose raylet did not answer at the last launch
+        self.autoscale = Policy(spec.autoscale.config(), len(partitions or [])) if spec.autoscale else None
+        self.autoscale_last: dict | None = None  # the last decision (status)
+        self.pending_scale: tuple[int, float, str] | None = None  # (workers, give-up time, reason) waiting for CPUs
+        self.last_sample_t = 0.0
         if self.store is not None:
             ids = self.store.all_ids()
             self.checkpoint_id = ids[-1] if ids else 0
@@ -183,6 +203,40 @@ class Coordinator:
         saved = latest["partitions"] if latest else {}
         return {p: saved.get(p, {"offset": 0, "path": None}) for p in partitions}
 
+    def _nodes(self) -> list[NodeView]:
+        """Every node Ray lists alive, with whether its raylet answers now and what it has free."""
+        from ray._private.state import available_resources_per_node
+
+        listed = [n for n in ray.nodes() if n.get("Alive")]
+        free = available_resources_per_node()
+        here = ray.get_runtime_context().get_node_id()
+        counts: dict[str, int] = {}
+        for i, node in self.placed.items():
+            if i in self.slots:
+                counts[node] = counts.get(node, 0) + 1
+        views = []
+        for n in listed:
+            nid = n["NodeID"]
+            views.append(NodeView(nid, True, _answers(n.get("NodeManagerAddress", ""), int(n.get("NodeManagerPort") or 0)),
+                                  dict(free.get(nid, {})), counts.get(nid, 0), nid == here))
+        self.silent_nodes = {v.node_id for v in views if not v.answering}
+        return views
+
+    def _placement(self, cpus: float, resources: dict) -> tuple[dict, str | None]:
+        """Ray options placing one actor (see ``actors.placement``) and the node chosen (None: Ray decides)."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        try:
+            views = self._nodes()
+        except Exception as exc:  # the GCS is restarting: let Ray place it when it can
+            log.warning("node list unavailable (%s): placement left to Ray", exc, extra={"pipeline": self.spec.name})
+            return {}, None
+        node = choose_node(views, cpus, resources)
+        if node is not None:
+            return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}, node
+        selector = exclusion_selector(views)
+        return ({"label_selector": selector} if selector else {}), None
+
     def _launch(self, index: int, partitions: list[int], epoch: int, entries: dict[int, dict], resumed: bool) -> dict:
         """Start worker ``index`` for ``partitions`` from ``entries``; ``resumed`` when their previous owner
         did not stop cleanly (it may have written output past the checkpoint: the new one holds it back)."""
@@ -192,8 +246,12 @@ class Coordinator:
         except (ValueError, ray.exceptions.RayError):  # no such actor (the usual case) or already dead
             pass
         _wait_name_free(name)
+        where, node = self._placement(self.spec.worker_cpus, self.spec.worker_resources)
+        if node is not None:
+            self.placed[index] = node
         handle = PartitionWorker.options(
             name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=self.spec.worker_cpus,
+            **({"resources": dict(self.spec.worker_resources)} if self.spec.worker_resources else {}), **where,
         ).remote(self.spec, index)
         # the slot (and its epoch) is visible before start: the new loop's fence must see its own epoch
         previous = self.slots.get(index)
@@ -204,6 +262,8 @@ class Coordinator:
         info = ray.get(handle.start.remote(partitions, epoch, entries, {p: self.end[p] for p in partitions} if self.end else None,
                                            self.until_end, resumed), timeout=120)
         slot.pid = info["pid"]
+        if info.get("node"):
+            self.placed[index] = info["node"]
         return info
 
     def _launch_owners(self) -> None:
@@ -227,7 +287,8 @@ class Coordinator:
                 pass
             _wait_name_free(name)
             entry = {} if reshard else (saved.get(str(k)) or {})
-            h = MergeOwner.options(name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=0.01).remote(
+            where, _ = self._placement(0.01, {})
+            h = MergeOwner.options(name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=0.01, **where).remote(
                 self.spec, k, list(self.partitions), entry.get("path"), reshard, epoch)
             self.owners[k] = h
             refs.append(h.pid.remote())
@@ -393,6 +454,9 @@ class Coordinator:
                     self._gauges()
                     if self._all_drained():
                         self._finalize()
+                        continue
+                    if self.autoscale is not None and not self.stopping:
+                        self._autoscale_step()
                     elif (self.store is not None and not self.stopping
                           and time.monotonic() - self.last_checkpoint_t >= self.spec.checkpoint.interval / 1000.0):
                         self._checkpoint()
@@ -679,32 +743,102 @@ class Coordinator:
             if self.store is None:
                 raise RuntimeError("scaling moves state through checkpoints: the spec has no 'checkpoint' section")
             self._check_cpus(workers)
-            for s in self.slots.values():
-                s.handle.stop.remote()
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                states = ray.get([s.handle.status.remote() for s in self.slots.values()], timeout=30)
-                if all(st["state"] in ("drained", "failed", "fenced") for st in states):
-                    break
-                time.sleep(0.1)
-            manifest = self._checkpoint()
-            for s in self.slots.values():
-                try:
-                    ray.get(s.handle.finish.remote(False), timeout=60)
-                except Exception:  # a worker that failed has nothing to flush
-                    pass
-                ray.kill(s.handle, no_restart=True)
-            partitions = sorted(p for s in self.slots.values() for p in s.partitions)
-            before = len(self.slots)
-            self.slots = {}
-            self.spec = self.spec.model_copy(update={"workers": workers})
-            epoch = self._new_epoch()
-            entries = self._entries(partitions)
-            for i, parts in enumerate(plan(partitions, workers)):
-                self._launch(i, parts, epoch, {p: entries[p] for p in parts}, resumed=False)  # a clean handoff
-            self._event(f"scaled from {before} to {workers} workers at epoch {epoch} through checkpoint "
-                        f"{manifest['id'] if manifest else '?'}", action="scale")
-            return self._plan_info()
+            return self._rescale(workers, "operator")
+
+    def _rescale(self, workers: int, why: str) -> dict:
+        """The live handoff (lock held): every worker drains, a checkpoint is taken, ``workers`` new ones resume
+        from it with their partitions spread by the plan."""
+        for s in self.slots.values():
+            s.handle.stop.remote()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            states = ray.get([s.handle.status.remote() for s in self.slots.values()], timeout=30)
+            if all(st["state"] in ("drained", "failed", "fenced") for st in states):
+                break
+            time.sleep(0.1)
+        manifest = self._checkpoint()
+        for s in self.slots.values():
+            try:
+                ray.get(s.handle.finish.remote(False), timeout=60)
+            except Exception:  # a worker that failed has nothing to flush
+                pass
+            ray.kill(s.handle, no_restart=True)
+        partitions = sorted(p for s in self.slots.values() for p in s.partitions)
+        before = len(self.slots)
+        self.slots = {}
+        self.spec = self.spec.model_copy(update={"workers": workers})
+        epoch = self._new_epoch()
+        entries = self._entries(partitions)
+        for i, parts in enumerate(plan(partitions, workers)):
+            self._launch(i, parts, epoch, {p: entries[p] for p in parts}, resumed=False)  # a clean handoff
+        self._event(f"scaled from {before} to {workers} workers at epoch {epoch} through checkpoint "
+                    f"{manifest['id'] if manifest else '?'} ({why})", action="scale")
+        if self.autoscale is not None:
+            self.autoscale.scaled(time.monotonic(), before, workers)
+        return self._plan_info()
+
+    # -- autoscaling ------------------------------------------------------------
+    def _capacity_for(self, workers: int) -> bool:
+        """Whether the cluster has room for ``workers`` workers (counting the CPUs the current ones hold)."""
+        free = ray.available_resources()
+        live = sum(1 for s in self.slots.values() if not s.given_up)
+        need = {"CPU": self.spec.worker_cpus, **self.spec.worker_resources}
+        return all(free.get(k, 0.0) + live * v + 1e-6 >= workers * v for k, v in need.items())
+
+    def _request_capacity(self, workers: int) -> None:
+        """Tell Ray's autoscaler the cluster must fit ``workers`` workers (it adds nodes; a smaller request lets
+        idle ones go)."""
+        from ray.autoscaler.sdk import request_resources
+
+        bundle = {"CPU": self.spec.worker_cpus, **self.spec.worker_resources}
+        request_resources(bundles=[dict(bundle) for _ in range(workers)])
+
+    def _autoscale_step(self) -> None:
+        """Sample about once a second, let ``pipeline.autoscale.Policy`` decide, apply (lock held)."""
+        now = time.monotonic()
+        live = [s for s in self.slots.values() if not s.given_up]
+        if self.pending_scale is not None:
+            n, give_up, reason = self.pending_scale
+            if self._capacity_for(n):
+                self.pending_scale = None
+                self._rescale(n, f"autoscale: {reason}")
+            elif now > give_up:
+                self.pending_scale = None
+                self._event(f"autoscale: the cluster did not make room for {n} workers in time; staying at {len(live)}")
+                self.autoscale.scaled(now, len(live), len(live))  # cooldown before asking again
+                self._request_capacity(len(live))
+            return
+        if now - self.last_sample_t < 1.0 or not self.broker_ends or self.degraded or self._orphans():
+            return
+        self.last_sample_t = now
+        positions: dict[int, int] = {}
+        busy = wait = 0.0
+        waiting = 0
+        for s in live:
+            st = s.status or {}
+            positions.update({int(p): int(o) for p, o in (st.get("positions") or {}).items()})
+            busy += float(st.get("busy_s") or 0.0) + float(st.get("throttled_s") or 0.0)
+            wait += float(st.get("store_wait_s") or 0.0)
+            if st.get("store_wait"):
+                waiting += 1
+                wait += max(0.0, time.time() - float(st["store_wait"].get("since") or time.time()))
+        if set(positions) != set(self.partitions or []):
+            return  # a worker has not reported yet
+        self.autoscale.partitions = len(self.partitions)
+        self.autoscale.observe(Sample(now, dict(self.broker_ends), positions, busy, wait, len(live), waiting))
+        d = self.autoscale.decide(now, len(live))
+        self.autoscale_last = {"desired": d.desired, "reason": d.reason, **d.figures}
+        self.metrics.set("raystream_workers_desired", d.desired, pipeline=self.spec.name)
+        if d.desired == len(live):
+            return
+        if d.desired > len(live) and not self._capacity_for(d.desired):
+            self._request_capacity(d.desired)
+            self.pending_scale = (d.desired, now + self.spec.autoscale.resources_timeout / 1000.0, d.reason)
+            self._event(f"autoscale: {d.reason}; asking the Ray cluster for room for {d.desired} workers")
+            return
+        self._rescale(d.desired, f"autoscale: {d.reason}")
+        if d.desired < len(live):
+            self._request_capacity(d.desired)  # idle nodes may go
 
     def open_windows(self, window: str, filters: dict[str, str]) -> list[dict]:
         """Open windows of every live worker (the serving layer's ``include_open``); a merged window's open rows
@@ -754,11 +888,14 @@ class Coordinator:
             })
         # redacted: status reaches the CLI, the API and reports, and failure texts may quote a connection string
         return redact({"pipeline": self.spec.name, "phase": self.phase, "degraded": self.degraded, "failure": self.failure,
-                "epoch": self.next_epoch - 1, "coordinator_pid": os.getpid(), "coordinator_restarted": self.restarted,
+                "epoch": self.next_epoch - 1, "coordinator_pid": os.getpid(),
+                "coordinator_node": ray.get_runtime_context().get_node_id(), "coordinator_restarted": self.restarted,
                 "last_checkpoint": self.last_checkpoint, "checkpoints_failed": self.checkpoints_failed,
                 "workers": workers, "events": list(self.events)[-30:], "until_end": self.until_end,
                 "merge_owners": [self.owner_status.get(k, {"shard": k}) for k in sorted(self.owners)],
-                "global_restarts": self.global_restarts})
+                "global_restarts": self.global_restarts, "autoscale": self.autoscale_last,
+                "pending_scale": self.pending_scale[0] if self.pending_scale else None,
+                "silent_nodes": sorted(self.silent_nodes)})
 
     def shutdown(self) -> None:
         with self.lock:

@@ -53,6 +53,7 @@ class PartitionWorker:
         self._fence_ok_at = -1e9
         self._coordinator = None
         self.metrics = None
+        self.node_id = ray.get_runtime_context().get_node_id()
         configure_logging()  # the format of the process that started Ray (RAYSTREAM_LOG_FORMAT)
 
     def pid(self) -> int:
@@ -82,7 +83,7 @@ class PartitionWorker:
         self.state = "running"
         self.thread = threading.Thread(target=self._run, args=(until_end,), name="partition-loop", daemon=True)
         self.thread.start()
-        return {"index": self.index, "pid": os.getpid(), "restored_slots": self.loop.restored_slots,
+        return {"index": self.index, "pid": os.getpid(), "node": self.node_id, "restored_slots": self.loop.restored_slots,
                 "positions": dict(self.loop.positions)}
 
     def _run(self, until_end: bool) -> None:
@@ -164,7 +165,8 @@ class PartitionWorker:
             self.loop.stop()
 
     def status(self) -> dict:
-        base = {"index": self.index, "state": self.state, "error": self.error, "pid": os.getpid(), "heartbeat": time.time()}
+        base = {"index": self.index, "state": self.state, "error": self.error, "pid": os.getpid(), "heartbeat": time.time(),
+                "node": self.node_id}
         if self.loop is None:
             return {**base, "partitions": []}
         return {**self.loop.status(), **base}

@@ -92,6 +92,7 @@ CATALOGUE: dict[str, MetricDef] = {m.name: m for m in [
        RECOVERY_BUCKETS),
     _m("raystream_degraded", "gauge", "1 while the pipeline is degraded", _P),
     _m("raystream_workers_running", "gauge", "workers that answer and run", _P),
+    _m("raystream_workers_desired", "gauge", "workers the autoscaling policy wants", _P),
     _m("raystream_unowned_partitions", "gauge", "partitions no live worker owns (must stay 0)", _P),
     # serving
     _m("raystream_api_requests", "counter", "API requests by route, method and status", ("route", "method", "status")),

@@ -402,6 +402,37 @@ class HealthSpec(_Model):
     restart_window: Duration = Field(default=300_000, description="window for max_restarts")
 
 
+class AutoscaleSpec(_Model):
+    """Lag-driven worker count (see ``pipeline.autoscale``): the coordinator rescales through a checkpoint."""
+
+    min_workers: int = Field(default=1, ge=1, le=256, description="never fewer workers")
+    max_workers: int = Field(ge=1, le=256, description="never more workers (nor more than partitions)")
+    target_lag: int = Field(default=10_000, ge=0, description="records waiting that need no more workers")
+    catch_up: Duration = Field(default=60_000, description="lag above target_lag is planned to drain within this")
+    target_utilization: float = Field(default=0.7, gt=0.05, le=1.0, description=(
+        "share of a worker's measured capacity planned for (headroom for spikes)"))
+    metrics_window: Duration = Field(default=20_000, description="rates are averaged over this")
+    stabilization: Duration = Field(default=10_000, description="metrics this soon after a rescale are not used")
+    scale_out_cooldown: Duration = Field(default=15_000, description="at least this between two scale-outs")
+    scale_in_delay: Duration = Field(default=60_000, description=(
+        "fewer workers must have sufficed, lag within target, for this long before scaling in"))
+    resources_timeout: Duration = Field(default=300_000, description=(
+        "how long a scale-out waits for the Ray cluster to have the CPUs (its autoscaler adding nodes) before giving up"))
+
+    @model_validator(mode="after")
+    def _range(self) -> "AutoscaleSpec":
+        if self.min_workers > self.max_workers:
+            raise ValueError("autoscale: min_workers is above max_workers")
+        return self
+
+    def config(self):
+        from pipeline.autoscale import AutoscaleConfig
+
+        return AutoscaleConfig(self.min_workers, self.max_workers, self.target_lag, self.catch_up / 1000.0,
+                               self.target_utilization, self.metrics_window / 1000.0, self.stabilization / 1000.0,
+                               self.scale_out_cooldown / 1000.0, self.scale_in_delay / 1000.0)
+
+
 class NotifySpec(_Model):
     webhook: str = Field(pattern=r"^https?://", description=(
         "Slack-compatible webhook (POST of JSON {\"text\": ...}) told of every recovery action the coordinator takes"))
@@ -537,6 +568,11 @@ class PipelineSpec(_Model):
     enrich: list[Enricher] = Field(default_factory=list, description="lookups that add fields before windowing")
     workers: int = Field(default=1, ge=1, le=256, description="number of PartitionWorker actors")
     worker_cpus: float = Field(default=0.5, gt=0, le=64, description="CPU request of each worker actor")
+    worker_resources: dict[str, float] = Field(default_factory=dict, description=(
+        "custom Ray resources each worker asks for (pins workers to the nodes that offer them, e.g. "
+        "{stream_node: 1} with ray start --resources)"))
+    autoscale: AutoscaleSpec | None = Field(default=None, description=(
+        "let the coordinator choose the worker count from the lag (workers is the starting count)"))
     merge_owners: int | None = Field(default=None, ge=1, le=256, description=(
         "actors merging the partitions' partial window states (a group's owner is a stable hash of window and group "
         "keys); default: as many as workers. Fixed for the life of a checkpoint directory"))
@@ -583,6 +619,8 @@ class PipelineSpec(_Model):
             raise ValueError("format: protobuf needs validate: {subject: ..., registry: ...} naming the message's schema")
         if self.late_output is not None and self.late_output.parquet is None:
             raise ValueError("late_output takes a parquet sink")
+        if self.autoscale is not None and self.checkpoint is None:
+            raise ValueError("autoscale moves partitions and their state through checkpoints: add a checkpoint section")
         enames = [e.name for e in self.enrich]
         if len(set(enames)) != len(enames):
             raise ValueError("enricher names must be unique")

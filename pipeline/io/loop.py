@@ -63,6 +63,7 @@ class LoopStats:
     files_written: int = 0
     batches: int = 0
     busy_s: float = 0.0
+    throttled_s: float = 0.0
     run_s: float = 0.0
     consume_s: float = 0.0
     process_s: float = 0.0
@@ -303,6 +304,7 @@ class PartitionLoop:
             rest = len(batch) / kafka.max_rate - (time.perf_counter() - tp)
             if rest > 0:
                 self._stop.wait(rest)
+                self.stats.throttled_s += rest  # at its max_rate the worker is saturated: autoscaling counts it busy
         return result
 
     def _emits(self, result: BatchResult) -> bool:

@@ -1,0 +1,221 @@
+"""A real multi-node Ray cluster of processes on one machine, on loopback (tests, drills, benchmarks).
+
+Each node is started with ``ray start`` in its own process group (its raylet,
+its agents and every worker process it spawns stay in that group), so a whole
+node can be killed at once, as a machine or a pod is lost. Every listener is on
+127.0.0.1 with explicit ports; token auth stays on (``RAY_AUTH_MODE=token``).
+
+One-machine Ray refuses ``ray start --address`` while
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (which is what keeps Ray on loopback);
+the guard is read only by the CLI module, so ``ray start`` runs through a tiny
+launcher that lifts it for that module alone (``_LAUNCHER``): addresses are
+still resolved as loopback everywhere else.
+
+With ``redis`` the head runs with GCS fault tolerance (``RAY_REDIS_ADDRESS``,
+as KubeRay configures it): :meth:`LocalCluster.restart_gcs` kills the GCS
+server and starts it again from its own command line, and the cluster carries
+on from Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from pipeline.io.broker import free_port
+
+__all__ = ["LocalCluster", "NodeProc"]
+
+_LAUNCHER = r"""
+import sys, types
+import ray._private.ray_constants as real
+import ray.scripts.scripts as cli
+shim = types.ModuleType("ray_constants_cli")
+shim.__dict__.update(real.__dict__)
+shim.ENABLE_RAY_CLUSTER = True  # join allowed; services.get_node_ip_address still sees the real (False): loopback
+cli.ray_constants = shim
+sys.argv = ["ray", *sys.argv[1:]]
+cli.main()
+"""
+
+
+@dataclass
+class NodeProc:
+    """One node: the process group of its ``ray start`` and what it was given."""
+
+    name: str
+    pgid: int
+    cpus: float
+    resources: dict
+    head: bool = False
+    node_id: str | None = None
+    log: str = ""
+    alive: bool = True
+
+
+@dataclass
+class LocalCluster:
+    """Start a head and worker nodes; kill a node; restart the GCS; stop everything.
+
+    ``head_cpus=0`` runs a head that takes no actor needing a CPU (as KubeRay
+    clusters are often run). Every node gets a custom resource named after it
+    (``node:<name>`` style, here ``rs_<name>: 1``) so a test can tell or pin
+    where an actor runs.
+    """
+
+    workdir: str
+    head_cpus: float = 0
+    redis: str | None = None        # host:port of an external Redis: GCS fault tolerance
+    env: dict = field(default_factory=dict)
+    nodes: dict[str, NodeProc] = field(default_factory=dict)
+    port: int = 0
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _env(self) -> dict:
+        env = {**os.environ, **self.env}
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        env.setdefault("RAY_AUTH_MODE", "token")
+        env.setdefault("RAY_DEDUP_LOGS", "0")
+        # a node that stops answering is declared dead after ~5 s (the defaults take ~30 s)
+        env.setdefault("RAY_health_check_period_ms", "1000")
+        env.setdefault("RAY_health_check_timeout_ms", "1000")
+        env.setdefault("RAY_health_check_failure_threshold", "4")
+        if self.redis:
+            env["RAY_REDIS_ADDRESS"] = self.redis
+            env.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "120")
+        return env
+
+    def _start(self, name: str, cpus: float, resources: dict, head: bool, extra: list[str] = ()) -> NodeProc:
+        os.makedirs(self.workdir, exist_ok=True)
+        log = os.path.join(self.workdir, f"node-{name}.log")
+        metrics = free_port()
+        self.metrics_ports[name] = metrics
+        res = {f"rs_{name}": 1, **resources}
+        args = ["start", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", f"--resources={json.dumps(res)}",
+                f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+                f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                "--object-store-memory=100000000", "--disable-usage-stats", *extra]
+        if head:
+            self.port = self.port or free_port()
+            args += ["--head", f"--port={self.port}", "--include-dashboard=false",
+                     f"--ray-client-server-port={free_port()}"]
+        else:
+            args += [f"--address={self.address}"]
+        with open(log, "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, *args], stdout=out, stderr=subprocess.STDOUT,
+                                    env=self._env(), start_new_session=True)
+            rc = proc.wait(timeout=120)
+        if rc != 0:
+            with open(log, errors="replace") as f:
+                raise RuntimeError(f"ray start for node {name} failed ({rc}):\n{f.read()[-3000:]}")
+        node = NodeProc(name, proc.pid, cpus, res, head=head, log=log)
+        self.nodes[name] = node
+        return node
+
+    def start_head(self, extra: list[str] = ()) -> NodeProc:
+        """Start the head node (GCS, its raylet)."""
+        return self._start("head", self.head_cpus, {}, True, extra)
+
+    def add_node(self, name: str, cpus: float = 1, resources: dict | None = None, wait_s: float = 60) -> NodeProc:
+        """Start a worker node and wait until the GCS lists it alive."""
+        node = self._start(name, cpus, resources or {}, False)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            found = self.node_ids().get(name)
+            if found:
+                node.node_id = found
+                return node
+            time.sleep(0.2)
+        raise RuntimeError(f"node {name} did not join within {wait_s}s")
+
+    def node_ids(self) -> dict[str, str]:
+        """Alive nodes by name (their ``rs_<name>`` resource), asked of the GCS from a helper process."""
+        code = ("import json, ray\nfrom ray.util.state import list_nodes\n"
+                "ray.init(address=%r, log_to_driver=False, configure_logging=False)\n"
+                "print(json.dumps({k[3:]: n['NodeID'] for n in ray.nodes() if n['Alive'] "
+                "for k in n['Resources'] if k.startswith('rs_')}))") % self.address
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=self._env(), timeout=60)
+        if out.returncode != 0:
+            return {}
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL every process of a node at once (raylet, agents, its actors), as a lost machine."""
+        node = self.nodes[name]
+        try:
+            os.killpg(node.pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        node.alive = False
+
+    def pids(self, name: str) -> list[int]:
+        """The live processes of a node's process group."""
+        out = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.nodes[name].pgid and fields[0] != "Z":
+                out.append(int(entry))
+        return out
+
+    def _gcs_pid(self) -> int:
+        for pid in self.pids("head"):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"gcs_server"):
+                return pid
+        raise RuntimeError("no gcs_server process in the head's group")
+
+    def restart_gcs(self, down_s: float = 0.0) -> float:
+        """Kill the head's GCS server and start it again from its own command line (GCS FT needs ``redis``).
+
+        Returns how long it was down. The new one joins the head's process group, so a later kill of the head
+        still takes it.
+        """
+        if not self.redis:
+            raise RuntimeError("the GCS keeps its state in memory without an external Redis: start with redis=")
+        pid = self._gcs_pid()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode() for a in f.read().split(b"\0") if a]
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(kv.decode().split("=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        while os.path.exists(f"/proc/{pid}") and _state(pid) != "Z":
+            time.sleep(0.02)
+        time.sleep(down_s)
+        head = self.nodes["head"]
+        subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         preexec_fn=lambda: os.setpgid(0, head.pgid))
+        return time.monotonic() - t0
+
+    def stop(self) -> None:
+        """Kill every node (workers first), then clear Ray's session files of this cluster."""
+        for name in [n for n in self.nodes if n != "head"] + [n for n in self.nodes if n == "head"]:
+            self.kill_node(name)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"
