@@ -161,6 +161,7 @@ class Coordinator:
         self.recovering: dict[int, float] = {}  # worker index -> when its restart began (for recovery time)
         self.placed: dict[int, str] = {}  # worker index -> the node it was started on
         self.silent_nodes: set[str] = set()  # nodes Ray still lists alive whose raylet did not answer at the last launch
+        self.announced_silent: set[str] = set()
         self.autoscale = Policy(spec.autoscale.config(), len(partitions or [])) if spec.autoscale else None
         self.autoscale_last: dict | None = None  # the last decision (status)
         self.pending_scale: tuple[int, float, str] | None = None  # (workers, give-up time, reason) waiting for CPUs
@@ -231,6 +232,10 @@ class Coordinator:
         except Exception as exc:  # the GCS is restarting: let Ray place it when it can
             log.warning("node list unavailable (%s): placement left to Ray", exc, extra={"pipeline": self.spec.name})
             return {}, None
+        for v in views:
+            if not v.answering and v.node_id not in self.announced_silent:
+                self.announced_silent.add(v.node_id)
+                self._event(f"node {v.node_id[:12]} does not answer (Ray still lists it alive): nothing is started there")
         node = choose_node(views, cpus, resources)
         if node is not None:
             return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}, node

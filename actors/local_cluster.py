@@ -56,6 +56,7 @@ class NodeProc:
     node_id: str | None = None
     log: str = ""
     alive: bool = True
+    groups: list[int] = field(default_factory=list)  # more process groups of the node (a restarted GCS)
 
 
 @dataclass
@@ -149,18 +150,28 @@ class LocalCluster:
             return {}
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    def kill_node(self, name: str) -> None:
-        """SIGKILL every process of a node at once (raylet, agents, its actors), as a lost machine."""
+    def kill_node(self, name: str) -> list[int]:
+        """SIGKILL every process of a node at once, as a lost machine: its process group (raylet, agents) and
+        every descendant (the raylet starts its worker processes, the actors, in process groups of their own).
+        Returns the pids killed."""
         node = self.nodes[name]
-        try:
-            os.killpg(node.pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        victims = self.pids(name)
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGSTOP)  # freeze first: nothing of the node reacts to the others dying
+            except ProcessLookupError:
+                pass
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         node.alive = False
+        return victims
 
     def pids(self, name: str) -> list[int]:
-        """The live processes of a node's process group."""
-        out = []
+        """The live processes of a node: its process group and all their descendants."""
+        table: dict[int, tuple[int, int, str]] = {}  # pid -> (ppid, pgid, state)
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
@@ -169,9 +180,15 @@ class LocalCluster:
                     fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[2]) == self.nodes[name].pgid and fields[0] != "Z":
-                out.append(int(entry))
-        return out
+            table[int(entry)] = (int(fields[1]), int(fields[2]), fields[0])
+        groups = {self.nodes[name].pgid, *self.nodes[name].groups}
+        found = {pid for pid, (_, pgid, st) in table.items() if pgid in groups and st != "Z"}
+        grew = True
+        while grew:
+            more = {pid for pid, (ppid, _, st) in table.items() if ppid in found and st != "Z"} - found
+            found |= more
+            grew = bool(more)
+        return sorted(found)
 
     def _gcs_pid(self) -> int:
         for pid in self.pids("head"):
@@ -187,8 +204,8 @@ class LocalCluster:
     def restart_gcs(self, down_s: float = 0.0) -> float:
         """Kill the head's GCS server and start it again from its own command line (GCS FT needs ``redis``).
 
-        Returns how long it was down. The new one joins the head's process group, so a later kill of the head
-        still takes it.
+        Returns how long it was down. The new one is counted among the head's processes, so a later kill of the
+        head still takes it.
         """
         if not self.redis:
             raise RuntimeError("the GCS keeps its state in memory without an external Redis: start with redis=")
@@ -202,9 +219,8 @@ class LocalCluster:
         while os.path.exists(f"/proc/{pid}") and _state(pid) != "Z":
             time.sleep(0.02)
         time.sleep(down_s)
-        head = self.nodes["head"]
-        subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         preexec_fn=lambda: os.setpgid(0, head.pgid))
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.nodes["head"].groups.append(proc.pid)
         return time.monotonic() - t0
 
     def stop(self) -> None:

@@ -68,8 +68,24 @@ class Pipeline:
         """Where records for freed windows go."""
         return self._set(late_output={"parquet": {"uri": uri, **options}})
 
-    def workers(self, n: int) -> "Pipeline":
-        return self._set(workers=n)
+    def workers(self, n: int, cpus: float | None = None, **resources: float) -> "Pipeline":
+        """``n`` workers (the starting count with ``autoscale``), each asking Ray for ``cpus`` and custom ``resources``."""
+        extra = {"worker_cpus": cpus} if cpus is not None else {}
+        if resources:
+            extra["worker_resources"] = resources
+        return self._set(workers=n, **extra)
+
+    def checkpoint(self, uri: str, **options) -> "Pipeline":
+        """Periodic snapshots of state and offsets on ``file://`` or ``s3://`` (interval, keep, timeout, …)."""
+        return self._set(checkpoint={"uri": uri, **options})
+
+    def health(self, **options) -> "Pipeline":
+        """Worker health checks (heartbeat_timeout, stall_timeout, max_restarts, restart_window)."""
+        return self._set(health=options)
+
+    def autoscale(self, max_workers: int, min_workers: int = 1, **options) -> "Pipeline":
+        """Let the coordinator choose the worker count from the lag (target_lag, catch_up, …; needs ``checkpoint``)."""
+        return self._set(autoscale={"min_workers": min_workers, "max_workers": max_workers, **options})
 
     def spec(self, env: dict[str, str] | None = None) -> PipelineSpec:
         """The validated spec; raises SpecError naming each bad field."""
