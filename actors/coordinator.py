@@ -822,7 +822,8 @@ class Coordinator:
         for s in live:
             st = s.status or {}
             positions.update({int(p): int(o) for p, o in (st.get("positions") or {}).items()})
-            busy += float(st.get("busy_s") or 0.0) + float(st.get("throttled_s") or 0.0)
+            # fetching and decoding a non-empty batch is work too (consume_s), and a throttled worker is saturated
+            busy += sum(float(st.get(k) or 0.0) for k in ("busy_s", "consume_s", "throttled_s"))
             wait += float(st.get("store_wait_s") or 0.0)
             if st.get("store_wait"):
                 waiting += 1

@@ -44,6 +44,13 @@ cli.main()
 """
 
 
+_MONITOR_DEFAULTS = """import os, sys
+if sys.argv and sys.argv[0].endswith("monitor.py") and os.environ.get("RAYSTREAM_FAKE_PROVIDER_DEFAULTS"):
+    from ray.autoscaler._private import providers
+    providers._DEFAULT_CONFIGS["fake_multinode"] = lambda: os.environ["RAYSTREAM_FAKE_PROVIDER_DEFAULTS"]
+"""
+
+
 @dataclass
 class NodeProc:
     """One node: the process group of its ``ray start`` and what it was given."""
@@ -123,9 +130,50 @@ class LocalCluster:
         self.nodes[name] = node
         return node
 
-    def start_head(self, extra: list[str] = ()) -> NodeProc:
-        """Start the head node (GCS, its raylet)."""
-        return self._start("head", self.head_cpus, {}, True, extra)
+    def start_head(self, extra: list[str] = (), autoscaling: dict | None = None) -> NodeProc:
+        """Start the head node (GCS, its raylet).
+
+        ``autoscaling``: run Ray's autoscaler (v2, as KubeRay does) with the fake multi-node provider Ray's own
+        autoscaler tests use: it launches and removes real nodes as processes on this machine. The dict gives
+        ``available_node_types`` (each with resources, min_workers, max_workers) and optionally
+        ``idle_timeout_minutes`` and ``max_workers``.
+        """
+        if autoscaling is None:
+            return self._start("head", self.head_cpus, {}, True, extra)
+        from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
+
+        self.port = self.port or free_port()
+        types = {k: {"node_config": {}, "min_workers": 0, **v} for k, v in autoscaling["available_node_types"].items()}
+        types["ray.head.default"] = {"resources": {"CPU": self.head_cpus}, "node_config": {}, "max_workers": 0}
+        config = {"cluster_name": "raystream-local", "max_workers": autoscaling.get("max_workers", 8),
+                  "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                               "disable_launch_config_check": True, "launch_multiple": True,
+                               "head_node_id": FAKE_HEAD_NODE_ID, "gcs_address": self.address},
+                  "available_node_types": types, "head_node_type": "ray.head.default", "auth": {},
+                  "upscaling_speed": 1.0, "idle_timeout_minutes": autoscaling.get("idle_timeout_minutes", 0.1),
+                  "docker": {}, "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+                  "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+                  "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+                  "rsync_exclude": [], "rsync_filter": []}
+        os.makedirs(self.workdir, exist_ok=True)
+        path = os.path.join(self.workdir, "autoscaling.json")
+        with open(path, "w") as f:
+            json.dump(config, f)
+        # Ray's wheel lacks the fake provider's defaults file that its autoscaler loads: the monitor process gets
+        # this config as those defaults (a sitecustomize on the head's PYTHONPATH, acting in monitor.py only)
+        site = os.path.join(self.workdir, "site")
+        os.makedirs(site, exist_ok=True)
+        with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+            f.write(_MONITOR_DEFAULTS)
+        self.env["RAYSTREAM_FAKE_PROVIDER_DEFAULTS"] = path
+        self.env["PYTHONPATH"] = os.pathsep.join(x for x in (site, os.environ.get("PYTHONPATH")) if x)
+        self.env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_enable_autoscaler_v2": "1",
+                         "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID})
+        try:
+            return self._start("head", self.head_cpus, {}, True, [*extra, f"--autoscaling-config={path}"])
+        finally:
+            for k in ("RAY_CLOUD_INSTANCE_ID", "RAY_OVERRIDE_NODE_ID_FOR_TESTING"):
+                self.env.pop(k)  # the head's own identity: worker nodes get theirs from the provider
 
     def add_node(self, name: str, cpus: float = 1, resources: dict | None = None, wait_s: float = 60) -> NodeProc:
         """Start a worker node and wait until the GCS lists it alive."""

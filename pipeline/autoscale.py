@@ -10,10 +10,11 @@ pipeline:
   on a failing sink is not busy time), measured over ``metrics_window``;
 - **required rate** = input rate (growth of the end offsets) + the lag above
   ``target_lag`` drained within ``catch_up``;
-- **desired workers** = ceil(required / (capacity x ``target_utilization``)),
-  then aligned to the partitions: the smallest count with the same largest
-  share of partitions per worker (8 partitions: 5 workers do no better than
-  4, so 4), after clamping to ``[min_workers, max_workers]`` and to the partition count.
+- **desired workers**: partitions are the unit of work, so the busiest worker
+  holds ceil(P / workers) partitions, each carrying required / P; the count
+  is the fewest workers whose busiest one stays within capacity x
+  ``target_utilization`` (8 partitions: 5 workers do no better than 4, so 4),
+  clamped to ``[min_workers, max_workers]`` and aligned the same way.
 
 Where it goes further than Flink's:
 
@@ -165,11 +166,17 @@ class Policy:
             self.rate_before = None  # judged once
         if lag <= cfg.target_lag:
             self.blocked = None
-        if capacity is None:
+        if capacity is None and (lag > cfg.target_lag or inflow > 0):
             self.enough_since = None
-            return Decision(current, "idle: no busy time measured", figures)
+            return Decision(current, "no busy time measured while input waits: holding", figures)
         required = inflow + max(0, lag - cfg.target_lag) / cfg.catch_up_s
-        raw = math.ceil(required / (capacity * cfg.target_utilization)) if required > 0 else cfg.min_workers
+        if capacity is None or required <= 0:  # idle: nothing arrives, nothing waits
+            raw = cfg.min_workers
+        else:
+            # partitions are the unit of work: the busiest worker holds ceil(P / workers) of them, each carrying
+            # required / P; the most partitions a worker may hold within its planned capacity sets the count
+            share = math.floor(capacity * cfg.target_utilization * self.partitions / required)
+            raw = self.partitions if share < 1 else math.ceil(self.partitions / share)
         desired = max(self.bounds(cfg.min_workers), align(self.bounds(max(raw, 1)), self.partitions))
         figures.update(required_rate=round(required, 1), raw=raw, desired=desired)
         if desired > current:
