@@ -32,7 +32,7 @@ BASE_MS = 1_765_000_000_000
 WINDOWS = [{"name": "tumble", "type": "tumbling", "size": "2s", "group_by": ["tenant_id"],
             "aggregations": ["count", "sum(value)", "min(value)", "max(value)", "mean(value)"]}]
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.drill]
 
 
 @pytest.fixture
@@ -106,12 +106,12 @@ def test_lag_spike_scales_out_adds_nodes_drains_scales_in_removes_nodes_output_e
             st = probe(pipeline_name)
             if st is not None:
                 lag = sum(w.get("lag") or 0 for w in st["workers"])
-                timeline.append((time.monotonic() - t0, len(st["workers"]), lag, (st.get("autoscale") or {}).get("reason")))
+                timeline.append((time.monotonic() - t0, len(st["workers"]), lag, json.dumps(st.get("autoscale"))))
             assert run.poll() is None, run.stderr.read()[-3000:]
             time.sleep(0.5)
 
     try:
-        trickle(time.monotonic() + 25)
+        trickle(time.monotonic() + 12)
         assert timeline and max(w for _, w, _, _ in timeline) == 1, timeline[-5:]
         nodes_before = _nodes(cluster)
         # phase 2: the spike, 30,000 records at once (50 s of work for one worker)
@@ -120,14 +120,14 @@ def test_lag_spike_scales_out_adds_nodes_drains_scales_in_removes_nodes_output_e
         sent += cut2 - cut1
         t_spike = time.monotonic() - t0
         peak_nodes = nodes_before
-        deadline = time.monotonic() + 150
+        deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             trickle(time.monotonic() + 2)
             peak_nodes = max(peak_nodes, _nodes(cluster))
             if max(w for _, w, _, _ in timeline) > 1 and timeline[-1][1] == 1 and timeline[-1][2] < 3000:
                 break  # scaled out and back in
         workers = [w for _, w, _, _ in timeline]
-        assert max(workers) > 1, timeline[-20:]
+        assert max(workers) > 1, [x for x in timeline if x[2] > 10_000][::10]
         t_out = next(t for t, w, _, _ in timeline if w > 1)
         t_in = next(t for t, w, _, _ in timeline if t > t_out and w == 1)
         assert peak_nodes > nodes_before, f"no node was added: {nodes_before} -> {peak_nodes}"
