@@ -39,7 +39,7 @@ from actors.metrics import ray_metrics
 from actors.placement import NodeView, choose_node, exclusion_selector
 from actors.runtime import NAMESPACE, actor_name
 from actors.worker import PartitionWorker
-from pipeline.autoscale import Policy, Sample
+from pipeline.autoscale import Policy, Sample, align
 from pipeline.io.checkpoints import CheckpointStore, commit_checkpoint
 from pipeline.io.kafka import commit_offsets, end_offsets, ensure_topic, topic_partitions
 from pipeline.io.notify import Notifier, recovery_message
@@ -282,6 +282,8 @@ class Coordinator:
             if saved and len(saved) != self.spec.owners else None
         if reshard:
             self._event(f"merge owners: {len(saved)} in the checkpoint, {self.spec.owners} now: their groups are re-sharded")
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
         refs = []
         self.owner_epoch = epoch = self._new_epoch()  # fences the owners replaced here at once
         for k in range(self.spec.owners):
@@ -292,7 +294,8 @@ class Coordinator:
                 pass
             _wait_name_free(name)
             entry = {} if reshard else (saved.get(str(k)) or {})
-            where, _ = self._placement(0.01, {})
+            # owners are small: beside the coordinator (soft), leaving whole nodes to the workers
+            where = {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)}
             h = MergeOwner.options(name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=0.01, **where).remote(
                 self.spec, k, list(self.partitions), entry.get("path"), reshard, epoch)
             self.owners[k] = h
@@ -723,6 +726,7 @@ class Coordinator:
             if problems:
                 self.failure = "the run ended short of its end offsets: " + "; ".join(problems)
         self.results = results
+        self._release_capacity()
         self.phase = "finished"
         self._event("finished" + (f" (degraded: {self.degraded})" if self.degraded else ""))
 
@@ -783,20 +787,58 @@ class Coordinator:
         return self._plan_info()
 
     # -- autoscaling ------------------------------------------------------------
+    def _ours_per_node(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for i, s in self.slots.items():
+            node = self.placed.get(i) or (s.status or {}).get("node")
+            if node and not s.given_up:
+                counts[node] = counts.get(node, 0) + 1
+        return counts
+
     def _capacity_for(self, workers: int) -> bool:
-        """Whether the cluster has room for ``workers`` workers (counting the CPUs the current ones hold)."""
-        free = ray.available_resources()
-        live = sum(1 for s in self.slots.values() if not s.given_up)
+        """Whether the nodes have room for ``workers`` workers, node by node (a worker needs its CPUs on one
+        node), counting what the current workers hold (freed by the handoff)."""
+        from ray._private.state import available_resources_per_node
+
         need = {"CPU": self.spec.worker_cpus, **self.spec.worker_resources}
-        return all(free.get(k, 0.0) + live * v + 1e-6 >= workers * v for k, v in need.items())
+        ours = self._ours_per_node()
+        fit = 0
+        for node, free in available_resources_per_node().items():
+            room = {k: free.get(k, 0.0) + ours.get(node, 0) * v for k, v in need.items()}
+            fit += int(min(room[k] / v + 1e-6 for k, v in need.items() if v > 0))
+        return fit >= workers
 
-    def _request_capacity(self, workers: int) -> None:
-        """Tell Ray's autoscaler the cluster must fit ``workers`` workers (it adds nodes; a smaller request lets
-        idle ones go)."""
-        from ray.autoscaler.sdk import request_resources
+    def _request_capacity(self, extra: int) -> None:
+        """Reserve room for ``extra`` more workers, a placement group each: while they wait, Ray's autoscaler sees
+        the demand and adds nodes; once placed the room exists, the groups are removed and the handoff starts
+        the workers there (the old workers keep consuming meanwhile). One group per worker, so a cluster that can
+        grow by fewer still gives what it can."""
+        from ray.util.placement_group import placement_group
 
+        self._release_capacity()
         bundle = {"CPU": self.spec.worker_cpus, **self.spec.worker_resources}
-        request_resources(bundles=[dict(bundle) for _ in range(workers)])
+        self.reservation = [placement_group([dict(bundle)], name=f"{self.spec.name}:scale-out-{k}") for k in range(extra)]
+        self._event(f"reserving room for {extra} more workers ({extra * self.spec.worker_cpus:g} CPUs): "
+                    "Ray's autoscaler adds nodes if the cluster lacks them")
+
+    def _reserved(self) -> int:
+        """How many of the reserved workers' rooms exist now."""
+        groups = getattr(self, "reservation", None) or []
+        if not groups:
+            return 0
+        ready, _ = ray.wait([g.ready() for g in groups], num_returns=len(groups), timeout=0)
+        return len(ready)
+
+    def _release_capacity(self) -> None:
+        """Give the reserved room back (to the new workers, or because the run no longer needs it)."""
+        from ray.util.placement_group import remove_placement_group
+
+        for g in getattr(self, "reservation", None) or []:
+            try:
+                remove_placement_group(g)
+            except Exception as exc:  # the cluster going away: nothing left to release
+                log.warning("could not remove a scale-out reservation: %s", exc, extra={"pipeline": self.spec.name})
+        self.reservation = []
 
     def _autoscale_step(self) -> None:
         """Sample about once a second, let ``pipeline.autoscale.Policy`` decide, apply (lock held)."""
@@ -804,14 +846,22 @@ class Coordinator:
         live = [s for s in self.slots.values() if not s.given_up]
         if self.pending_scale is not None:
             n, give_up, reason = self.pending_scale
-            if self._capacity_for(n):
+            got = self._reserved()
+            if got >= n - len(live) or self._capacity_for(n):
                 self.pending_scale = None
+                self._release_capacity()  # the room goes to the new workers of the handoff
                 self._rescale(n, f"autoscale: {reason}")
             elif now > give_up:
                 self.pending_scale = None
-                self._event(f"autoscale: the cluster did not make room for {n} workers in time; staying at {len(live)}")
-                self.autoscale.scaled(now, len(live), len(live))  # cooldown before asking again
-                self._request_capacity(len(live))
+                self._release_capacity()
+                partial = align(len(live) + got, len(self.partitions))
+                if partial > len(live):
+                    self._event(f"autoscale: the cluster made room for {got} of {n - len(live)} more workers in time: "
+                                f"scaling to {partial}")
+                    self._rescale(partial, f"autoscale: {reason} (as far as the cluster grew)")
+                else:
+                    self._event(f"autoscale: the cluster did not make room for {n} workers in time; staying at {len(live)}")
+                    self.autoscale.scaled(now, len(live), len(live))  # cooldown before asking again
             return
         if now - self.last_sample_t < 1.0 or not self.broker_ends or self.degraded or self._orphans():
             return
@@ -838,13 +888,12 @@ class Coordinator:
         if d.desired == len(live):
             return
         if d.desired > len(live) and not self._capacity_for(d.desired):
-            self._request_capacity(d.desired)
+            self._request_capacity(d.desired - len(live))
             self.pending_scale = (d.desired, now + self.spec.autoscale.resources_timeout / 1000.0, d.reason)
             self._event(f"autoscale: {d.reason}; asking the Ray cluster for room for {d.desired} workers")
             return
+        self._release_capacity()  # nothing standing: the nodes a scale-in leaves idle go
         self._rescale(d.desired, f"autoscale: {d.reason}")
-        if d.desired < len(live):
-            self._request_capacity(d.desired)  # idle nodes may go
 
     def open_windows(self, window: str, filters: dict[str, str]) -> list[dict]:
         """Open windows of every live worker (the serving layer's ``include_open``); a merged window's open rows
@@ -917,4 +966,5 @@ class Coordinator:
                     pass
             self.slots = {}
             self.owners = {}
+            self._release_capacity()
             self.phase = "shut down"

@@ -7,9 +7,6 @@ echo "== import rules (pipeline core and pipeline/io never import Ray)"
 .venv/bin/lint-imports --no-cache
 echo "== tests"
 set +e
-if [ "$#" -eq 0 ]; then
-  set -- -m "not drill"  # the multi-minute cluster drills run on demand: bash scripts/test.sh -m drill
-fi
 .venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "$@"
 rc=$?
 set -e
