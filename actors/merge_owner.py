@@ -21,7 +21,7 @@ import ray
 
 from actors.metrics import ray_metrics
 from actors.runtime import NAMESPACE, actor_name
-from actors.worker import _FENCE_POLICY, FENCE_VALID_S
+from actors.fence import EpochFence
 from pipeline.checkpoint import decode_merge, encode_merge
 from pipeline.identity import with_shard
 from pipeline.io.checkpoints import CheckpointStore
@@ -32,7 +32,6 @@ from pipeline.io.sinks.common import Backpressure, make_sink
 from pipeline.merge import Merger, reshard, root_window, split_by_shard
 from pipeline.metrics import LoopMetrics
 from pipeline.process import udf_rejects
-from pipeline.retry import call_with_retries
 from pipeline.spec import PipelineSpec
 from pipeline.tracing import make_tracer
 
@@ -54,8 +53,7 @@ class MergeOwner:
         self.spec = spec
         self.shard = shard
         self.epoch = epoch
-        self._fence_ok_at = -1e9
-        self._coordinator = None
+        self.fence = EpochFence(spec.name, "owner_epoch_of")
         self.store = CheckpointStore(spec.checkpoint, spec.name) if spec.checkpoint else None
         self.restored_from = snapshot_path or reshard_from
         if reshard_from:
@@ -105,25 +103,8 @@ class MergeOwner:
             return n
 
     def _fence(self) -> bool:
-        """This owner's epoch is still the coordinator's (asked at most once a second; waits for a restarting
-        coordinator, never writes unconfirmed)."""
-        began = time.monotonic()
-        if began - self._fence_ok_at < FENCE_VALID_S:
-            return True
-
-        def ask() -> int:
-            try:
-                if self._coordinator is None:
-                    self._coordinator = ray.get_actor(actor_name(self.spec.name, "coordinator"), namespace=NAMESPACE)
-                return ray.get(self._coordinator.owner_epoch_of.remote(), timeout=10)
-            except Exception:
-                self._coordinator = None  # restarting: look it up again
-                raise
-
-        ok = call_with_retries(ask, _FENCE_POLICY, "owner epoch check") == self.epoch
-        if ok:
-            self._fence_ok_at = began
-        return ok
+        """This owner's epoch is still the coordinator's (see ``actors.fence``)."""
+        return self.fence.confirm(self.epoch)
 
     def _write(self, table) -> None:
         window = table.column("window")[0].as_py() if table.num_rows else None

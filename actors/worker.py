@@ -16,25 +16,14 @@ import traceback
 
 import ray
 
+from actors.fence import EpochFence
 from actors.metrics import ray_metrics
-from actors.runtime import NAMESPACE, actor_name
 from pipeline.io.checkpoints import CheckpointStore
 from pipeline.logs import configure_logging
 from pipeline.io.loop import Fenced, PartitionLoop
-from pipeline.retry import RetryPolicy, call_with_retries
 from pipeline.spec import PipelineSpec
 
 __all__ = ["PartitionWorker"]
-
-FENCE_VALID_S = 1.0
-# until the coordinator answers (it may be restarting): 0.1 s doubling to 2 s apart, no limit
-_FENCE_POLICY = RetryPolicy(attempts=None, backoff_s=0.1, max_backoff_s=2.0, max_total_s=None)
-
-
-class _Stopping(BaseException):
-    """The loop is stopping while it waits for the coordinator: write nothing (a BaseException, so the
-    retry policy, which retries every Exception, lets it through)."""
-
 
 @ray.remote(max_restarts=0, max_concurrency=8)
 class PartitionWorker:
@@ -50,8 +39,7 @@ class PartitionWorker:
         self.result: dict | None = None
         self.created_at = time.time()
         self.store = CheckpointStore(spec.checkpoint, spec.name) if spec.checkpoint else None
-        self._fence_ok_at = -1e9
-        self._coordinator = None
+        self.fence = EpochFence(spec.name, "epoch_of", index)
         self.metrics = None
         self.node_id = ray.get_runtime_context().get_node_id()
         configure_logging()  # the format of the process that started Ray (RAYSTREAM_LOG_FORMAT)
@@ -97,30 +85,7 @@ class PartitionWorker:
             self.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
 
     def _fence(self) -> bool:
-        began = time.monotonic()
-        if began - self._fence_ok_at < FENCE_VALID_S:
-            return True
-
-        def ask() -> int:
-            try:
-                if self._coordinator is None:
-                    self._coordinator = ray.get_actor(actor_name(self.spec.name, "coordinator"), namespace=NAMESPACE)
-                return ray.get(self._coordinator.epoch_of.remote(self.index), timeout=10)
-            except Exception:
-                self._coordinator = None  # restarting: look it up again next time
-                if self.loop is not None and self.loop._stop.is_set():
-                    raise _Stopping() from None  # stopping and unconfirmed: write nothing
-                raise
-
-        try:
-            # the coordinator is restarting: wait for it, never write unconfirmed
-            current = call_with_retries(ask, _FENCE_POLICY, "epoch check")
-        except _Stopping:
-            return False
-        ok = current == self.loop.epoch
-        if ok:
-            self._fence_ok_at = began
-        return ok
+        return self.fence.confirm(self.loop.epoch, stopping=lambda: self.loop is not None and self.loop._stop.is_set())
 
     def checkpoint(self, checkpoint_id: int, epoch: int, timeout_s: float) -> dict[int, dict]:
         """Snapshot every partition between two batches; returns the manifest entries."""

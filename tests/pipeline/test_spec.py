@@ -110,3 +110,24 @@ def test_enricher_errors_name_the_field(enricher, message):
     with pytest.raises(SpecError) as err:
         parse_spec(data, env={})
     assert any(message in p for p in err.value.problems), err.value.problems
+
+
+def test_autoscale_section_and_its_builder():
+    from pipeline.api import Pipeline
+
+    base = {"name": "a", "source": {"kafka": {"bootstrap_servers": "h:1", "topic": "t"}},
+            "windows": [{"name": "w", "type": "tumbling", "size": "1s", "aggregations": ["count"]}],
+            "sinks": [{"parquet": {"uri": "file:///x"}}]}
+    with pytest.raises(SpecError, match="checkpoint"):
+        parse_spec({**base, "autoscale": {"max_workers": 4}})
+    with pytest.raises(SpecError, match="min_workers"):
+        parse_spec({**base, "checkpoint": {"uri": "file:///c"}, "autoscale": {"min_workers": 5, "max_workers": 4}})
+    d = {**base, "checkpoint": {"uri": "file:///c", "interval": "2s"}, "worker_cpus": 1.0,
+         "worker_resources": {"stream": 1.0}, "workers": 2,
+         "autoscale": {"min_workers": 1, "max_workers": 6, "target_lag": 500, "catch_up": "30s"}}
+    spec = parse_spec(d)
+    cfg = spec.autoscale.config()
+    assert (cfg.max_workers, cfg.target_lag, cfg.catch_up_s, cfg.scale_in_delay_s) == (6, 500, 30.0, 60.0)
+    built = (Pipeline("a").kafka("h:1", "t").tumbling("w", "1s").parquet("file:///x").checkpoint("file:///c", interval="2s")
+             .workers(2, cpus=1.0, stream=1.0).autoscale(6, target_lag=500, catch_up="30s"))
+    assert built.spec() == spec
