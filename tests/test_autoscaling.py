@@ -82,7 +82,7 @@ def test_lag_spike_scales_out_adds_nodes_drains_scales_in_removes_nodes_output_e
               "workers": 1, "worker_cpus": 1,
               "autoscale": {"min_workers": 1, "max_workers": 4, "target_lag": 3000, "catch_up": "15s",
                             "metrics_window": "6s", "stabilization": "3s", "scale_out_cooldown": "5s",
-                            "scale_in_delay": "10s", "resources_timeout": "30s"}}
+                            "scale_in_delay": "10s", "resources_timeout": "15s"}}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec_d))
     # phase 1: 3,000 records already waiting, then 300/s (half a worker)
     cut1, cut2 = 3_000, 33_000

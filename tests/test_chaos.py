@@ -10,6 +10,7 @@ from pipeline.chaos import Experiment, Fault, Sample, compare, impact, reference
 from pipeline.spec import parse_spec
 
 
+@pytest.mark.drill  # CI runs it; -m 'not drill' skips it while iterating
 def test_experiment_with_five_faults_reports_impact_and_exact_output(postgres, ray_local, tmp_path):
     spec = {"name": "chaosx", "source": {"kafka": {"bootstrap_servers": "127.0.0.1:1", "topic": "events",
                                                    "max_batch_records": 250, "max_rate": 1000}},

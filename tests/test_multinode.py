@@ -33,7 +33,7 @@ WINDOWS = [{"name": "tumble", "type": "tumbling", "size": "2s", "group_by": ["te
            {"name": "slide", "type": "sliding", "size": "4s", "slide": "2s", "group_by": ["tenant_id"],
             "aggregations": ["count", "sum(value)", "min(value)", "max(value)", "mean(value)"]}]
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.drill]
 
 
 class StatusProbe:

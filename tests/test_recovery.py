@@ -34,6 +34,8 @@ from pipeline.synthetic import events
 from tests import reference
 from tests.services import TcpProxy
 
+pytestmark = pytest.mark.drill  # multi-process fault drills: CI runs them; -m 'not drill' skips them while iterating
+
 PARTITIONS = 4
 N = 24_000
 BASE_MS = 1_765_000_000_000
