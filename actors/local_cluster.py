@@ -189,7 +189,7 @@ class LocalCluster:
 
     def node_ids(self) -> dict[str, str]:
         """Alive nodes by name (their ``rs_<name>`` resource), asked of the GCS from a helper process."""
-        code = ("import json, ray\nfrom ray.util.state import list_nodes\n"
+        code = ("import json, ray\n"
                 "ray.init(address=%r, log_to_driver=False, configure_logging=False)\n"
                 "print(json.dumps({k[3:]: n['NodeID'] for n in ray.nodes() if n['Alive'] "
                 "for k in n['Resources'] if k.startswith('rs_')}))") % self.address
@@ -272,7 +272,7 @@ class LocalCluster:
         return time.monotonic() - t0
 
     def stop(self) -> None:
-        """Kill every node (workers first), then clear Ray's session files of this cluster."""
+        """Kill every node, worker nodes first (Ray's session folders under /tmp/ray stay for post-mortems)."""
         for name in [n for n in self.nodes if n != "head"] + [n for n in self.nodes if n == "head"]:
             self.kill_node(name)
 

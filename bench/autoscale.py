@@ -18,7 +18,6 @@ Usage: ``python bench/autoscale.py [--spike 40000]``; writes ``bench/results/aut
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -37,6 +36,7 @@ local_ray_env()
 
 from actors import control  # noqa: E402
 from actors.local_cluster import LocalCluster  # noqa: E402
+from bench.cluster_common import save, teardown  # noqa: E402
 from pipeline.io.broker import EmbeddedBroker  # noqa: E402
 from pipeline.io.kafka import produce_all  # noqa: E402
 from pipeline.synthetic import events  # noqa: E402
@@ -127,18 +127,8 @@ def main() -> None:
                 run.wait(60)
             except subprocess.TimeoutExpired:
                 run.kill()
-        try:
-            import ray
-
-            ray.shutdown()
-        except Exception:  # never connected
-            pass
-        cluster.stop()
-        broker.stop()
-    out = ROOT / "bench" / "results"
-    (out / "autoscale.json").write_text(json.dumps(result, indent=2))
-    _plot(result, out / "autoscale.png")
-    console.print_json(json.dumps(result))
+        teardown(cluster, broker)
+    save("autoscale", result, _plot, console)
 
 
 def _wait(pred, timeout_s: float) -> dict:

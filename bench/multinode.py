@@ -20,7 +20,6 @@ for scaling.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -41,6 +40,7 @@ local_ray_env()
 
 from actors import control  # noqa: E402
 from actors.local_cluster import LocalCluster  # noqa: E402
+from bench.cluster_common import save, teardown  # noqa: E402
 from pipeline.driver import run_pipeline  # noqa: E402
 from pipeline.io.broker import EmbeddedBroker  # noqa: E402
 from pipeline.io.kafka import produce_all  # noqa: E402
@@ -149,18 +149,8 @@ def main() -> None:
             if err:
                 raise err[0]
     finally:
-        try:
-            import ray
-
-            ray.shutdown()
-        except Exception:  # never connected
-            pass
-        cluster.stop()
-        broker.stop()
-    out = ROOT / "bench" / "results"
-    (out / "multinode.json").write_text(json.dumps(result, indent=2))
-    _plot(result, out / "multinode.png")
-    console.print_json(json.dumps(result))
+        teardown(cluster, broker)
+    save("multinode", result, _plot, console)
 
 
 def _wait(name: str, pred, timeout_s: float) -> dict:

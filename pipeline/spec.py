@@ -619,6 +619,9 @@ class PipelineSpec(_Model):
             raise ValueError("format: protobuf needs validate: {subject: ..., registry: ...} naming the message's schema")
         if self.late_output is not None and self.late_output.parquet is None:
             raise ValueError("late_output takes a parquet sink")
+        bad = {k: v for k, v in self.worker_resources.items() if not v > 0}
+        if bad:
+            raise ValueError(f"worker_resources: amounts must be positive, got {bad}")
         if self.autoscale is not None and self.checkpoint is None:
             raise ValueError("autoscale moves partitions and their state through checkpoints: add a checkpoint section")
         enames = [e.name for e in self.enrich]

@@ -114,6 +114,16 @@ def _spec(name, broker, topic, tmp, s3, rate):
             "workers": 2, "worker_cpus": 0.5}
 
 
+def _prepare(data, broker, s3, tmp, topic, name, rate) -> dict:
+    """The input on its topic and the spec in ``tmp/p.yaml``; returns the spec."""
+    values, keys, df = data
+    broker.extra["broker"].create_topic(topic, PARTITIONS)
+    produce_all(broker.address, topic, values, keys, df["partition"].tolist())
+    spec_d = _spec(name, broker, topic, tmp, s3, rate)
+    (tmp / "p.yaml").write_text(yaml.safe_dump(spec_d))
+    return spec_d
+
+
 def _check(spec_d, df):
     spec = parse_spec(spec_d)
     for w in spec.windows:
@@ -151,11 +161,8 @@ def test_nodes_lost_mid_run_the_coordinators_too_output_exact(cluster, broker, s
     """`raystream run --address`: workers spread over nodes; a node running a worker is killed (its replacement
     goes elsewhere although Ray still lists the node alive); then the node running the coordinator and a worker
     together is killed: both come back on the last node from the checkpoint; output exact."""
-    values, keys, df = data
-    broker.extra["broker"].create_topic(topic_name, PARTITIONS)
-    produce_all(broker.address, topic_name, values, keys, df["partition"].tolist())
-    spec_d = _spec(pipeline_name, broker, topic_name, tmp_path, s3, rate=700)
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec_d))
+    df = data[2]
+    spec_d = _prepare(data, broker, s3, tmp_path, topic_name, pipeline_name, rate=700)
     log = open(tmp_path / "run.out", "w")
     run = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "p.yaml"), "--until-end", "-q",
                             "--address", cluster.address, "--report", str(tmp_path / "report.json")],
@@ -228,11 +235,8 @@ def test_gcs_restarted_workers_keep_running_and_the_run_finishes_exact(cluster, 
                                                                         pipeline_name):
     """The head's GCS killed and started again (state in Redis, as KubeRay runs it): the same worker processes
     keep consuming through it, the run (through the Python API, ``Pipeline.run(address=...)``) ends exact."""
-    values, keys, df = data
-    broker.extra["broker"].create_topic(topic_name, PARTITIONS)
-    produce_all(broker.address, topic_name, values, keys, df["partition"].tolist())
-    spec_d = _spec(pipeline_name, broker, topic_name, tmp_path, s3, rate=900)
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec_d))
+    df = data[2]
+    spec_d = _prepare(data, broker, s3, tmp_path, topic_name, pipeline_name, rate=900)
     log = open(tmp_path / "run.out", "w")
     run = subprocess.Popen([sys.executable, "-c", PIPELINE_RUN, json.dumps(spec_d), cluster.address],
                            stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})

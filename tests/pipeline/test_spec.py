@@ -122,6 +122,8 @@ def test_autoscale_section_and_its_builder():
         parse_spec({**base, "autoscale": {"max_workers": 4}})
     with pytest.raises(SpecError, match="min_workers"):
         parse_spec({**base, "checkpoint": {"uri": "file:///c"}, "autoscale": {"min_workers": 5, "max_workers": 4}})
+    with pytest.raises(SpecError, match="worker_resources"):
+        parse_spec({**base, "worker_resources": {"stream": 0}})
     d = {**base, "checkpoint": {"uri": "file:///c", "interval": "2s"}, "worker_cpus": 1.0,
          "worker_resources": {"stream": 1.0}, "workers": 2,
          "autoscale": {"min_workers": 1, "max_workers": 6, "target_lag": 500, "catch_up": "30s"}}
