@@ -63,7 +63,7 @@ class MergeOwner:
             self.merger = Merger(spec, partitions)
             if snapshot_path:
                 decode_merge(self.store.read_partition(snapshot_path), self.merger)
-        self.sinks = [make_sink(spec, s) for s in spec.sinks]
+        self.sinks = [make_sink(spec, s) for s in spec.window_sinks]
         self.dlq = DeadLetterProducer(spec.source.kafka.bootstrap_servers, spec.dead_letter_topic, spec.name)
         self.lock = threading.Lock()
         self.stats = {"feeds": 0, "partials": 0, "rows_emitted": 0, "udf_errors": 0, "sink_wait_s": 0.0}

@@ -23,6 +23,8 @@ from pipeline.spec import PipelineSpec, parse_spec
 
 __all__ = ["Pipeline"]
 
+_SINK_ENTRY = ("retries", "retry_backoff", "max_outage")
+
 
 class Pipeline:
     """A fluent builder over the spec's plain data."""
@@ -51,22 +53,92 @@ class Pipeline:
     def _window(self, **w) -> "Pipeline":
         return self._set(windows=[*self._data["windows"], {k: v for k, v in w.items() if v is not None}])
 
-    def tumbling(self, name: str, size: str, group_by: list[str] | None = None, aggregations: list[str] | None = None) -> "Pipeline":
-        return self._window(name=name, type="tumbling", size=size, group_by=group_by or [], aggregations=aggregations or ["count"])
+    def tumbling(self, name: str, size: str, group_by: list[str] | None = None, aggregations: list[str] | None = None,
+                 **options) -> "Pipeline":
+        """A tumbling window; options as in ``windows[]`` (per_partition, rollups, retention)."""
+        return self._window(name=name, type="tumbling", size=size, group_by=group_by or [],
+                            aggregations=aggregations or ["count"], **options)
 
-    def sliding(self, name: str, size: str, slide: str, group_by: list[str] | None = None, aggregations: list[str] | None = None) -> "Pipeline":
-        return self._window(name=name, type="sliding", size=size, slide=slide, group_by=group_by or [], aggregations=aggregations or ["count"])
+    def sliding(self, name: str, size: str, slide: str, group_by: list[str] | None = None,
+                aggregations: list[str] | None = None, **options) -> "Pipeline":
+        """A sliding window (``size`` every ``slide``)."""
+        return self._window(name=name, type="sliding", size=size, slide=slide, group_by=group_by or [],
+                            aggregations=aggregations or ["count"], **options)
 
-    def session(self, name: str, gap: str, group_by: list[str] | None = None, aggregations: list[str] | None = None) -> "Pipeline":
-        return self._window(name=name, type="session", gap=gap, group_by=group_by or [], aggregations=aggregations or ["count"])
+    def session(self, name: str, gap: str, group_by: list[str] | None = None, aggregations: list[str] | None = None,
+                **options) -> "Pipeline":
+        """A session window closed by ``gap`` of inactivity per group."""
+        return self._window(name=name, type="session", gap=gap, group_by=group_by or [],
+                            aggregations=aggregations or ["count"], **options)
+
+    # -- sinks: each call adds one; retries, retry_backoff and max_outage belong to the entry, the rest to the store
+    def _sink(self, kind: str, options: dict) -> "Pipeline":
+        outer = {k: options.pop(k) for k in _SINK_ENTRY if k in options}
+        return self._set(sinks=[*self._data["sinks"], {kind: options, **outer}])
+
+    def sink(self, kind: str, **options) -> "Pipeline":
+        """Add a sink of any kind by its spec name (``parquet``, ``postgres``, ``redis``, ``influxdb``, ``kafka``, ``archive``)."""
+        return self._sink(kind, dict(options))
 
     def parquet(self, uri: str, **options) -> "Pipeline":
         """Add a Parquet sink on ``file://`` or ``s3://``."""
-        return self._set(sinks=[*self._data["sinks"], {"parquet": {"uri": uri, **options}}])
+        return self._sink("parquet", {"uri": uri, **options})
+
+    def postgres(self, dsn: str, **options) -> "Pipeline":
+        """Add a PostgreSQL sink (upserts; table_prefix, connect_timeout)."""
+        return self._sink("postgres", {"dsn": dsn, **options})
+
+    def redis(self, url: str, **options) -> "Pipeline":
+        """Add a Redis sink (hashes, index and pub/sub; ttl, prefix, channel, tenant_key)."""
+        return self._sink("redis", {"url": url, **options})
+
+    def influxdb(self, url: str, **options) -> "Pipeline":
+        """Add an InfluxDB sink (token, org, bucket, measurement_prefix, timeout)."""
+        return self._sink("influxdb", {"url": url, **options})
+
+    def kafka_sink(self, topic: str, **options) -> "Pipeline":
+        """Add a Kafka sink: window rows as JSON on a compacted topic (bootstrap_servers, config)."""
+        return self._sink("kafka", {"topic": topic, **options})
+
+    def archive(self, uri: str, **options) -> "Pipeline":
+        """Add an archive of the accepted raw records (Parquet by date and hour) that ``backfill`` can replay."""
+        return self._sink("archive", {"uri": uri, **options})
 
     def late_parquet(self, uri: str, **options) -> "Pipeline":
         """Where records for freed windows go."""
         return self._set(late_output={"parquet": {"uri": uri, **options}})
+
+    def dead_letter(self, topic: str) -> "Pipeline":
+        """The dead-letter topic (default ``<source topic>.dlq``)."""
+        return self._set(dead_letter={"topic": topic})
+
+    # -- record checks and enrichment
+    def validate(self, subject: str | None = None, registry: str | None = None, schema_file: str | None = None,
+                 **options) -> "Pipeline":
+        """JSON Schema validation: a registry ``subject`` (``registry`` = its PostgreSQL DSN) or a ``schema_file``."""
+        cfg = {k: v for k, v in {"subject": subject, "schema_file": schema_file}.items() if v is not None}
+        if registry is not None:
+            cfg["registry"] = {"dsn": registry}
+        return self._set(validate={**cfg, **options})
+
+    def dedup(self, field: str, horizon: str | int | None = None) -> "Pipeline":
+        """Dead-letter records whose event id ``field`` their partition already delivered."""
+        return self._set(dedup={"field": field, **({"horizon": horizon} if horizon is not None else {})})
+
+    def enrich(self, name: str, key: list[str] | str, fields: dict[str, str], postgres: dict, **options) -> "Pipeline":
+        """Add an enricher: ``key`` looked up in ``postgres`` ({dsn, table or query, …}) adds ``fields``
+        (options: type, l1, l2, negative_ttl, on_miss, defaults, invalidation_channel, retries, …)."""
+        entry = {"name": name, "key": [key] if isinstance(key, str) else list(key), "fields": dict(fields),
+                 "source": {"postgres": dict(postgres)}, **options}
+        return self._set(enrich=[*self._data.get("enrich", []), entry])
+
+    def observability(self, **options) -> "Pipeline":
+        """metrics, tenant_field, max_tenants, notify ({webhook, timeout}), tracing ({otlp_endpoint, sample_ratio})."""
+        return self._set(observability=options)
+
+    def merge_owners(self, n: int) -> "Pipeline":
+        """Actors merging the partitions' partial states (fixed per checkpoint directory)."""
+        return self._set(merge_owners=n)
 
     def workers(self, n: int, cpus: float | None = None, **resources: float) -> "Pipeline":
         """``n`` workers (the starting count with ``autoscale``), each asking Ray for ``cpus`` and custom ``resources``."""

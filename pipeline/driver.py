@@ -203,7 +203,16 @@ def _run_inline(spec, until_end, on_status, every, stop, partitions, end, metric
         for problem in problems:
             print(f"checkpoint {cid}: {problem}", file=sys.stderr, flush=True)
 
-    watcher = threading.Thread(target=lambda: (stop.wait(), loop.stop()), daemon=True)
+    ended = threading.Event()
+
+    def watch() -> None:
+        # ends with the run: a watcher left waiting on ``stop`` would keep the loop (and its Kafka clients) alive
+        while not ended.is_set():
+            if stop.wait(0.2):
+                loop.stop()
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True, name="raystream-stop-watcher")
     watcher.start()
     result: list[dict] = []
     errors: list[BaseException] = []
@@ -233,6 +242,8 @@ def _run_inline(spec, until_end, on_status, every, stop, partitions, end, metric
                 print(f"checkpoint failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         if on_status is not None:
             on_status([{"index": 0, **loop.status()}])
+    ended.set()
+    watcher.join()
     if backend is not None:
         backend.close()
     if errors:

@@ -328,6 +328,19 @@ class KafkaSink(_Model):
     config: dict[str, str | int | float | bool] = Field(default_factory=dict, description="extra producer settings")
 
 
+class ArchiveSink(_Model):
+    uri: str = Field(description=(
+        "file://path or s3://bucket/prefix; accepted raw records under <uri>/<pipeline>/date=<YYYY-MM-DD>/hour=<HH>/ "
+        "(broker timestamp, UTC), replayable with 'raystream backfill --from parquet:<uri>'"))
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (default: AWS, or $AWS_ENDPOINT_URL)")
+    s3_region: str | None = Field(default=None, description="S3 region (default: $AWS_REGION or us-east-1)")
+
+    _scheme = field_validator("uri")(classmethod(lambda cls, v: _check_uri(v)))
+
+
+_SINK_KINDS = ("parquet", "postgres", "redis", "influxdb", "kafka", "archive")
+
+
 class SinkSpec(_Model):
     """Exactly one destination; every sink is idempotent on the window identity."""
 
@@ -336,6 +349,7 @@ class SinkSpec(_Model):
     redis: RedisSink | None = Field(default=None, description="one Redis hash per window and group, plus pub/sub")
     influxdb: InfluxSink | None = Field(default=None, description="InfluxDB line protocol (tags = group keys)")
     kafka: KafkaSink | None = Field(default=None, description="JSON rows to a Kafka topic")
+    archive: ArchiveSink | None = Field(default=None, description="the accepted raw records, as Parquet by date and hour")
     retries: int | None = Field(default=None, ge=0, description=(
         "write attempts after the first before the worker fails; none (the default): retry until the sink is back, "
         "pausing consumption (backpressure)"))
@@ -346,14 +360,14 @@ class SinkSpec(_Model):
 
     @model_validator(mode="after")
     def _one(self) -> "SinkSpec":
-        given = [k for k in ("parquet", "postgres", "redis", "influxdb", "kafka") if getattr(self, k) is not None]
+        given = [k for k in _SINK_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"a sink names exactly one of parquet, postgres, redis, influxdb, kafka (got {given or 'none'})")
+            raise ValueError(f"a sink names exactly one of {', '.join(_SINK_KINDS)} (got {given or 'none'})")
         return self
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("parquet", "postgres", "redis", "influxdb", "kafka") if getattr(self, k) is not None)
+        return next(k for k in _SINK_KINDS if getattr(self, k) is not None)
 
 
 class RegistryRef(_Model):
@@ -617,6 +631,8 @@ class PipelineSpec(_Model):
             raise ValueError(f"window names must be unique, repeated: {sorted(dup)}")
         if self.source.kafka.format == "protobuf" and (self.validate_ is None or self.validate_.subject is None):
             raise ValueError("format: protobuf needs validate: {subject: ..., registry: ...} naming the message's schema")
+        if not self.window_sinks:
+            raise ValueError("sinks: at least one sink for the windows is needed besides archive")
         if self.late_output is not None and self.late_output.parquet is None:
             raise ValueError("late_output takes a parquet sink")
         bad = {k: v for k, v in self.worker_resources.items() if not v > 0}
@@ -658,6 +674,16 @@ class PipelineSpec(_Model):
     def owners(self) -> int:
         """Number of merge owners (0 when no window needs a merge)."""
         return (self.merge_owners or self.workers) if self.merged_windows else 0
+
+    @property
+    def window_sinks(self) -> list[SinkSpec]:
+        """The sinks closed windows go to (all but ``archive``)."""
+        return [s for s in self.sinks if s.kind != "archive"]
+
+    @property
+    def archives(self) -> list[SinkSpec]:
+        """The ``archive`` sinks (accepted raw records)."""
+        return [s for s in self.sinks if s.kind == "archive"]
 
     @property
     def dead_letter_topic(self) -> str:

@@ -447,7 +447,10 @@ class DeadLetterProducer:
             raise KafkaFailure(str(exc)) from exc.__cause__
 
     def close(self) -> None:
-        self.producer.flush(10)
+        try:
+            self.producer.flush(10)
+        finally:
+            self.producer.close()  # librdkafka's threads and broker connections end here, not at garbage collection
 
 
 def produce_all(
@@ -505,6 +508,7 @@ def produce_all(
             kw["timestamp"] = int(timestamps[i])
         p.produce(topic, value=values[i], key=keys[i] if keys is not None else None, on_delivery=cb, **kw)
         p.flush(30)
+    p.close()
     if failed:
         raise KafkaFailure(f"{len(failed)} records were not delivered to {topic}: {failed[0]}")
     return n

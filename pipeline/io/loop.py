@@ -102,6 +102,7 @@ class PartitionLoop:
         all_partitions: list[int] | None = None,
         metrics=None,
         worker: str = "0",
+        source=None,
     ):
         """``resumed``: this loop takes over partitions whose previous owner may have written output past
         their start positions (it crashed, or the run was killed); their window output is held back until
@@ -111,7 +112,8 @@ class PartitionLoop:
         without it this loop merges them itself (one owner: it must hold every partition of the topic,
         ``all_partitions``), restored from ``merge_snapshots`` (one per owner of the run that wrote them).
 
-        ``metrics`` (a ``pipeline.metrics.Metrics``) receives this loop's series, labelled ``worker``."""
+        ``metrics`` (a ``pipeline.metrics.Metrics``) receives this loop's series, labelled ``worker``.
+        ``source``: records from somewhere else than Kafka (a ``Source``; backfills replay stored records)."""
         self.spec = spec
         obs = spec.observability
         self.metrics = LoopMetrics(metrics or Metrics(), spec.name, worker, obs.tenant_field, obs.max_tenants)
@@ -140,7 +142,8 @@ class PartitionLoop:
                 raise ValueError(f"checkpoint for partition {snap.meta['partition']} given as partition {p}")
             self.restored_slots += restore_partition(self.state, snap)
             self.positions[int(p)] = snap.offset
-        self.sinks = [make_sink(spec, s) for s in spec.sinks]
+        self.sinks = [make_sink(spec, s) for s in spec.window_sinks]
+        self.archives = [make_sink(spec, s) for s in spec.archives]  # accepted raw records, before their windows
         self.merge_out = merge_out
         self.local_merge = None
         if spec.merged_windows and merge_out is None:
@@ -167,7 +170,7 @@ class PartitionLoop:
             for runtime in self.enrichment.runtimes:
                 runtime.on_wait = self._backpressure  # a lookup store outage pauses the partitions like a sink's
             self.enrichment.warm()
-        self.source = make_source(kafka, spec.group_id)
+        self.source = source if source is not None else make_source(kafka, spec.group_id)
         self.tracer = make_tracer(spec.observability.tracing, "raystream-worker")
         self._last_trace: str | None = None  # traceparent of the last traced batch
         self._last_frontiers: dict | None = None
@@ -263,6 +266,12 @@ class PartitionLoop:
               if traced else contextlib.nullcontext()) as span:
             result = process_batch(self.spec, self.state, batch, self.enrichment, self.validation)
             t1 = time.perf_counter()
+            if self.archives and len(batch):
+                from pipeline.io.sinks.archive import accepted_records
+
+                accepted = accepted_records(batch, result.rejects)
+                for archive in self.archives:
+                    self._write_sink(archive, accepted)  # an outage is backpressure; _write below resumes the partitions
             if self.tracer.enabled and not len(batch) and self._last_trace and self._emits(result):
                 # windows closed by time alone (idle partitions): their spans link to the last traced batch
                 with self.tracer.span("watermark advance", {"raystream.pipeline": self.spec.name},
@@ -619,7 +628,7 @@ class PartitionLoop:
 
     def close(self) -> None:
         self.metrics.close()
-        closers = [self.source.close, self.dlq.close, *(s.close for s in self.sinks)]
+        closers = [self.source.close, self.dlq.close, *(s.close for s in [*self.sinks, *self.archives])]
         if self.enrichment is not None:
             closers.append(self.enrichment.close)
         for closer in closers:

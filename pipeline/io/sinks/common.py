@@ -127,6 +127,7 @@ SINKS: dict[str, tuple[str, str]] = {
     "redis": ("pipeline.io.sinks.redis", "RedisSink"),
     "influxdb": ("pipeline.io.sinks.influx", "InfluxSink"),
     "kafka": ("pipeline.io.sinks.kafka", "KafkaSink"),
+    "archive": ("pipeline.io.sinks.archive", "ArchiveSink"),
 }
 
 

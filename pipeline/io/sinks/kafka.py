@@ -71,7 +71,10 @@ class KafkaSink:
         return self._nparts
 
     def close(self) -> None:
-        self.producer.flush(10)
+        try:
+            self.producer.flush(10)
+        finally:
+            self.producer.close()
 
 
 def read_changelog(bootstrap: str, topic: str, timeout_s: float = 10.0) -> list[dict]:
