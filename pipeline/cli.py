@@ -547,6 +547,66 @@ def dlq_replay(
                   f"{report.not_replayable:,} not replayable (late), still failing: {report.still_failing or 0}")
 
 
+state_app = typer.Typer(help="read checkpoints: offsets, watermarks and the window state they hold")
+app.add_typer(state_app, name="state")
+
+
+def arrow_table(t, title: str, limit: int) -> Table:
+    """A rich table of the first ``limit`` rows of an Arrow table."""
+    from datetime import datetime
+
+    def cell(v) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:.6g}"
+        if isinstance(v, datetime):
+            return v.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        return str(v)
+
+    out = Table(title=title if t.num_rows <= limit else f"{title} (first {limit} of {t.num_rows})")
+    for name in t.column_names:
+        out.add_column(name, justify="left" if t.schema.field(name).type in ("string", "large_string") else "right")
+    for row in t.slice(0, limit).to_pylist():
+        out.add_row(*(cell(v) for v in row.values()))
+    return out
+
+
+@state_app.command("show")
+def state_show(
+    uri: str = typer.Argument(..., help="the spec's checkpoint.uri (file:// or s3://), or its pipeline folder"),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="pipeline name (when the uri holds several)"),
+    partition: Optional[int] = typer.Option(None, "--partition", help="only this source partition"),
+    checkpoint: Optional[int] = typer.Option(None, "--checkpoint", help="checkpoint id (default: the newest readable)"),
+    limit: int = typer.Option(50, "--limit", help="rows shown per window"),
+    as_json: bool = typer.Option(False, "--json", help="everything as JSON on stdout"),
+    s3_endpoint_url: Optional[str] = typer.Option(None, "--s3-endpoint-url", envvar="AWS_ENDPOINT_URL"),
+) -> None:
+    """Read a checkpoint into tables: per partition its offset, watermark and epoch; every window slot it holds."""
+    from pipeline.io.state import read_state
+
+    try:
+        st = read_state(uri, pipeline, checkpoint, partition, s3_endpoint_url)
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(EXIT_RUNTIME)
+    if as_json:
+        typer.echo(json.dumps({"pipeline": st.pipeline, "checkpoint": st.checkpoint, "created": st.created,
+                               "final": st.final, "partitions": st.partitions.to_pylist(),
+                               "windows": {n: t.to_pylist() for n, t in st.windows.items()}}, default=str, indent=1))
+        return
+    out = Console()
+    out.print(f"pipeline [bold]{st.pipeline}[/] checkpoint [bold]{st.checkpoint}[/]"
+              f"{' (final)' if st.final else ''}, taken {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(st.created))} UTC"
+              f"{f', {st.merge_snapshots} merge owner snapshots' if st.merge_snapshots else ''}")
+    out.print(arrow_table(st.partitions, "partitions", 10_000))
+    for name, t in st.windows.items():
+        out.print(arrow_table(t.drop_columns(["window"]), f"window {name}: {t.num_rows} slots (revision 0: not emitted yet)",
+                              limit))
+    if not st.windows:
+        out.print("no window slot is held")
+
+
 @app.command("serve")
 def serve_cmd(
     config: Path = typer.Option(..., "--config", help="serving configuration (YAML), see README"),

@@ -621,13 +621,15 @@ def restore_slots(w: WindowState, partition: int | None, tables: dict[str, pa.Ta
     return taken
 
 
-def open_rows(w: WindowState, filters: dict[str, str]) -> pa.Table | None:
+def open_rows(w: WindowState, filters: dict[str, str], emitted: bool = False) -> pa.Table | None:
     """Windows of ``w`` not emitted yet (still open), as rows with ``revision`` 0; read-only.
 
     ``filters`` compare group keys (and ``partition``) as text. This is the
     queryable state the serving layer exposes with ``include_open=true``.
+    With ``emitted`` also the slots already emitted and kept for allowed
+    lateness, with the revision they were emitted at (state inspection).
     """
-    slots = np.flatnonzero(w.active & (w.revision == 0))
+    slots = np.flatnonzero(w.active & (True if emitted else (w.revision == 0)))
     if len(slots) == 0:
         return None
     keys = list(w.spec.group_by)
@@ -652,6 +654,6 @@ def open_rows(w: WindowState, filters: dict[str, str]) -> pa.Table | None:
         cols[k] = pa.array([w.keys[s][i] for s in slots.tolist()], w.key_types[i] if w.key_types else None)
     cols.update(w.store.finalize(slots))
     del w.store.failures[before:]  # a preview is not an emission: user-function errors are reported when it closes
-    cols["revision"] = pa.array(np.zeros(len(slots), np.int64))
+    cols["revision"] = pa.array(w.revision[slots].astype(np.int64) if emitted else np.zeros(len(slots), np.int64))
     cols["partition"] = pa.array(w.partition[slots])
     return pa.table(cols)
