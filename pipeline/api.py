@@ -169,6 +169,13 @@ class Pipeline:
 
         return run_pipeline(self.spec(), until_end=until_end, address=address, inline=inline)
 
+    def preview(self, n: int = 10_000):
+        """The windows over the last ``n`` records of the topic, flushed at their end: a ``Preview`` (``.to_pandas()``,
+        ``.plot()``, one table per window). Nothing is written and no offset is committed."""
+        from pipeline.io.preview import preview
+
+        return preview(self.spec(), n)
+
     def read(self, window: str, sink: int = 0) -> pa.Table | None:
         """The latest revision of every window row written by Parquet sink ``sink``."""
         from pipeline.io.sinks.parquet import read_windows
