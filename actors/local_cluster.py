@@ -83,6 +83,12 @@ class LocalCluster:
     nodes: dict[str, NodeProc] = field(default_factory=dict)
     port: int = 0
     metrics_ports: dict[str, int] = field(default_factory=dict)
+    dashboard: bool = False         # the head serves the dashboard (and the Jobs API) on 127.0.0.1:dashboard_port
+    dashboard_port: int = 0
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
 
     @property
     def address(self) -> str:
@@ -115,8 +121,12 @@ class LocalCluster:
                 "--object-store-memory=100000000", "--disable-usage-stats", *extra]
         if head:
             self.port = self.port or free_port()
-            args += ["--head", f"--port={self.port}", "--include-dashboard=false",
-                     f"--ray-client-server-port={free_port()}"]
+            args += ["--head", f"--port={self.port}", f"--ray-client-server-port={free_port()}"]
+            if self.dashboard:
+                self.dashboard_port = self.dashboard_port or free_port()
+                args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
+            else:
+                args += ["--include-dashboard=false"]
         else:
             args += [f"--address={self.address}"]
         with open(log, "ab") as out:

@@ -547,6 +547,97 @@ def dlq_replay(
                   f"{report.not_replayable:,} not replayable (late), still failing: {report.still_failing or 0}")
 
 
+_TOKEN = typer.Option(None, "--token", envvar="RAY_AUTH_TOKEN",
+                      help="token of a cluster with token authentication (default: ~/.ray/auth_token)", show_default=False)
+_DASHBOARD = typer.Option(..., "--address", envvar="RAY_DASHBOARD_ADDRESS", help="the cluster's dashboard, http://HEAD:8265")
+
+
+def _follow(job) -> int:
+    for chunk in job.follow():
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    status = job.status()
+    console.print(f"job {job.id}: {status}")
+    return 0 if status == "SUCCEEDED" else EXIT_RUNTIME
+
+
+@app.command()
+def submit(
+    spec: Path = typer.Argument(..., help="pipeline spec (YAML)"),
+    address: str = _DASHBOARD,
+    until_end: bool = typer.Option(False, "--until-end", help="a bounded job: consume to the end offsets and finish"),
+    follow: bool = typer.Option(False, "--follow", help="print the job's log until it ends; exit 0 only if it succeeded"),
+    token: Optional[str] = _TOKEN,
+    python: str = typer.Option("python", "--python", help="the cluster's Python with raystream installed"),
+    job_id: Optional[str] = typer.Option(None, "--job-id", help="submission id (default: Ray chooses)"),
+) -> None:
+    """Submit a pipeline to a running Ray cluster through its Jobs API (the spec travels in runtime_env)."""
+    from pipeline.jobs import submit as submit_job
+    from pipeline.spec import read_spec_data
+
+    try:
+        job = submit_job(read_spec_data(spec), address, until_end=until_end, token=token, python=python, job_id=job_id)
+    except SpecError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(EXIT_SPEC)
+    except Exception as exc:  # the dashboard refused or could not be reached: say so plainly
+        console.print(f"[red]error:[/] submitting to {address}: {type(exc).__name__}: {exc}")
+        raise typer.Exit(EXIT_RUNTIME)
+    typer.echo(job.id)
+    if follow:
+        raise typer.Exit(_follow(job))
+
+
+jobs_app = typer.Typer(help="Ray jobs of a cluster (--address http://HEAD:8265): list, logs, stop")
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("list")
+def jobs_list(address: str = _DASHBOARD, token: Optional[str] = _TOKEN,
+              every: bool = typer.Option(False, "--all", help="every job, not only raystream's"),
+              as_json: bool = typer.Option(False, "--json")) -> None:
+    """The cluster's raystream jobs, newest first."""
+    from pipeline.jobs import list_jobs
+
+    rows = list_jobs(address, token, every)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    t = Table(title=f"jobs at {address}")
+    for c in ("id", "pipeline", "status", "started", "message"):
+        t.add_column(c)
+    for r in rows:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["start_time"] / 1000)) if r["start_time"] else ""
+        t.add_row(r["id"], r["pipeline"], r["status"], started, r["message"][:80])
+    Console().print(t)
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str = typer.Argument(...), address: str = _DASHBOARD, token: Optional[str] = _TOKEN,
+              follow: bool = typer.Option(False, "--follow", "-f", help="until the job ends")) -> None:
+    """A job's driver log."""
+    from pipeline.jobs import Job
+
+    job = Job(job_id, address, token)
+    if follow:
+        raise typer.Exit(_follow(job))
+    sys.stdout.write(job.logs())
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str = typer.Argument(...), address: str = _DASHBOARD, token: Optional[str] = _TOKEN,
+              wait: float = typer.Option(60.0, "--wait", help="seconds to wait for it to end")) -> None:
+    """Stop a job (its pipeline stops cleanly: windows flushed, a final checkpoint)."""
+    from pipeline.jobs import Job
+
+    job = Job(job_id, address, token)
+    job.stop()
+    status = job.wait(wait)
+    console.print(f"job {job_id}: {status}")
+    if status not in ("STOPPED", "SUCCEEDED", "FAILED"):
+        raise typer.Exit(EXIT_RUNTIME)
+
+
 state_app = typer.Typer(help="read checkpoints: offsets, watermarks and the window state they hold")
 app.add_typer(state_app, name="state")
 

@@ -30,7 +30,9 @@ __all__ = [
     "PipelineSpec",
     "SpecError",
     "WindowSpec",
+    "expand_spec",
     "load_spec",
+    "read_spec_data",
     "parse_duration",
     "parse_spec",
 ]
@@ -770,8 +772,37 @@ def parse_spec(data: Any, env: dict[str, str] | None = None) -> PipelineSpec:
         raise SpecError(lines) from None
 
 
+def expand_spec(data: Any, env: dict[str, str] | None = None) -> dict:
+    """``data`` with ``${VAR:-default}`` expanded from ``env`` (default: the environment); SpecError on a
+    missing variable. What a job submission sends, so the cluster runs the spec validated here."""
+    if not isinstance(data, dict):
+        raise SpecError([f"(spec): expected a mapping at the top level, got {type(data).__name__}"])
+    problems: list[str] = []
+    out = _expand(data, "", problems, dict(os.environ) if env is None else env)
+    if problems:
+        raise SpecError(problems)
+    return out
+
+
 def load_spec(path: str | Path, env: dict[str, str] | None = None) -> PipelineSpec:
-    """Read and validate a YAML spec file; raises SpecError with field paths on any problem."""
+    """Read and validate a YAML spec file; raises SpecError with field paths on any problem.
+
+    ``env:NAME`` reads the spec (JSON or YAML) from environment variable ``NAME`` instead (Ray jobs carry
+    their spec in ``runtime_env``)."""
+    return parse_spec(read_spec_data(path), env)
+
+
+def read_spec_data(path: str | Path) -> Any:
+    """The plain data of a YAML spec file (or of ``env:NAME``), not validated."""
+    if str(path).startswith("env:"):
+        name = str(path)[4:]
+        if name not in os.environ:
+            raise SpecError([f"(env): environment variable {name} holding the spec is not set"])
+        text = os.environ[name]
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SpecError([f"(env): {name} is not valid YAML or JSON: {getattr(exc, 'problem', exc)}"]) from None
     p = Path(path)
     try:
         text = p.read_text()
@@ -783,4 +814,4 @@ def load_spec(path: str | Path, env: dict[str, str] | None = None) -> PipelineSp
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SpecError([f"(yaml): not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
-    return parse_spec(data, env)
+    return data
