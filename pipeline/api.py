@@ -32,6 +32,20 @@ class Pipeline:
     def __init__(self, name: str):
         self._data: dict[str, Any] = {"name": name, "windows": [], "sinks": []}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Pipeline":
+        """A builder holding the spec ``data`` (plain data, as YAML gives it), to run, preview or extend."""
+        new = cls.__new__(cls)
+        new._data = {"windows": [], "sinks": [], **copy.deepcopy(data)}
+        return new
+
+    @classmethod
+    def from_yaml(cls, path) -> "Pipeline":
+        """A builder holding the spec of a YAML file (``${VAR}`` expanded when the spec is built)."""
+        from pipeline.spec import read_spec_data
+
+        return cls.from_dict(read_spec_data(path))
+
     def _set(self, **kw) -> "Pipeline":
         new = Pipeline.__new__(Pipeline)
         new._data = copy.deepcopy(self._data)

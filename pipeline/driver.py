@@ -76,7 +76,8 @@ class RunReport:
 
     @property
     def windows_emitted(self) -> int:
-        return sum(w.get("windows_emitted", 0) for w in self.workers)
+        """Window rows written: by the workers, and (merged windows on Ray) by the merge owners."""
+        return sum(w.get("windows_emitted", 0) for w in self.workers) + sum(o.get("rows_emitted", 0) for o in self.merge_owners)
 
 
 def _preflight(spec: PipelineSpec) -> list[int]:

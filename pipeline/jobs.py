@@ -113,7 +113,9 @@ def submit(data: dict[str, Any], address: str, until_end: bool = False, token: s
     c = client(address, token)
     jid = c.submit_job(entrypoint=" ".join(shlex.quote(a) for a in args),
                        submission_id=job_id,
-                       runtime_env={"env_vars": {SPEC_ENV: json.dumps(expanded), **(env or {})}},
+                       # a job's log is a file: plain text, whatever the submitting shell forces (FORCE_COLOR)
+                       runtime_env={"env_vars": {SPEC_ENV: json.dumps(expanded), "TTY_COMPATIBLE": "0", "NO_COLOR": "1",
+                                                 **(env or {})}},
                        metadata={"raystream": "1", "pipeline": spec.name})
     return Job(jid, address, token)
 
