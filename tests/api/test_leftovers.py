@@ -50,3 +50,13 @@ def test_inline_run_leaves_no_kafka_client_or_thread(broker, topic_name, pipelin
     assert _settled() == [], "librdkafka threads outlive the run"
     extra = [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()]
     assert extra == [], f"threads of the run still alive: {extra}"
+
+
+def test_ray_run_leaves_no_kafka_client_in_the_caller(broker, ray_local, topic_name, pipeline_name, tmp_path):
+    values, keys, _ = events(2000, 1_760_000_000_000, rate_per_s=500, tenants=5, seed=4)
+    produce_all(broker.address, topic_name, values, keys)
+    assert _settled() == []
+    report = (Pipeline(pipeline_name).kafka(broker.address, topic_name).event_time("ts")
+              .tumbling("w", "10s", group_by=["tenant_id"]).parquet(f"file://{tmp_path}/out")).run(until_end=True)
+    assert report.records == 2000
+    assert _settled() == [], "librdkafka threads outlive the run in the caller"
