@@ -95,7 +95,7 @@ class BackfillReport:
         return sum(p.get("windows_emitted", 0) for p in self.partitions) + self.merged_rows
 
 
-def _kafka_dataset(spec: PipelineSpec, src: BackfillSource):
+def _kafka_dataset(spec: PipelineSpec, src: BackfillSource, partitions: int):
     import numpy as np
     import pyarrow as pa
     import ray.data
@@ -107,7 +107,8 @@ def _kafka_dataset(spec: PipelineSpec, src: BackfillSource):
     extra = {k: v for k, v in kafka.config.items() if k.startswith(("security.", "sasl.", "ssl."))}
     ds = ray.data.read_kafka(kafka.topic, bootstrap_servers=kafka.bootstrap_servers, start_offset=src.start,
                              end_offset=src.end, consumer_config=extra or None,
-                             timeout_ms=int(max(kafka.connect_timeout, 60_000)))
+                             timeout_ms=int(max(kafka.connect_timeout, 60_000)),
+                             override_num_blocks=partitions)  # one block per read task: less to shuffle
 
     def to_archive(t: pa.Table) -> pa.Table:
         if header is not None:
@@ -168,7 +169,7 @@ def run_backfill(spec: PipelineSpec, source: str | BackfillSource, address: str 
     ensure_topic(kafka.bootstrap_servers, spec.dead_letter_topic, 1, kafka.connect_timeout / 1000.0)
     t0 = time.perf_counter()
     topic_parts = topic_partitions(kafka.bootstrap_servers, kafka.topic, kafka.connect_timeout / 1000.0)
-    ds = _kafka_dataset(spec, src) if src.kind == "kafka" else _parquet_dataset(spec, src)
+    ds = _kafka_dataset(spec, src, len(topic_parts)) if src.kind == "kafka" else _parquet_dataset(spec, src)
 
     def replay(group: pa.Table) -> pa.Table:
         out = replay_partition(spec, group)
