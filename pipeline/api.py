@@ -184,15 +184,15 @@ class Pipeline:
         return run_pipeline(self.spec(), until_end=until_end, address=address, inline=inline)
 
     def submit(self, address: str, until_end: bool = False, token: str | None = None, python: str = "python",
-               job_id: str | None = None, env: dict[str, str] | None = None):
+               job_id: str | None = None, env: dict[str, str] | None = None, expand: bool = True):
         """Submit this pipeline as a Ray job to the cluster whose dashboard is at ``address`` (``http://HEAD:8265``);
         returns a ``pipeline.jobs.Job`` (``status()``, ``logs()``, ``follow()``, ``wait()``, ``stop()``).
-        ``token``: for clusters with token authentication (default ``$RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``)."""
+        ``token``: for clusters with token authentication (default ``$RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``).
+        ``expand=False`` leaves ``${VAR}`` to the job's environment (see ``pipeline.jobs.submit``)."""
         from pipeline.jobs import submit
 
-        self.spec()  # fail here, naming the field, not in the cluster
         return submit(copy.deepcopy(self._data), address, until_end=until_end, token=token, python=python,
-                      job_id=job_id, env=env)
+                      job_id=job_id, env=env, expand=expand)
 
     def preview(self, n: int = 10_000):
         """The windows over the last ``n`` records of the topic, flushed at their end: a ``Preview`` (``.to_pandas()``,

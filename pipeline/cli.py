@@ -570,13 +570,21 @@ def submit(
     token: Optional[str] = _TOKEN,
     python: str = typer.Option("python", "--python", help="the cluster's Python with raystream installed"),
     job_id: Optional[str] = typer.Option(None, "--job-id", help="submission id (default: Ray chooses)"),
+    expand: bool = typer.Option(True, "--expand/--no-expand", help=(
+        "replace ${VAR} here (default), or leave it for the job's environment on the cluster (keeps secrets out of "
+        "the job's runtime_env, which whoever may read the cluster's jobs can read)")),
+    env: list[str] = typer.Option([], "--env", help="NAME=VALUE for the job's environment (repeatable)"),
 ) -> None:
     """Submit a pipeline to a running Ray cluster through its Jobs API (the spec travels in runtime_env)."""
     from pipeline.jobs import submit as submit_job
     from pipeline.spec import read_spec_data
 
     try:
-        job = submit_job(read_spec_data(spec), address, until_end=until_end, token=token, python=python, job_id=job_id)
+        bad = [e for e in env if "=" not in e]
+        if bad:
+            raise typer.BadParameter(f"NAME=VALUE expected, got {bad[0]!r}", param_hint="--env")
+        job = submit_job(read_spec_data(spec), address, until_end=until_end, token=token, python=python, job_id=job_id,
+                         env=dict(e.split("=", 1) for e in env), expand=expand)
     except SpecError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(EXIT_SPEC)

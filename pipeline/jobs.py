@@ -100,13 +100,26 @@ class Job:
 
 def submit(data: dict[str, Any], address: str, until_end: bool = False, token: str | None = None,
            python: str = "python", job_id: str | None = None, env: dict[str, str] | None = None,
-           extra_args: list[str] = ()) -> Job:
+           extra_args: list[str] = (), expand: bool = True) -> Job:
     """Submit the spec ``data`` (plain data, as YAML gives it) as a Ray job on the cluster at ``address``.
 
     ``python``: the cluster's Python with raystream installed (the image's). ``env``: more environment variables
-    for the job's driver. The spec is validated here first (a SpecError names each bad field)."""
-    expanded = expand_spec(data)
-    spec = parse_spec(expanded, env={})
+    for the job's driver. The spec is validated here first (a SpecError names each bad field). With ``expand``
+    (the default) ``${VAR}`` is replaced here; whoever may read the cluster's jobs can then read the values, so
+    with ``expand=False`` they stay as written and the job's environment (the nodes', or ``env``) supplies them."""
+    from pipeline.spec import SpecError
+
+    if expand:
+        sent = expand_spec(data)
+        spec = parse_spec(sent, env={})
+    else:
+        sent = data
+        try:
+            spec = parse_spec(data, env={**os.environ, **(env or {})})
+        except SpecError as exc:  # a variable only the cluster has is fine; anything else is not
+            if not all("environment variable" in p for p in exc.problems):
+                raise
+            spec = None
     args = [python, "-m", "pipeline.cli", "run", f"env:{SPEC_ENV}", "--address", "auto", "--quiet", *extra_args]
     if until_end:
         args.append("--until-end")
@@ -114,9 +127,9 @@ def submit(data: dict[str, Any], address: str, until_end: bool = False, token: s
     jid = c.submit_job(entrypoint=" ".join(shlex.quote(a) for a in args),
                        submission_id=job_id,
                        # a job's log is a file: plain text, whatever the submitting shell forces (FORCE_COLOR)
-                       runtime_env={"env_vars": {SPEC_ENV: json.dumps(expanded), "TTY_COMPATIBLE": "0", "NO_COLOR": "1",
+                       runtime_env={"env_vars": {SPEC_ENV: json.dumps(sent), "TTY_COMPATIBLE": "0", "NO_COLOR": "1",
                                                  **(env or {})}},
-                       metadata={"raystream": "1", "pipeline": spec.name})
+                       metadata={"raystream": "1", "pipeline": spec.name if spec is not None else str(data.get("name", ""))})
     return Job(jid, address, token)
 
 

@@ -750,12 +750,7 @@ def parse_spec(data: Any, env: dict[str, str] | None = None) -> PipelineSpec:
 
     Raises SpecError listing every problem as ``field.path: reason``.
     """
-    if not isinstance(data, dict):
-        raise SpecError([f"(spec): expected a mapping at the top level, got {type(data).__name__}"])
-    problems: list[str] = []
-    data = _expand(data, "", problems, dict(os.environ) if env is None else env)
-    if problems:
-        raise SpecError(problems)
+    data = expand_spec(data, env)
     try:
         return PipelineSpec.model_validate(data)
     except ValidationError as exc:

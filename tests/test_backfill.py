@@ -35,8 +35,10 @@ WINDOWS = [
 ]
 
 
-def _spec(name, bootstrap, topic, root, tag, archive=False, workers=2):
+def _spec(name, bootstrap, topic, root, tag, archive=False, workers=2, dsn=None):
     sinks = [{"parquet": {"uri": f"file://{root}/{tag}/out"}}]
+    if dsn:  # one table prefix per run: the same pipeline's tables side by side
+        sinks.append({"postgres": {"dsn": dsn, "table_prefix": f"{tag}_"}})
     if archive:
         sinks.append({"archive": {"uri": f"file://{root}/archive"}})
     return parse_spec({
@@ -71,10 +73,19 @@ def test_parse_source():
             parse_source(bad)
 
 
-def test_backfill_equals_stream(broker, ray_local, topic_name, pipeline_name, tmp_path):
+def _pg(dsn, tag, spec, window) -> pd.DataFrame:
+    from pipeline.io.sinks.postgres import read_table
+
+    df = pd.DataFrame(read_table(dsn, f"{tag}_", spec.name, window))
+    keys = [c for c in ("window_start", "tenant_id", "partition") if c in df.columns]
+    return df.sort_values(keys).reset_index(drop=True)
+
+
+def test_backfill_equals_stream(broker, postgres, ray_local, topic_name, pipeline_name, tmp_path):
     values, keys, parts, df, bad_offsets, _ = _dataset(12_000, seed=11, bad=6)
     produce_all(broker.address, topic_name, values, keys, parts)
-    stream = _spec(pipeline_name, broker.address, topic_name, tmp_path, "stream", archive=True)
+    dsn = postgres.extra["dsn"]
+    stream = _spec(pipeline_name, broker.address, topic_name, tmp_path, "stream", archive=True, dsn=dsn)
     report = run_pipeline(stream, until_end=True)
     assert report.records == len(values) and report.rejected == len(bad_offsets) and report.late > 0
 
@@ -84,13 +95,15 @@ def test_backfill_equals_stream(broker, ray_local, topic_name, pipeline_name, tm
         sorted(zip(df["partition"], df["offset"]))
 
     for tag, source in (("kafka", "kafka:earliest..latest"), ("parquet", f"parquet:file://{tmp_path}/archive")):
-        spec = _spec(pipeline_name, broker.address, topic_name, tmp_path, tag)
+        spec = _spec(pipeline_name, broker.address, topic_name, tmp_path, tag, dsn=dsn)
         got = run_backfill(spec, source)
         assert got.records == (len(values) if tag == "kafka" else len(df))
         assert got.late == report.late
         for w in stream.windows:
             pd.testing.assert_frame_equal(_rows(spec, w.name), _rows(stream, w.name), check_like=True,
                                           obj=f"{tag} backfill, window {w.name}")
+            pd.testing.assert_frame_equal(_pg(dsn, tag, spec, w.name), _pg(dsn, "stream", stream, w.name),
+                                          check_like=True, obj=f"{tag} backfill, PostgreSQL, window {w.name}")
         pd.testing.assert_frame_equal(_late(spec), _late(stream), obj=f"{tag} backfill, late output")
 
     # and both equal the independent reference (the base windows)

@@ -8,6 +8,7 @@ reference of the raw input.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -69,15 +70,16 @@ event_time: {{field: ts, max_out_of_orderness: 2s}}
 windows: [{{name: tumble, type: tumbling, size: 10s, group_by: [tenant_id], aggregations: [count]}}]
 sinks: [{{parquet: {{uri: "file://{tmp_path}/out"}}}}]
 """)
-    # a streaming job (no --until-end): runs until stopped; ${BOOT} is expanded where it is submitted
-    import os
-
-    env = {**os.environ, "BOOT": broker.address}
+    # a streaming job (no --until-end): runs until stopped
+    # --no-expand: ${BOOT} is not known here; the job's environment (--env) supplies it on the cluster
     sub = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", str(spec), "--address", cluster.dashboard_url,
-                          "--python", sys.executable], capture_output=True, text=True, timeout=60, env=env)
+                          "--python", sys.executable, "--no-expand", "--env", f"BOOT={broker.address}"],
+                         capture_output=True, text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "BOOT"})
     assert sub.returncode == 0, sub.stderr
     jid = sub.stdout.strip().splitlines()[-1]
     job = Job(jid, cluster.dashboard_url)
+    assert "${BOOT}" in job.info()["entrypoint"] or "${BOOT}" in json.dumps(
+        client(cluster.dashboard_url).get_job_info(jid).runtime_env), "the spec was sent unexpanded"
     deadline = time.monotonic() + 180
     # running: the windows its watermark closed are written while it streams
     while time.monotonic() < deadline and read_windows(f"file://{tmp_path}/out", pipeline_name, "tumble") is None:

@@ -66,28 +66,29 @@ class TableSource:
 
 
 class _Collect:
-    """``merge_out`` of a replayed loop: keeps the partial states and the last frontiers."""
+    """``merge_out`` of a replayed loop: keeps the partial states (frontiers are not needed: every partition
+    ends, so the merge advances them all past the end of input)."""
 
     def __init__(self):
         self.partials: list[dict[str, dict[str, pa.Table]]] = []
-        self.frontiers: dict[str, dict[int, int]] = {}
 
-    def __call__(self, partials, frontiers, _traceparent=None) -> None:
+    def __call__(self, partials, _frontiers, _traceparent=None) -> None:
         if partials:
             self.partials.append(partials)
-        for name, f in (frontiers or {}).items():
-            self.frontiers.setdefault(name, {}).update({int(p): int(v) for p, v in f.items()})
 
 
 def replay_partition(spec: PipelineSpec, table: pa.Table) -> dict:
     """Run a worker's loop over the stored records of one or more partitions to their end.
 
-    Returns the loop's final status (``status``), the merged windows' partial states and last frontiers
-    (``partials``, pickled: Arrow tables inside) for ``merge_partials``."""
+    Returns the loop's final status (``status``) and the merged windows' partial states (``partials``, pickled:
+    Arrow tables inside) for ``merge_partials``."""
     from pipeline.io.loop import PartitionLoop
 
     if table.num_rows == 0:
-        return {"status": {}, "partials": pickle.dumps(([], {}))}
+        return {"status": {}, "partials": pickle.dumps([])}
+    if spec.source.kafka.max_rate:  # a throttle for live consumption (drills), not for history
+        spec = spec.model_copy(update={"source": spec.source.model_copy(update={
+            "kafka": spec.source.kafka.model_copy(update={"max_rate": None})})})
     source = TableSource(spec.source.kafka.topic, table, spec.source.kafka.max_batch_records)
     parts = sorted(source.ranges)
     start = {p: r[0] for p, r in source.ranges.items()}
@@ -96,7 +97,7 @@ def replay_partition(spec: PipelineSpec, table: pa.Table) -> dict:
     loop = PartitionLoop(spec, parts, start, end, epoch=1, merge_out=collect if spec.merged_windows else None,
                          source=source, worker="backfill")
     status = loop.run(until_end=True)
-    return {"status": status, "partials": pickle.dumps((collect.partials, collect.frontiers))}
+    return {"status": status, "partials": pickle.dumps(collect.partials)}
 
 
 def merge_partials(spec: PipelineSpec, partitions: list[int], shipped: list[bytes], owner: int = 0,
@@ -110,16 +111,12 @@ def merge_partials(spec: PipelineSpec, partitions: list[int], shipped: list[byte
 
     merger = Merger(spec, partitions)
     groups = {w.name: list(w.group_by) for w in spec.windows}
-    final: dict[str, dict[int, int]] = {}
     for blob in shipped:
-        calls, frontiers = pickle.loads(blob)
-        for partials in calls:
+        for partials in pickle.loads(blob):
             for name, tables in partials.items():
                 mine = split_by_shard(name, groups[name], tables, owners).get(owner)
                 if mine is not None:
                     merger.add(name, mine)
-        for name, f in frontiers.items():
-            final.setdefault(name, {}).update(f)
     # every partition ended: each one's frontier is past every window (a partition without records too)
     merger.advance({name: {p: POS_INF for p in partitions} for name in spec.merged_windows})
     rows, failures = merger.close()

@@ -116,8 +116,11 @@ def test_any_load_ends_with_enough_workers_and_the_lag_drained(base, spike, capa
         # and not over-provisioned
         assert lag[-1] <= cfg.target_lag, (lag[-1], events)
         w = workers[-1]
-        assert cap_total(w) >= base, events
-        assert w == align(w, partitions)
+        # enough capacity, or a deficit so small that the lag stays under target for the whole run (scaling out
+        # happens only while lagging, by design)
+        assert cap_total(w) >= base or (base - cap_total(w)) * 500 <= cfg.target_lag, events
+        if events:  # a count the policy chose is partition-aligned (the starting count may not be)
+            assert w == align(w, partitions), events
         if w > 1:
             assert cap_total(align(w - 1, partitions)) * cfg.target_utilization < base * 1.05 or w == cfg.min_workers, events
 
