@@ -692,7 +692,8 @@ def state_show(
     if as_json:
         typer.echo(json.dumps({"pipeline": st.pipeline, "checkpoint": st.checkpoint, "created": st.created,
                                "final": st.final, "partitions": st.partitions.to_pylist(),
-                               "windows": {n: t.to_pylist() for n, t in st.windows.items()}}, default=str, indent=1))
+                               "windows": {n: t.to_pylist() for n, t in st.windows.items()},
+                               "merged": {n: t.to_pylist() for n, t in st.merged.items()}}, default=str, indent=1))
         return
     out = Console()
     out.print(f"pipeline [bold]{st.pipeline}[/] checkpoint [bold]{st.checkpoint}[/]"
@@ -702,7 +703,10 @@ def state_show(
     for name, t in st.windows.items():
         out.print(arrow_table(t.drop_columns(["window"]), f"window {name}: {t.num_rows} slots (revision 0: not emitted yet)",
                               limit))
-    if not st.windows:
+    for name, t in st.merged.items():
+        out.print(arrow_table(t.drop_columns(["window"]), f"merged window {name}: {t.num_rows} groups held by the merge "
+                              "owners (merged now, revision 0)", limit))
+    if not st.windows and not st.merged:
         out.print("no window slot is held")
 
 

@@ -33,6 +33,7 @@ class CheckpointState:
     partitions: pa.Table
     windows: dict[str, pa.Table] = field(default_factory=dict)
     merge_snapshots: int = 0
+    merged: dict[str, pa.Table] = field(default_factory=dict)  # the merge owners' held groups, merged (revision 0)
 
 
 def _ms(v: int) -> datetime | None:
@@ -91,9 +92,40 @@ def read_state(uri: str, pipeline: str | None = None, checkpoint: int | None = N
     if partition is not None and not rows["partition"]:
         raise ValueError(f"checkpoint {manifest['id']} of {pipeline!r} has no partition {partition} "
                          f"(it has {sorted(manifest['partitions'])})")
+    merged = {} if partition is not None else _merged(store, manifest, pipeline)
     parts = pa.table({**rows, "watermark": pa.array(rows["watermark"], pa.timestamp("ms", "UTC")),
                       "max_event_time": pa.array(rows["max_event_time"], pa.timestamp("ms", "UTC"))})
     return CheckpointState(pipeline, int(manifest["id"]), float(manifest.get("created", 0)), bool(manifest.get("final")),
                            parts, {n: pa.concat_tables(ts, promote_options="default").sort_by(
                                [("partition", "ascending"), ("window_start", "ascending")]) for n, ts in windows.items()},
-                           len(manifest.get("merge", {}) or {}))
+                           len(manifest.get("merge", {}) or {}), merged)
+
+
+def _merged(store, manifest: dict, pipeline: str) -> dict[str, pa.Table]:
+    """What the merge owners of a checkpoint hold: per merged window, every group's partials merged (as a preview,
+    revision 0). The owners' window definitions come from their snapshots."""
+    from pipeline.checkpoint import decode_merge, decode_partition_tables
+    from pipeline.merge import Merger
+    from pipeline.spec import PipelineSpec
+
+    out: dict[str, list[pa.Table]] = {}
+    partitions = sorted(int(p) for p in manifest["partitions"])
+    for _, entry in sorted((manifest.get("merge") or {}).items(), key=lambda kv: int(kv[0])):
+        if not entry.get("path"):
+            continue
+        data = store.read_partition(entry["path"])
+        saved = decode_partition_tables(data)[0].get("windows", {})
+        if not saved:
+            continue
+        # a spec holding just these windows (source and sink are placeholders: nothing is read or written)
+        spec = PipelineSpec.model_validate({"name": pipeline, "windows": list(saved.values()),
+                                            "source": {"kafka": {"bootstrap_servers": "-:0", "topic": "-"}},
+                                            "sinks": [{"parquet": {"uri": "file:///-"}}]})
+        merger = Merger(spec, partitions, windows=list(saved))
+        decode_merge(data, merger)
+        for name, mw in merger.windows.items():
+            t = mw.open_rows()
+            if t is not None and t.num_rows:
+                out.setdefault(name, []).append(t)
+    return {n: pa.concat_tables(ts, promote_options="default").sort_by([("window_start", "ascending")])
+            for n, ts in out.items()}

@@ -67,3 +67,38 @@ def test_state_show_matches_the_input(broker, topic_name, pipeline_name, tmp_pat
     bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "state", "show", chk, "--partition", "99"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "no partition 99" in bad.stderr
+
+
+def test_state_show_merges_what_the_owners_hold(broker, topic_name, pipeline_name, tmp_path):
+    """With a long allowed lateness every merged group stays held by the owner after it is emitted: the state's
+    merged rows are the reference windows the watermark closed (shipped by their partitions), and the rest are
+    the partitions' open slots."""
+    from tests import reference
+
+    values, keys, parts, df, _, _ = _dataset(3000, seed=22)
+    produce_all(broker.address, topic_name, values, keys, parts)
+    chk = f"file://{tmp_path}/chk"
+    (Pipeline(pipeline_name).kafka(broker.address, topic_name, max_batch_records=500)
+     .event_time("ts", max_out_of_orderness="2s", allowed_lateness="1h")
+     .tumbling("tumble", "10s", group_by=["tenant_id"], aggregations=["count", "sum(value)"])
+     .parquet(f"file://{tmp_path}/out").checkpoint(chk, interval="1h")).run(until_end=True, inline=True)
+    st = read_state(chk, pipeline_name)
+    assert st.merge_snapshots == 1
+    got = st.merged["tumble"].to_pandas()
+    want, late = reference.windows(df, "tumbling", ["tenant_id"], OOO, 3_600_000, size=SIZE)
+    assert len(late) == 0
+    got["window_start"] = got["window_start"].astype("datetime64[ms, UTC]").astype("int64")
+    mine = got[["window_start", "tenant_id", "count", "sum_value"]].sort_values(["window_start", "tenant_id"])
+    ref = want[["window_start", "tenant_id", "count", "sum_value"]].copy()
+    if ref["window_start"].dtype.kind == "M":
+        ref["window_start"] = ref["window_start"].astype("datetime64[ms, UTC]").astype("int64")
+    wm = int(df["ts"].max()) - OOO  # every partition finished: each follows the most advanced watermark
+    closed = ref[ref["window_start"] + SIZE <= wm].sort_values(["window_start", "tenant_id"]).reset_index(drop=True)
+    assert len(closed) > 0
+    pd.testing.assert_frame_equal(mine.reset_index(drop=True), closed, check_dtype=False, rtol=1e-9)
+    # the partitions still hold every window, shipped ones with the revision they were shipped at
+    slots = st.windows["tumble"].to_pandas()
+    slots["window_start"] = slots["window_start"].astype("datetime64[ms, UTC]").astype("int64")
+    shipped = slots[slots["window_start"] + SIZE <= wm]
+    assert len(shipped) == len(closed) and (shipped["revision"] == shipped["count"]).all()
+    assert (slots.loc[slots["window_start"] + SIZE > wm, "revision"] == 0).all()
