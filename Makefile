@@ -1,8 +1,10 @@
-.PHONY: demo test bench protos
+.PHONY: demo test drills bench protos
 demo:
 	bash scripts/demo.sh
 test:
 	bash scripts/test.sh
+drills:
+	bash bench/drills.sh
 bench:
 	bash scripts/setup.sh && .venv/bin/python bench/throughput.py
 protos:
