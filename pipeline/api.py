@@ -5,11 +5,15 @@
 ...      .event_time("ts", max_out_of_orderness="2s")
 ...      .tumbling("by_tenant", "10s", group_by=["tenant_id"], aggregations=["count", "p95(value)"])
 ...      .parquet("file://./out"))
+>>> p.preview(n=5000).plot()                # doctest: +SKIP
 >>> report = p.run(until_end=True)          # doctest: +SKIP
 >>> p.read("by_tenant").to_pandas()         # doctest: +SKIP
+>>> job = p.submit("http://head:8265")      # doctest: +SKIP
 
-``spec()`` validates exactly like a YAML file (same ``PipelineSpec``, same
-field-path errors).
+Every section of the spec has a method (sinks: ``parquet``, ``postgres``, ``redis``, ``influxdb``,
+``kafka_sink``, ``archive``; checks: ``validate``, ``dedup``, ``enrich``; operations: ``checkpoint``,
+``health``, ``observability``, ``workers``, ``autoscale``, ``merge_owners``). ``spec()`` validates exactly like
+a YAML file (same ``PipelineSpec``, same field-path errors). Each method returns a new builder.
 """
 
 from __future__ import annotations

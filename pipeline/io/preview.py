@@ -27,6 +27,8 @@ def last_records(spec: PipelineSpec, n: int, timeout_s: float = 30.0) -> pa.Tabl
     partition's share is a contiguous run up to its end offset."""
     kafka = spec.source.kafka
     src = make_source(kafka, "raystream-preview")  # assigned by hand, never commits: the group stays untouched
+    if spec.validate_ is not None:
+        src.version_header = spec.validate_.version_header  # records carry their schema version as in a run
     try:
         from pipeline.io.kafka import topic_partitions
 
