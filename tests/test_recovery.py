@@ -110,13 +110,17 @@ class Runner:
         self.statuses.append(st)
         return st
 
-    def wait_for(self, pred, timeout_s=60.0, what="condition") -> dict:
+    def wait_for(self, pred, timeout_s=60.0, what="condition", allow_end=False) -> dict | None:
+        """The first status satisfying ``pred``; with ``allow_end``, None when the run ended first (the caller
+        then checks the final report)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             st = self.status()
             if st is not None and pred(st):
                 return st
             if not self.thread.is_alive():
+                if allow_end and self.error is None:
+                    return None
                 raise AssertionError(f"the pipeline ended before {what}: {self.error!r}")
             time.sleep(0.2)
         raise AssertionError(f"timed out waiting for {what}; last status: {self.statuses[-1:]}")
@@ -382,9 +386,11 @@ def test_scale_and_status_from_another_process(env):
     assert table.returncode == 0 and "checkpointed" in table.stdout and "running" in table.stdout
     out = subprocess.run([*cli, "scale", env["name"], "1"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    st = run.wait_for(lambda s: len(s["workers"]) == 1, what="one worker")
-    assert st["workers"][0]["partitions"] == [0, 1, 2, 3] and st["workers"][0]["restored_slots"] > 0
-    run.join()
+    # on a loaded machine the (throttled) input may run out soon after the handoff: the final report then shows it
+    st = run.wait_for(lambda s: len(s["workers"]) == 1, what="one worker", allow_end=True)
+    report = run.join()
+    workers = st["workers"] if st is not None else report.workers
+    assert len(workers) == 1 and workers[0]["partitions"] == [0, 1, 2, 3] and workers[0]["restored_slots"] > 0, workers
     _check(env, d)
 
 
