@@ -100,13 +100,15 @@ class Job:
 
 def submit(data: dict[str, Any], address: str, until_end: bool = False, token: str | None = None,
            python: str = "python", job_id: str | None = None, env: dict[str, str] | None = None,
-           extra_args: list[str] = (), expand: bool = True) -> Job:
+           extra_args: list[str] = (), expand: bool = True, stop_wait_s: int = 120) -> Job:
     """Submit the spec ``data`` (plain data, as YAML gives it) as a Ray job on the cluster at ``address``.
 
     ``python``: the cluster's Python with raystream installed (the image's). ``env``: more environment variables
     for the job's driver. The spec is validated here first (a SpecError names each bad field). With ``expand``
     (the default) ``${VAR}`` is replaced here; whoever may read the cluster's jobs can then read the values, so
-    with ``expand=False`` they stay as written and the job's environment (the nodes', or ``env``) supplies them."""
+    with ``expand=False`` they stay as written and the job's environment (the nodes', or ``env``) supplies them.
+    ``stop_wait_s``: how long a stopped job's driver gets for its clean stop (windows written, a final
+    checkpoint) before Ray kills it (Ray's default is 3 s)."""
     from pipeline.spec import SpecError
 
     if expand:
@@ -128,6 +130,8 @@ def submit(data: dict[str, Any], address: str, until_end: bool = False, token: s
                        submission_id=job_id,
                        # a job's log is a file: plain text, whatever the submitting shell forces (FORCE_COLOR)
                        runtime_env={"env_vars": {SPEC_ENV: json.dumps(sent), "TTY_COMPATIBLE": "0", "NO_COLOR": "1",
+                                                 # read by the job's supervisor: SIGTERM, then this long before SIGKILL
+                                                 "RAY_JOB_STOP_WAIT_TIME_S": str(int(stop_wait_s)),
                                                  **(env or {})}},
                        metadata={"raystream": "1", "pipeline": spec.name if spec is not None else str(data.get("name", ""))})
     return Job(jid, address, token)
