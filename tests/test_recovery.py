@@ -372,7 +372,8 @@ def test_stalled_worker_is_replaced_and_fenced(env):
 
 
 def test_scale_and_status_from_another_process(env):
-    d = _dict(env)
+    # slower input (~24 s at 2 x 500/s): three CLI processes, each importing Ray, must find the run still going
+    d = _dict(env, rate=500)
     run = Runner(parse_spec(d))
     run.wait_for(_mid_stream, what="a checkpoint mid-stream")
     cli = [sys.executable, "-m", "pipeline.cli"]
