@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from pipeline.driver import Totals
 from pipeline.spec import PipelineSpec
 
 __all__ = ["BackfillReport", "BackfillSource", "parse_source", "run_backfill"]
@@ -70,29 +71,19 @@ def parse_source(text: str) -> BackfillSource:
 
 
 @dataclass
-class BackfillReport:
+class BackfillReport(Totals):
     """Totals of a backfill; ``partitions`` holds each replayed partition's final loop status."""
 
     partitions: list[dict] = field(default_factory=list)
     merged_rows: int = 0
     wall_s: float = 0.0
-    read_s: float = 0.0
 
-    @property
-    def records(self) -> int:
-        return sum(p.get("records", 0) for p in self.partitions)
-
-    @property
-    def rejected(self) -> int:
-        return sum(p.get("rejected", 0) for p in self.partitions)
-
-    @property
-    def late(self) -> int:
-        return sum(p.get("late", 0) for p in self.partitions)
+    def _loops(self) -> list[dict]:
+        return self.partitions
 
     @property
     def windows_emitted(self) -> int:
-        return sum(p.get("windows_emitted", 0) for p in self.partitions) + self.merged_rows
+        return self._sum("windows_emitted") + self.merged_rows
 
 
 def _kafka_dataset(spec: PipelineSpec, src: BackfillSource, partitions: int):

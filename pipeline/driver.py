@@ -17,7 +17,7 @@ from pipeline.io.kafka import end_offsets, ensure_topic, topic_partitions
 from pipeline.metrics import checkpoint_metrics
 from pipeline.spec import PipelineSpec
 
-__all__ = ["IncompleteRun", "RunReport", "run_pipeline", "shortfalls"]
+__all__ = ["IncompleteRun", "RunReport", "Totals", "run_pipeline", "shortfalls"]
 
 
 class IncompleteRun(RuntimeError):
@@ -44,8 +44,30 @@ def shortfalls(workers: list[dict], end: dict[int, int]) -> list[str]:
     return out
 
 
+class Totals:
+    """Record totals over the final statuses of a run's loops (``_loops``): every record accepted or rejected."""
+
+    def _loops(self) -> list[dict]:
+        raise NotImplementedError("a report names the statuses it totals")
+
+    def _sum(self, key: str) -> int:
+        return sum(loop.get(key, 0) for loop in self._loops())
+
+    @property
+    def records(self) -> int:
+        return self._sum("records")
+
+    @property
+    def rejected(self) -> int:
+        return self._sum("rejected")
+
+    @property
+    def late(self) -> int:
+        return self._sum("late")
+
+
 @dataclass
-class RunReport:
+class RunReport(Totals):
     """Final status of every worker and the run's totals."""
 
     workers: list[dict] = field(default_factory=list)
@@ -62,22 +84,13 @@ class RunReport:
         self.warnings = redact(self.warnings)
         self.merge_owners = redact(self.merge_owners)
 
-    @property
-    def records(self) -> int:
-        return sum(w.get("records", 0) for w in self.workers)
-
-    @property
-    def rejected(self) -> int:
-        return sum(w.get("rejected", 0) for w in self.workers)
-
-    @property
-    def late(self) -> int:
-        return sum(w.get("late", 0) for w in self.workers)
+    def _loops(self) -> list[dict]:
+        return self.workers
 
     @property
     def windows_emitted(self) -> int:
         """Window rows written: by the workers, and (merged windows on Ray) by the merge owners."""
-        return sum(w.get("windows_emitted", 0) for w in self.workers) + sum(o.get("rows_emitted", 0) for o in self.merge_owners)
+        return self._sum("windows_emitted") + sum(o.get("rows_emitted", 0) for o in self.merge_owners)
 
 
 def _preflight(spec: PipelineSpec) -> list[int]:
